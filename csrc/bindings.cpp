@@ -1,0 +1,136 @@
+// reco._C: the compiled core. Arrays arrive through DLPack (torch, numpy, cupy); outputs are
+// allocated by the caller and written in place. No libtorch is linked.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu/retrieve_attend.h"
+#include "reco/dlpack.h"
+
+namespace py = pybind11;
+using reco::DType;
+using reco::TensorView;
+
+namespace {
+
+// Owns an imported DLPack tensor; the producer's deleter runs when this goes away.
+struct Imported {
+  DLManagedTensor* managed = nullptr;
+  Imported() = default;
+  Imported(const Imported&) = delete;
+  Imported& operator=(const Imported&) = delete;
+  ~Imported() {
+    if (managed != nullptr && managed->deleter != nullptr) managed->deleter(managed);
+  }
+};
+
+DType dtype_of(const DLDataType& t, const std::string& name) {
+  if (t.lanes == 1) {
+    if (t.code == kDLFloat && t.bits == 32) return DType::f32;
+    if (t.code == kDLFloat && t.bits == 16) return DType::f16;
+    if (t.code == kDLFloat && t.bits == 64) return DType::f64;
+    if (t.code == kDLBfloat && t.bits == 16) return DType::bf16;
+    if (t.code == kDLInt && t.bits == 64) return DType::i64;
+  }
+  throw py::type_error(name + " has an unsupported dtype (DLPack code " + std::to_string(t.code) +
+                       ", " + std::to_string(t.bits) + " bits, " + std::to_string(t.lanes) +
+                       " lanes)");
+}
+
+// A view of `obj` through its __dlpack__; None gives an absent view (ndim 0).
+TensorView import_array(const py::handle& obj, const std::string& name, Imported& owner) {
+  TensorView v;
+  if (obj.is_none()) return v;
+  if (!py::hasattr(obj, "__dlpack__"))
+    throw py::type_error(name + " must be an array supporting DLPack (__dlpack__), got " +
+                         std::string(py::str(py::type::of(obj))));
+  py::object capsule = obj.attr("__dlpack__")();
+  if (!PyCapsule_IsValid(capsule.ptr(), "dltensor"))
+    throw py::type_error(name + ".__dlpack__() did not return a DLPack capsule");
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+  // Taking ownership: the capsule must no longer delete the tensor.
+  PyCapsule_SetName(capsule.ptr(), "used_dltensor");
+  owner.managed = managed;
+  const DLTensor& t = managed->dl_tensor;
+  if (t.ndim < 1 || t.ndim > 4)
+    throw py::value_error(name + " must have 1 to 4 dimensions, got " + std::to_string(t.ndim));
+  v.ndim = t.ndim;
+  v.dtype = dtype_of(t.dtype, name);
+  v.device_type = t.device.device_type;
+  v.device_id = t.device.device_id;
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  int64_t stride = 1;
+  for (int i = t.ndim - 1; i >= 0; --i) {
+    v.shape[i] = t.shape[i];
+    v.strides[i] = t.strides != nullptr ? t.strides[i] : stride;
+    stride *= t.shape[i];
+  }
+  return v;
+}
+
+reco::cpu::Level parse_level(const std::optional<std::string>& level) {
+  if (!level) return reco::cpu::default_level();
+  reco::cpu::Level levels[3];
+  const int n = reco::cpu::available_levels(levels, 3);
+  std::string known;
+  for (int i = 0; i < n; ++i) {
+    if (*level == reco::cpu::level_name(levels[i])) return levels[i];
+    known += std::string(i ? ", " : "") + reco::cpu::level_name(levels[i]);
+  }
+  throw py::value_error("level '" + *level + "' is not available here (available: " + known + ")");
+}
+
+void retrieve_attend(py::handle query, py::handle keys, py::handle values, py::handle attn_query,
+                     py::handle exclude, int64_t k, double temperature, py::handle output,
+                     py::handle weights, py::handle indices, py::handle scores, int num_threads,
+                     const std::optional<std::string>& level) {
+  Imported owners[9];
+  reco::cpu::RetrieveAttendArgs a;
+  a.query = import_array(query, "query", owners[0]);
+  a.keys = import_array(keys, "keys", owners[1]);
+  a.values = import_array(values, "values", owners[2]);
+  a.attn_query = import_array(attn_query, "attn_query", owners[3]);
+  a.exclude = import_array(exclude, "exclude", owners[4]);
+  a.output = import_array(output, "output", owners[5]);
+  a.weights = import_array(weights, "weights", owners[6]);
+  a.indices = import_array(indices, "indices", owners[7]);
+  a.scores = import_array(scores, "scores", owners[8]);
+  a.k = k;
+  a.temperature = temperature;
+  a.num_threads = num_threads;
+  const reco::cpu::Level lv = parse_level(level);
+  py::gil_scoped_release release;
+  reco::cpu::retrieve_attend(a, lv);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "reco's compiled kernels (framework-free; arrays through DLPack)";
+  m.def("retrieve_attend", &retrieve_attend, py::arg("query"), py::arg("keys"), py::arg("values"),
+        py::arg("attn_query"), py::arg("exclude"), py::arg("k"), py::arg("temperature"),
+        py::arg("output"), py::arg("weights"), py::arg("indices"), py::arg("scores"),
+        py::arg("num_threads"), py::arg("level") = py::none(),
+        "CPU fused top-k retrieval + attention, writing into the given output arrays.");
+  m.def(
+      "cpu_levels",
+      [] {
+        reco::cpu::Level levels[3];
+        const int n = reco::cpu::available_levels(levels, 3);
+        std::vector<std::string> out;
+        for (int i = 0; i < n; ++i) out.emplace_back(reco::cpu::level_name(levels[i]));
+        return out;
+      },
+      "SIMD levels compiled in and supported by this CPU, lowest first.");
+  m.def(
+      "default_cpu_level", [] { return std::string(reco::cpu::level_name(reco::cpu::default_level())); },
+      "The level used when none is given (RECO_CPU_LEVEL overrides).");
+#if defined(RECO_WITH_CUDA)
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

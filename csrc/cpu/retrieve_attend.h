@@ -1,0 +1,49 @@
+// The CPU retrieve-attend op: arguments, SIMD levels and the entry point.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "reco/tensor_view.h"
+
+namespace reco::cpu {
+
+// Inputs are validated by check_args() before any level runs. Compute type `Acc` is float, or
+// double when the query is float64 (then attn_query and the float outputs are float64 too).
+struct RetrieveAttendArgs {
+  TensorView query;       // [B, d] float32 | float64, rows contiguous
+  TensorView keys;        // [N, d] any float dtype, inner stride 1
+  TensorView values;      // [N, dv] any float dtype, inner stride 1
+  TensorView attn_query;  // [B, H, dv] same dtype as query, contiguous; ndim 0 if absent
+  TensorView exclude;     // [B, E] int64, rows contiguous; ndim 0 if absent
+  int64_t k = 0;
+  double temperature = 1.0;
+  int num_threads = 1;
+  TensorView output;   // [B, H, dv] Acc, contiguous
+  TensorView weights;  // [B, H, k] Acc, contiguous
+  TensorView indices;  // [B, k] int64, contiguous
+  TensorView scores;   // [B, k] Acc, contiguous
+};
+
+enum class Level : int { generic = 0, avx2 = 1, avx512 = 2 };
+
+const char* level_name(Level level);
+// Levels compiled into this build and supported by this CPU, lowest first.
+int available_levels(Level* out, int capacity);
+// The level used when none is asked for: RECO_CPU_LEVEL if set (generic|avx2|avx512), else the best.
+Level default_level();
+
+void check_args(const RetrieveAttendArgs& a);
+void retrieve_attend(const RetrieveAttendArgs& a, Level level);
+
+// Per-level implementations (one translation unit each, compiled with that level's flags).
+namespace generic {
+void retrieve_attend(const RetrieveAttendArgs& a);
+}
+namespace avx2 {
+void retrieve_attend(const RetrieveAttendArgs& a);
+}
+namespace avx512 {
+void retrieve_attend(const RetrieveAttendArgs& a);
+}
+
+}  // namespace reco::cpu

@@ -1,0 +1,4 @@
+// The avx2 build of the CPU kernel (flags set per file in CMakeLists.txt).
+#define RECO_LEVEL_NS avx2
+#define RECO_VW 8
+#include "retrieve_attend_impl.h"

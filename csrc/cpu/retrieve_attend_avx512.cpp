@@ -1,0 +1,4 @@
+// The avx512 build of the CPU kernel (flags set per file in CMakeLists.txt).
+#define RECO_LEVEL_NS avx512
+#define RECO_VW 16
+#include "retrieve_attend_impl.h"

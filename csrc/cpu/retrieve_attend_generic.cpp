@@ -1,0 +1,4 @@
+// The generic build of the CPU kernel (flags set per file in CMakeLists.txt).
+#define RECO_LEVEL_NS generic
+#define RECO_VW 4
+#include "retrieve_attend_impl.h"

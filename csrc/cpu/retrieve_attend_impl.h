@@ -1,0 +1,441 @@
+// The CPU retrieve-attend kernel, written once over generic vectors of RECO_VW floats and
+// compiled once per SIMD level (retrieve_attend_<level>.cpp sets the flags and the namespace).
+//
+// Search: threads split the N keys into contiguous ranges; each walks its range in blocks that
+// stay in L2 (16-bit keys are widened to float there, exactly), scores register tiles of
+// QR queries x KR keys, and offers each score to that query's bounded heap. No B x N score
+// matrix exists. The per-thread heaps are merged, then values are gathered, softmaxed and summed.
+#pragma once
+#if !defined(RECO_LEVEL_NS) || !defined(RECO_VW)
+#error "define RECO_LEVEL_NS and RECO_VW before including retrieve_attend_impl.h"
+#endif
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "reco/topk.h"
+#include "retrieve_attend.h"
+
+namespace reco::cpu::RECO_LEVEL_NS {
+namespace {
+
+constexpr int VW = RECO_VW;
+typedef float vf __attribute__((vector_size(VW * 4), aligned(4), may_alias));
+typedef uint16_t vu16 __attribute__((vector_size(VW * 2), aligned(2), may_alias));
+typedef uint32_t vu32 __attribute__((vector_size(VW * 4), aligned(4), may_alias));
+
+inline vf vload(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline void vstore(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---- widening key rows to float ---------------------------------------------------------
+
+inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * 4); }
+
+inline void widen(const bf16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) {
+    const vu16 h = *reinterpret_cast<const vu16*>(src + i);
+    const vu32 w = __builtin_convertvector(h, vu32) << 16;
+    vstore(dst + i, reinterpret_cast<const vf&>(w));
+  }
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+inline void widen(const half_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// Widens `rows` rows of width d (row stride ld) into dst rows of width dpad, zero padded.
+template <typename T>
+void widen_rows(const T* src, int64_t ld, int64_t rows, int64_t d, float* dst, int64_t dpad) {
+  for (int64_t r = 0; r < rows; ++r) {
+    widen(src + r * ld, dst + r * dpad, d);
+    std::fill(dst + r * dpad + d, dst + (r + 1) * dpad, 0.0f);
+  }
+}
+
+// ---- register-tiled scores ---------------------------------------------------------------
+
+constexpr int lo_lane(int g, int i) { return (i / g) * 2 * g + (i % g); }
+
+// Lanes [a's first half-group, b's first half-group, ...] plus the matching second halves:
+// one level of a transposing reduction.
+template <int G, int... I>
+inline vf fold(vf a, vf b, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(a, b, lo_lane(G, I)...) +
+         __builtin_shufflevector(a, b, (lo_lane(G, I) + G)...);
+}
+
+// Reduces VW accumulators to one vector whose lane j is the sum of acc[j].
+template <int G>
+inline void fold_level(vf* acc, int n) {
+  for (int i = 0; i < n / 2; ++i)
+    acc[i] = fold<G>(acc[2 * i], acc[2 * i + 1], std::make_integer_sequence<int, VW>{});
+  if constexpr (G > 1) fold_level<G / 2>(acc, n / 2);
+}
+
+inline float hsum(vf v) {
+  float s = 0.0f;
+  for (int l = 0; l < VW; ++l) s += v[l];
+  return s;
+}
+
+// out[qi * KR + r] = q[qi] . k[r] over dpad (a multiple of VW) columns.
+template <int QR, int KR>
+inline void score_tile(const float* q, int64_t ldq, const float* kp, int64_t ldk, int64_t dpad,
+                       float* out) {
+  constexpr int NA = QR * KR;
+  vf acc[NA];
+  for (int i = 0; i < NA; ++i) acc[i] = vf{};
+  for (int64_t c = 0; c < dpad; c += VW) {
+    vf kv[KR];
+    for (int r = 0; r < KR; ++r) kv[r] = vload(kp + r * ldk + c);
+    for (int qi = 0; qi < QR; ++qi) {
+      const vf qv = vload(q + qi * ldq + c);
+      for (int r = 0; r < KR; ++r) acc[qi * KR + r] += qv * kv[r];
+    }
+  }
+  if constexpr (NA % VW == 0) {
+    for (int g = 0; g < NA; g += VW) {
+      fold_level<VW / 2>(acc + g, VW);
+      vstore(out + g, acc[g]);
+    }
+  } else {
+    for (int i = 0; i < NA; ++i) out[i] = hsum(acc[i]);
+  }
+}
+
+// ---- exclusions ---------------------------------------------------------------------------
+
+// Per query, the sorted distinct rows it must not select.
+struct Exclusions {
+  std::vector<int64_t> rows;
+  std::vector<int64_t> start;  // B + 1 offsets
+  bool any = false;
+
+  bool contains(int64_t b, int64_t row) const {
+    return any && std::binary_search(rows.begin() + start[b], rows.begin() + start[b + 1], row);
+  }
+};
+
+Exclusions make_exclusions(const RetrieveAttendArgs& a) {
+  Exclusions ex;
+  const int64_t B = a.query.shape[0];
+  ex.start.assign(B + 1, 0);
+  if (!a.exclude.present() || a.exclude.shape[1] == 0) return ex;
+  ex.any = true;
+  const int64_t E = a.exclude.shape[1];
+  const int64_t* e = a.exclude.ptr<const int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* row = e + b * a.exclude.strides[0];
+    for (int64_t j = 0; j < E; ++j)
+      if (row[j] >= 0) ex.rows.push_back(row[j]);
+    std::sort(ex.rows.begin() + ex.start[b], ex.rows.end());
+    ex.rows.erase(std::unique(ex.rows.begin() + ex.start[b], ex.rows.end()), ex.rows.end());
+    ex.start[b + 1] = static_cast<int64_t>(ex.rows.size());
+  }
+  return ex;
+}
+
+// ---- search -------------------------------------------------------------------------------
+
+// Heaps for a chunk of queries, one set per thread: slot (t, b) holds k entries.
+template <typename S>
+struct HeapSet {
+  int64_t k, nq;
+  std::vector<S> score;
+  std::vector<int64_t> row;
+  HeapSet(int threads, int64_t nq_, int64_t k_)
+      : k(k_), nq(nq_), score(threads * nq_ * k_), row(threads * nq_ * k_) {}
+  TopKHeap<S> heap(int t, int64_t b) {
+    const int64_t off = (t * nq + b) * k;
+    return TopKHeap<S>{score.data() + off, row.data() + off, static_cast<int>(k)};
+  }
+};
+
+template <typename S>
+inline void offer(TopKHeap<S>& h, const Exclusions& ex, int64_t b, S s, int64_t row) {
+  if (s < h.worst_score()) return;  // the common case; false for NaN, which push() ranks
+  if (ex.contains(b, row)) return;
+  h.push(s, row);
+}
+
+template <int QR>
+void score_block_rows(const float* q, int64_t dpad, const float* kp, int64_t ldk, int64_t rows,
+                      int64_t row0, int64_t b0, int64_t g0, HeapSet<float>& hs, int t,
+                      const Exclusions& ex) {
+  // b0: the tile's first query within the chunk (heap slot); g0: the same query's batch row.
+  TopKHeap<float> heaps[QR];
+  for (int qi = 0; qi < QR; ++qi) heaps[qi] = hs.heap(t, b0 + qi);
+  float s[QR * 4];
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    score_tile<QR, 4>(q, dpad, kp + r * ldk, ldk, dpad, s);
+    for (int qi = 0; qi < QR; ++qi)
+      for (int j = 0; j < 4; ++j) offer(heaps[qi], ex, g0 + qi, s[qi * 4 + j], row0 + r + j);
+  }
+  for (; r < rows; ++r) {
+    score_tile<QR, 1>(q, dpad, kp + r * ldk, ldk, dpad, s);
+    for (int qi = 0; qi < QR; ++qi) offer(heaps[qi], ex, g0 + qi, s[qi], row0 + r);
+  }
+}
+
+// Scores queries [qb0, qb0 + nq) (padded float rows of width dpad) against key rows
+// [n0, n1), offering into thread t's heaps.
+template <typename KT>
+void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, int64_t qb0,
+                  int64_t nq, int64_t n0, int64_t n1, HeapSet<float>& hs, int t,
+                  const Exclusions& ex) {
+  const int64_t d = a.keys.shape[1];
+  const int64_t ldk = a.keys.strides[0];
+  const KT* keys = a.keys.ptr<const KT>();
+  const bool direct = std::is_same<KT, float>::value && d == dpad;
+  // A key block of about 192 KiB as float stays in L2 while every query tile passes over it.
+  const int64_t block = std::max<int64_t>(4, std::min<int64_t>(1024, (192 << 10) / (dpad * 4)) / 4 * 4);
+  std::vector<float> scratch(direct ? 0 : block * dpad);
+  for (int64_t r0 = n0; r0 < n1; r0 += block) {
+    const int64_t rows = std::min(block, n1 - r0);
+    const float* kp;
+    int64_t ld;
+    if (direct) {
+      kp = reinterpret_cast<const float*>(keys) + r0 * ldk;
+      ld = ldk;
+    } else {
+      widen_rows(keys + r0 * ldk, ldk, rows, d, scratch.data(), dpad);
+      kp = scratch.data();
+      ld = dpad;
+    }
+    int64_t qi = 0;
+    for (; qi + 4 <= nq; qi += 4)
+      score_block_rows<4>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
+    switch (nq - qi) {
+      case 3: score_block_rows<3>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex); break;
+      case 2: score_block_rows<2>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex); break;
+      case 1: score_block_rows<1>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex); break;
+      default: break;
+    }
+  }
+}
+
+// float64 search (gradcheck and exactness checks): plain loops, parallel over key ranges.
+template <typename KT>
+void search_range_f64(const RetrieveAttendArgs& a, int64_t qb0, int64_t nq, int64_t n0, int64_t n1,
+                      HeapSet<double>& hs, int t, const Exclusions& ex) {
+  const int64_t d = a.keys.shape[1];
+  const int64_t ldk = a.keys.strides[0];
+  const int64_t ldq = a.query.strides[0];
+  const KT* keys = a.keys.ptr<const KT>();
+  const double* q = a.query.ptr<const double>();
+  for (int64_t b = 0; b < nq; ++b) {
+    TopKHeap<double> h = hs.heap(t, b);
+    const double* qb = q + (qb0 + b) * ldq;
+    for (int64_t n = n0; n < n1; ++n) {
+      const KT* kr = keys + n * ldk;
+      double s = 0.0;
+      for (int64_t c = 0; c < d; ++c) s += qb[c] * to_acc<double>(kr[c]);
+      offer(h, ex, qb0 + b, s, n);
+    }
+  }
+}
+
+// Merges the per-thread heaps of query chunk [qb0, qb0 + nq) into sorted indices and scores.
+// Returns the first query that has fewer than k selectable rows, or -1.
+template <typename S>
+int64_t merge_heaps(const RetrieveAttendArgs& a, HeapSet<S>& hs, int threads, int64_t qb0,
+                    int64_t nq) {
+  const int64_t k = a.k;
+  int64_t short_query = -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < nq; ++b) {
+    std::vector<std::pair<S, int64_t>> cand;
+    cand.reserve(threads * k);
+    for (int t = 0; t < threads; ++t) {
+      TopKHeap<S> h = hs.heap(t, b);
+      for (int64_t j = 0; j < k; ++j)
+        if (h.row[j] != kEmptyRow) cand.emplace_back(h.score[j], h.row[j]);
+    }
+    const int64_t take = std::min<int64_t>(k, cand.size());
+    std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), [](const auto& x, const auto& y) {
+      return ranks_before(x.first, x.second, y.first, y.second);
+    });
+    int64_t* idx = a.indices.ptr<int64_t>() + (qb0 + b) * k;
+    S* sc = a.scores.ptr<S>() + (qb0 + b) * k;
+    for (int64_t j = 0; j < take; ++j) {
+      sc[j] = cand[j].first;
+      idx[j] = cand[j].second;
+    }
+    if (take < k) {
+#pragma omp critical(reco_short_query)
+      if (short_query < 0 || qb0 + b < short_query) short_query = qb0 + b;
+    }
+  }
+  return short_query;
+}
+
+template <typename Acc, typename KT>
+void search(const RetrieveAttendArgs& a, const Exclusions& ex) {
+  const int64_t B = a.query.shape[0], N = a.keys.shape[0], d = a.query.shape[1], k = a.k;
+  // Below ~16K rows per thread the fork/merge costs more than it saves.
+  const int threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N / 16384)));
+  // Bound heap memory (threads x queries x k entries) to about 64 MiB per pass over the keys.
+  const int64_t per_query = static_cast<int64_t>(threads) * k * (sizeof(Acc) + 8);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, (64 << 20) / per_query));
+  const int64_t dpad = round_up(d, VW);
+  std::vector<float> qpad;
+  for (int64_t qb0 = 0; qb0 < B; qb0 += chunk) {
+    const int64_t nq = std::min(chunk, B - qb0);
+    HeapSet<Acc> hs(threads, nq, k);
+    if constexpr (std::is_same<Acc, float>::value) {
+      qpad.assign(nq * dpad, 0.0f);
+      const float* q = a.query.ptr<const float>();
+      for (int64_t b = 0; b < nq; ++b)
+        std::memcpy(qpad.data() + b * dpad, q + (qb0 + b) * a.query.strides[0], d * 4);
+    }
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num();
+      // Ranges start on multiples of 4 rows so that tiles stay whole.
+      const int64_t per = round_up((N + threads - 1) / threads, 4);
+      const int64_t n0 = std::min(N, t * per), n1 = std::min(N, n0 + per);
+      for (int64_t b = 0; b < nq; ++b) hs.heap(t, b).reset(std::numeric_limits<Acc>::quiet_NaN());
+      if constexpr (std::is_same<Acc, float>::value)
+        search_range<KT>(a, qpad.data(), dpad, qb0, nq, n0, n1, hs, t, ex);
+      else
+        search_range_f64<KT>(a, qb0, nq, n0, n1, hs, t, ex);
+    }
+    const int64_t short_query = merge_heaps(a, hs, threads, qb0, nq);
+    if (short_query >= 0) {
+      const int64_t excluded = ex.any ? ex.start[short_query + 1] - ex.start[short_query] : 0;
+      throw std::invalid_argument("k=" + std::to_string(k) + " exceeds the " +
+                                  std::to_string(N - excluded) + " selectable rows of query " +
+                                  std::to_string(short_query) + " (N=" + std::to_string(N) +
+                                  " minus " + std::to_string(excluded) + " excluded)");
+    }
+  }
+}
+
+// ---- attention over the retrieved rows ------------------------------------------------------
+
+template <typename Acc, typename VT>
+void attend(const RetrieveAttendArgs& a) {
+  const int64_t B = a.query.shape[0], k = a.k, dv = a.values.shape[1];
+  const int64_t H = a.attn_query.present() ? a.attn_query.shape[1] : 1;
+  const int64_t ldv = a.values.strides[0];
+  const VT* values = a.values.ptr<const VT>();
+  const Acc inv_t = static_cast<Acc>(1.0 / a.temperature);
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, B)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<Acc> v(k * dv), logit(k);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t* idx = a.indices.ptr<const int64_t>() + b * k;
+      const Acc* sc = a.scores.ptr<const Acc>() + b * k;
+      for (int64_t j = 0; j < k; ++j) {
+        const VT* src = values + idx[j] * ldv;
+        Acc* dst = v.data() + j * dv;
+        for (int64_t c = 0; c < dv; ++c) dst[c] = to_acc<Acc>(src[c]);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        if (a.attn_query.present()) {
+          const Acc* aq = a.attn_query.ptr<const Acc>() + (b * H + h) * dv;
+          for (int64_t j = 0; j < k; ++j) {
+            const Acc* vj = v.data() + j * dv;
+            Acc s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int64_t c = 0; c < dv; ++c) s += aq[c] * vj[c];
+            logit[j] = s * inv_t;
+          }
+        } else {
+          for (int64_t j = 0; j < k; ++j) logit[j] = sc[j] * inv_t;
+        }
+        // Softmax: NaN anywhere, or every logit -inf, gives NaN weights (as torch.softmax does).
+        Acc m = -std::numeric_limits<Acc>::infinity();
+        bool nan = false;
+        for (int64_t j = 0; j < k; ++j) {
+          nan |= std::isnan(logit[j]);
+          m = std::max(m, logit[j]);
+        }
+        if (nan) m = std::numeric_limits<Acc>::quiet_NaN();
+        Acc total = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          logit[j] = std::exp(logit[j] - m);
+          total += logit[j];
+        }
+        Acc* w = a.weights.ptr<Acc>() + (b * H + h) * k;
+        Acc* out = a.output.ptr<Acc>() + (b * H + h) * dv;
+        std::fill(out, out + dv, Acc(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const Acc wj = logit[j] / total;
+          w[j] = wj;
+          const Acc* vj = v.data() + j * dv;
+#pragma omp simd
+          for (int64_t c = 0; c < dv; ++c) out[c] += wj * vj[c];
+        }
+      }
+    }
+  }
+}
+
+template <typename F>
+void with_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::f32: f(float{}); break;
+    case DType::f16: f(half_t{}); break;
+    case DType::bf16: f(bf16_t{}); break;
+    case DType::f64: f(double{}); break;
+    default: throw std::invalid_argument("unsupported dtype");
+  }
+}
+
+template <typename Acc>
+void run(const RetrieveAttendArgs& a) {
+  const Exclusions ex = make_exclusions(a);
+  with_dtype(a.keys.dtype, [&](auto kt) {
+    using KT = decltype(kt);
+    if constexpr (std::is_same<Acc, float>::value && std::is_same<KT, double>::value)
+      throw std::invalid_argument("float64 keys need a float64 query");
+    else
+      search<Acc, KT>(a, ex);
+  });
+  with_dtype(a.values.dtype, [&](auto vt) {
+    using VT = decltype(vt);
+    if constexpr (std::is_same<Acc, float>::value && std::is_same<VT, double>::value)
+      throw std::invalid_argument("float64 values need a float64 query");
+    else
+      attend<Acc, VT>(a);
+  });
+}
+
+}  // namespace
+
+void retrieve_attend(const RetrieveAttendArgs& a) {
+  if (a.query.dtype == DType::f64)
+    run<double>(a);
+  else
+    run<float>(a);
+}
+
+}  // namespace reco::cpu::RECO_LEVEL_NS

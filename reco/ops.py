@@ -1,0 +1,264 @@
+"""reco's torch ops: registration, argument checks, fake (meta) kernels and autograd formulas.
+
+`reco::fused_retrieve_attend` is a `torch.library.custom_op`. Its default body is the pure-torch
+reference (any device without a compiled kernel, with a one-time warning); the CPU kernel lives in
+reco._C, which takes the arrays through DLPack and links no libtorch.
+"""
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import RetrieveAttend, compute_dtype
+
+try:
+    from . import _C
+except ImportError:  # a source checkout without a build: every device uses the reference
+    _C = None
+
+__all__ = ["RetrieveAttend", "fused_retrieve_attend"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_warned_devices: set = set()
+
+
+def _shape(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}"
+
+
+def _check_tensor(name: str, t: object, dims: str, ndim: int) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {dims}, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype} ({_shape(t)})"
+        )
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {dims}, got {_shape(t)}")
+    return t
+
+
+def check_retrieve_attend_args(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    k: int,
+    attn_query: Optional[Tensor],
+    temperature: float,
+    exclude: Optional[Tensor],
+) -> None:
+    """Raises TypeError/ValueError naming the bad argument; checks shapes, dtypes and devices only.
+
+    Checks that need the data (exclude rows in range, k <= N minus excluded) run in the kernels.
+    """
+    _check_tensor("query", query, "[B, d]", 2)
+    _check_tensor("keys", keys, "[N, d]", 2)
+    _check_tensor("values", values, "[N, dv]", 2)
+    B, d = query.shape
+    N = keys.shape[0]
+    if keys.shape[1] != d:
+        raise ValueError(f"keys {_shape(keys)} and query {_shape(query)} must have the same d")
+    if values.shape[0] != N:
+        raise ValueError(f"values {_shape(values)} and keys {_shape(keys)} must have the same N")
+    if N == 0:
+        raise ValueError(f"keys must have at least one row, got {_shape(keys)}")
+    if d == 0 or values.shape[1] == 0:
+        raise ValueError(
+            f"d and dv must be >= 1, got query {_shape(query)}, values {_shape(values)}"
+        )
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= N:
+        raise ValueError(f"k={k} must be in [1, N] where N={N} is the number of keys")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    for name, t in (("keys", keys), ("values", values)):
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+    if attn_query is not None:
+        _check_tensor("attn_query", attn_query, "[B, H, dv]", 3)
+        if attn_query.shape[0] != B or attn_query.shape[2] != values.shape[1] or attn_query.shape[1] < 1:
+            raise ValueError(
+                f"attn_query must be [B, H, dv] = [{B}, H>=1, {values.shape[1]}], "
+                f"got {_shape(attn_query)}"
+            )
+        if attn_query.device != query.device:
+            raise ValueError(f"attn_query is on {attn_query.device} but query is on {query.device}")
+    if exclude is not None:
+        if not isinstance(exclude, Tensor):
+            raise TypeError(f"exclude must be an int64 torch.Tensor [B, E], got {type(exclude).__name__}")
+        if exclude.dtype != torch.int64:
+            raise TypeError(f"exclude must be int64, got {exclude.dtype} ({_shape(exclude)})")
+        if exclude.dim() != 2 or exclude.shape[0] != B:
+            raise ValueError(f"exclude must be [B, E] with B={B}, got {_shape(exclude)}")
+        if exclude.device != query.device:
+            raise ValueError(f"exclude is on {exclude.device} but query is on {query.device}")
+
+
+def _out_dtype(query: Tensor, keys: Tensor, values: Tensor, attn_query: Optional[Tensor]) -> torch.dtype:
+    return compute_dtype(query, keys, values, attn_query)
+
+
+@torch.library.custom_op("reco::fused_retrieve_attend", mutates_args=())
+def _fused_retrieve_attend(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    k: int,
+    attn_query: Optional[Tensor],
+    temperature: float,
+    exclude: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # Default body: devices without a compiled kernel run the reference.
+    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    if query.device.type not in _warned_devices:
+        _warned_devices.add(query.device.type)
+        warnings.warn(
+            f"reco: no compiled fused_retrieve_attend kernel for device '{query.device.type}'; "
+            "using the pure-torch reference (slower, same results)",
+            stacklevel=3,
+        )
+    r = reference.fused_retrieve_attend(
+        query, keys, values, k, attn_query=attn_query, temperature=temperature, exclude=exclude
+    )
+    return r.output.clone(), r.weights.clone(), r.indices.clone(), r.scores.clone()
+
+
+def _unit_inner_stride(t: Tensor) -> Tensor:
+    # The kernel accepts any row stride (even 0, for expanded memories) but needs unit inner stride.
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+if _C is not None:
+
+    @_fused_retrieve_attend.register_kernel("cpu")
+    def _fused_retrieve_attend_cpu(
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        k: int,
+        attn_query: Optional[Tensor],
+        temperature: float,
+        exclude: Optional[Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+        ct = _out_dtype(query, keys, values, attn_query)
+        B, dv = query.shape[0], values.shape[1]
+        H = 1 if attn_query is None else attn_query.shape[1]
+        output = query.new_empty((B, H, dv), dtype=ct)
+        weights = query.new_empty((B, H, k), dtype=ct)
+        indices = query.new_empty((B, k), dtype=torch.int64)
+        scores = query.new_empty((B, k), dtype=ct)
+        if B == 0:
+            return output, weights, indices, scores
+        _C.retrieve_attend(
+            query.detach().to(ct).contiguous(),
+            _unit_inner_stride(keys.detach()),
+            _unit_inner_stride(values.detach()),
+            None if attn_query is None else attn_query.detach().to(ct).contiguous(),
+            None if exclude is None else exclude.contiguous(),
+            k,
+            float(temperature),
+            output,
+            weights,
+            indices,
+            scores,
+            torch.get_num_threads(),
+        )
+        return output, weights, indices, scores
+
+
+@_fused_retrieve_attend.register_fake
+def _fused_retrieve_attend_fake(query, keys, values, k, attn_query, temperature, exclude):
+    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    ct = _out_dtype(query, keys, values, attn_query)
+    B, dv = query.shape[0], values.shape[1]
+    H = 1 if attn_query is None else attn_query.shape[1]
+    return (
+        query.new_empty((B, H, dv), dtype=ct),
+        query.new_empty((B, H, k), dtype=ct),
+        query.new_empty((B, k), dtype=torch.int64),
+        query.new_empty((B, k), dtype=ct),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    query, keys, values, _k, attn_query, temperature, _exclude = inputs
+    _out, weights, indices, _scores = output
+    ctx.save_for_backward(query, keys, values, attn_query, indices, weights)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(indices)
+
+
+def _backward(ctx, g_output, g_weights, _g_indices, g_scores):
+    # Gradients through the selected rows; the selection itself is piecewise constant.
+    query, keys, values, attn_query, indices, weights = ctx.saved_tensors
+    need_q, need_k, need_v, _, need_aq, _, _ = ctx.needs_input_grad
+    ct = weights.dtype
+    inv_t = 1.0 / ctx.temperature
+    B, k = indices.shape
+    v_sel = values[indices].to(ct)  # [B, k, dv]
+    if g_output is None:
+        g_output = weights.new_zeros(weights.shape[0], weights.shape[1], v_sel.shape[2])
+    g_w = torch.einsum("bhd,bkd->bhk", g_output, v_sel)
+    if g_weights is not None:
+        g_w = g_w + g_weights
+    g_logits = weights * (g_w - (weights * g_w).sum(-1, keepdim=True))  # softmax backward
+    g_v_sel = torch.einsum("bhk,bhd->bkd", weights, g_output)
+    g_s = torch.zeros_like(weights[:, 0]) if g_scores is None else g_scores.to(ct)
+    g_aq = None
+    if attn_query is None:
+        g_s = g_s + g_logits[:, 0] * inv_t
+    else:
+        g_v_sel = g_v_sel + torch.einsum("bhk,bhd->bkd", g_logits, attn_query.to(ct)) * inv_t
+        if need_aq:
+            g_aq = (torch.einsum("bhk,bkd->bhd", g_logits, v_sel) * inv_t).to(attn_query.dtype)
+    g_q = g_k = g_v = None
+    flat = indices.reshape(-1)
+    if need_q:
+        g_q = torch.einsum("bk,bkd->bd", g_s, keys[indices].to(ct)).to(query.dtype)
+    if need_k:
+        g_k_sel = g_s.unsqueeze(-1) * query.to(ct).unsqueeze(1)  # [B, k, d]
+        g_k = keys.new_zeros(keys.shape, dtype=ct).index_add_(0, flat, g_k_sel.reshape(B * k, -1))
+        g_k = g_k.to(keys.dtype)
+    if need_v:
+        g_v = values.new_zeros(values.shape, dtype=ct).index_add_(0, flat, g_v_sel.reshape(B * k, -1))
+        g_v = g_v.to(values.dtype)
+    return g_q, g_k, g_v, None, g_aq, None, None
+
+
+_fused_retrieve_attend.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_retrieve_attend(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    k: int,
+    *,
+    attn_query: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    exclude: Optional[Tensor] = None,
+) -> RetrieveAttend:
+    """Exact top-k retrieval by inner product, fused with attention over the retrieved values.
+
+    query [B, d], keys [N, d], values [N, dv]: float32, float16, bfloat16 (float64 for gradcheck);
+    keys and values may differ in dtype. exclude [B, E] int64 lists rows query b must not select
+    (-1 = padding). attn_query [B, H, dv] switches the attention logits from the scores to
+    attn_query . values. Returns RetrieveAttend(output [B, H, dv], weights [B, H, k],
+    indices [B, k] int64, scores [B, k]), float32 (float64 if any input is float64).
+    Ties go to the lower row; NaN scores rank below every number. Differentiable in query, keys,
+    values and attn_query through the selected rows. See DESIGN.md for the full contract.
+    """
+    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    return RetrieveAttend(
+        *torch.ops.reco.fused_retrieve_attend(
+            query, keys, values, k, attn_query, float(temperature), exclude
+        )
+    )

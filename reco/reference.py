@@ -1,0 +1,118 @@
+"""Pure-torch reference of reco's ops: the test oracle, and the fallback on devices without a kernel.
+
+It follows the contract in DESIGN.md literally and favours clarity over speed; it scores the keys
+in chunks so that it also runs on memories far larger than one B x N score matrix.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class RetrieveAttend(NamedTuple):
+    """Result of `fused_retrieve_attend`.
+
+    output  [B, H, dv]  float32 (float64 if any input is float64)
+    weights [B, H, k]   attention weights, summing to 1 over k
+    indices [B, k]      int64 rows of keys, best first
+    scores  [B, k]      query . keys[indices], same dtype as output
+    """
+
+    output: Tensor
+    weights: Tensor
+    indices: Tensor
+    scores: Tensor
+
+
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any given tensor is float64, else float32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+# Rank classes, best first: a real score (-inf included), then NaN, then excluded rows.
+_REAL, _NAN, _EXCLUDED = 0, 1, 2
+
+
+def search(
+    query: Tensor, keys: Tensor, k: int, exclude: Tensor | None = None, chunk: int = 1 << 16
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k rows of keys by inner product with each query.
+
+    Order: larger score first, equal scores to the lower row, NaN below every number, excluded
+    rows (exclude[b], -1 = padding) never. Returns (indices int64 [B, k], scores [B, k]).
+    """
+    ct = compute_dtype(query, keys)
+    q = query.to(ct)
+    B, N = q.shape[0], keys.shape[0]
+    if exclude is not None and bool(((exclude < -1) | (exclude >= N)).any()):
+        raise ValueError(f"exclude holds values that are neither rows of keys (N={N}) nor -1")
+    best_s = q.new_empty(B, 0)
+    best_i = torch.empty(B, 0, dtype=torch.int64, device=q.device)
+    best_c = torch.empty(B, 0, dtype=torch.int64, device=q.device)
+    for n0 in range(0, N, chunk):
+        s = q @ keys[n0 : n0 + chunk].to(ct).T
+        rows = torch.arange(n0, n0 + s.shape[1], device=q.device).expand(B, -1)
+        cls = torch.where(torch.isnan(s), _NAN, _REAL)
+        if exclude is not None:
+            hit = (rows.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
+            cls = torch.where(hit, _EXCLUDED, cls)
+        # Candidates stay in ascending row order, so two stable sorts give the lexicographic
+        # order (class, -score, row).
+        s_all = torch.cat([best_s, s], 1)
+        i_all = torch.cat([best_i, rows], 1)
+        c_all = torch.cat([best_c, cls], 1)
+        s_key = torch.where(torch.isnan(s_all), -torch.inf, s_all)
+        order = torch.sort(s_key, dim=1, descending=True, stable=True)[1]
+        order = order.gather(1, torch.sort(c_all.gather(1, order), dim=1, stable=True)[1])[:, :k]
+        best_s, best_i, best_c = s_all.gather(1, order), i_all.gather(1, order), c_all.gather(1, order)
+    if best_i.shape[1] < k or bool((best_c == _EXCLUDED).any()):
+        raise ValueError(f"k={k} exceeds the number of selectable rows (N={N} minus excluded)")
+    return best_i, best_s
+
+
+def attend(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    attn_query: Tensor | None = None,
+    temperature: float = 1.0,
+) -> RetrieveAttend:
+    """Attention over the given rows; differentiable in query, keys, values and attn_query.
+
+    Without attn_query, H = 1 and the logits are the scores query . keys[indices]; with
+    attn_query [B, H, dv] they are attn_query[b, h] . values[indices[b, j]]. Logits are divided by
+    temperature, softmaxed over the k rows, and weight values[indices] into output [B, H, dv].
+    """
+    ct = compute_dtype(query, keys, values, attn_query)
+    k_sel = keys[indices].to(ct)  # [B, k, d]
+    v_sel = values[indices].to(ct)  # [B, k, dv]
+    scores = torch.einsum("bd,bkd->bk", query.to(ct), k_sel)
+    if attn_query is None:
+        logits = scores.unsqueeze(1)
+    else:
+        logits = torch.einsum("bhd,bkd->bhk", attn_query.to(ct), v_sel)
+    weights = torch.softmax(logits / temperature, dim=-1)
+    output = torch.einsum("bhk,bkd->bhd", weights, v_sel)
+    return RetrieveAttend(output, weights, indices, scores)
+
+
+def fused_retrieve_attend(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    k: int,
+    *,
+    attn_query: Tensor | None = None,
+    temperature: float = 1.0,
+    exclude: Tensor | None = None,
+) -> RetrieveAttend:
+    """Reference of `reco.fused_retrieve_attend`: `search`, then `attend` on the selected rows."""
+    with torch.no_grad():
+        indices, _ = search(query, keys, k, exclude)
+    return attend(query, keys, values, indices, attn_query, temperature)
