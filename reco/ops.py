@@ -70,11 +70,11 @@ def check_retrieve_attend_args(
         raise ValueError(
             f"d and dv must be >= 1, got query {_shape(query)}, values {_shape(values)}"
         )
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= N:
         raise ValueError(f"k={k} must be in [1, N] where N={N} is the number of keys")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.SymFloat)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")

@@ -95,11 +95,17 @@ inline void fold_level(vf* acc, int n) {
   if constexpr (G > 1) fold_level<G / 2>(acc, n / 2);
 }
 
-inline float hsum(vf v) {
-  float s = 0.0f;
-  for (int l = 0; l < VW; ++l) s += v[l];
-  return s;
+// Sums the lanes in the same halving order as fold_level, so a score comes out bitwise the same
+// whether its key sat in a full tile or in a tail (duplicate keys then tie exactly).
+template <int G>
+inline float hsum_fold(vf v) {
+  v = fold<G>(v, v, std::make_integer_sequence<int, VW>{});
+  if constexpr (G > 1)
+    return hsum_fold<G / 2>(v);
+  else
+    return v[0];
 }
+inline float hsum(vf v) { return hsum_fold<VW / 2>(v); }
 
 // out[qi * KR + r] = q[qi] . k[r] over dpad (a multiple of VW) columns.
 template <int QR, int KR>
@@ -260,11 +266,16 @@ void search_range_f64(const RetrieveAttendArgs& a, int64_t qb0, int64_t nq, int6
 }
 
 // Merges the per-thread heaps of query chunk [qb0, qb0 + nq) into sorted indices and scores.
-// Returns the first query that has fewer than k selectable rows, or -1.
-template <typename S>
+// Float searches then re-score the k winners with float64 accumulation (B x k x d, cheap next to
+// the search) and re-sort them, so the reported scores, and the softmax over them, carry no
+// float32 summation error. Returns the first query that has fewer than k selectable rows, or -1.
+template <typename S, typename KT>
 int64_t merge_heaps(const RetrieveAttendArgs& a, HeapSet<S>& hs, int threads, int64_t qb0,
                     int64_t nq) {
-  const int64_t k = a.k;
+  const int64_t k = a.k, d = a.keys.shape[1];
+  const auto order = [](const auto& x, const auto& y) {
+    return ranks_before(x.first, x.second, y.first, y.second);
+  };
   int64_t short_query = -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t b = 0; b < nq; ++b) {
@@ -276,9 +287,17 @@ int64_t merge_heaps(const RetrieveAttendArgs& a, HeapSet<S>& hs, int threads, in
         if (h.row[j] != kEmptyRow) cand.emplace_back(h.score[j], h.row[j]);
     }
     const int64_t take = std::min<int64_t>(k, cand.size());
-    std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), [](const auto& x, const auto& y) {
-      return ranks_before(x.first, x.second, y.first, y.second);
-    });
+    std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), order);
+    if constexpr (std::is_same<S, float>::value) {
+      const float* q = a.query.ptr<const float>() + (qb0 + b) * a.query.strides[0];
+      for (int64_t j = 0; j < take; ++j) {
+        const KT* kr = a.keys.ptr<const KT>() + cand[j].second * a.keys.strides[0];
+        double s = 0.0;
+        for (int64_t c = 0; c < d; ++c) s += double(q[c]) * to_acc<double>(kr[c]);
+        cand[j].first = static_cast<float>(s);
+      }
+      std::sort(cand.begin(), cand.begin() + take, order);
+    }
     int64_t* idx = a.indices.ptr<int64_t>() + (qb0 + b) * k;
     S* sc = a.scores.ptr<S>() + (qb0 + b) * k;
     for (int64_t j = 0; j < take; ++j) {
@@ -325,7 +344,7 @@ void search(const RetrieveAttendArgs& a, const Exclusions& ex) {
       else
         search_range_f64<KT>(a, qb0, nq, n0, n1, hs, t, ex);
     }
-    const int64_t short_query = merge_heaps(a, hs, threads, qb0, nq);
+    const int64_t short_query = merge_heaps<Acc, KT>(a, hs, threads, qb0, nq);
     if (short_query >= 0) {
       const int64_t excluded = ex.any ? ex.start[short_query + 1] - ex.start[short_query] : 0;
       throw std::invalid_argument("k=" + std::to_string(k) + " exceeds the " +
@@ -338,32 +357,34 @@ void search(const RetrieveAttendArgs& a, const Exclusions& ex) {
 
 // ---- attention over the retrieved rows ------------------------------------------------------
 
+// Works in float64 whatever the inputs (B x H x k x dv is small next to the search), so that a
+// sharp softmax (small temperature) does not amplify float32 rounding of the logits.
 template <typename Acc, typename VT>
 void attend(const RetrieveAttendArgs& a) {
   const int64_t B = a.query.shape[0], k = a.k, dv = a.values.shape[1];
   const int64_t H = a.attn_query.present() ? a.attn_query.shape[1] : 1;
   const int64_t ldv = a.values.strides[0];
   const VT* values = a.values.ptr<const VT>();
-  const Acc inv_t = static_cast<Acc>(1.0 / a.temperature);
+  const double inv_t = 1.0 / a.temperature;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, B)));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<Acc> v(k * dv), logit(k);
+    std::vector<double> v(k * dv), logit(k), acc(dv);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t* idx = a.indices.ptr<const int64_t>() + b * k;
       const Acc* sc = a.scores.ptr<const Acc>() + b * k;
       for (int64_t j = 0; j < k; ++j) {
         const VT* src = values + idx[j] * ldv;
-        Acc* dst = v.data() + j * dv;
-        for (int64_t c = 0; c < dv; ++c) dst[c] = to_acc<Acc>(src[c]);
+        double* dst = v.data() + j * dv;
+        for (int64_t c = 0; c < dv; ++c) dst[c] = to_acc<double>(src[c]);
       }
       for (int64_t h = 0; h < H; ++h) {
         if (a.attn_query.present()) {
           const Acc* aq = a.attn_query.ptr<const Acc>() + (b * H + h) * dv;
           for (int64_t j = 0; j < k; ++j) {
-            const Acc* vj = v.data() + j * dv;
-            Acc s = 0;
+            const double* vj = v.data() + j * dv;
+            double s = 0;
 #pragma omp simd reduction(+ : s)
             for (int64_t c = 0; c < dv; ++c) s += aq[c] * vj[c];
             logit[j] = s * inv_t;
@@ -372,28 +393,29 @@ void attend(const RetrieveAttendArgs& a) {
           for (int64_t j = 0; j < k; ++j) logit[j] = sc[j] * inv_t;
         }
         // Softmax: NaN anywhere, or every logit -inf, gives NaN weights (as torch.softmax does).
-        Acc m = -std::numeric_limits<Acc>::infinity();
+        double m = -std::numeric_limits<double>::infinity();
         bool nan = false;
         for (int64_t j = 0; j < k; ++j) {
           nan |= std::isnan(logit[j]);
           m = std::max(m, logit[j]);
         }
-        if (nan) m = std::numeric_limits<Acc>::quiet_NaN();
-        Acc total = 0;
+        if (nan) m = std::numeric_limits<double>::quiet_NaN();
+        double total = 0;
         for (int64_t j = 0; j < k; ++j) {
           logit[j] = std::exp(logit[j] - m);
           total += logit[j];
         }
         Acc* w = a.weights.ptr<Acc>() + (b * H + h) * k;
         Acc* out = a.output.ptr<Acc>() + (b * H + h) * dv;
-        std::fill(out, out + dv, Acc(0));
+        std::fill(acc.begin(), acc.end(), 0.0);
         for (int64_t j = 0; j < k; ++j) {
-          const Acc wj = logit[j] / total;
-          w[j] = wj;
-          const Acc* vj = v.data() + j * dv;
+          const double wj = logit[j] / total;
+          w[j] = static_cast<Acc>(wj);
+          const double* vj = v.data() + j * dv;
 #pragma omp simd
-          for (int64_t c = 0; c < dv; ++c) out[c] += wj * vj[c];
+          for (int64_t c = 0; c < dv; ++c) acc[c] += wj * vj[c];
         }
+        for (int64_t c = 0; c < dv; ++c) out[c] = static_cast<Acc>(acc[c]);
       }
     }
   }
