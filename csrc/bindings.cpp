@@ -126,7 +126,8 @@ PYBIND11_MODULE(_C, m) {
       },
       "SIMD levels compiled in and supported by this CPU, lowest first.");
   m.def(
-      "default_cpu_level", [] { return std::string(reco::cpu::level_name(reco::cpu::default_level())); },
+      "default_cpu_level",
+      [] { return std::string(reco::cpu::level_name(reco::cpu::default_level())); },
       "The level used when none is given (RECO_CPU_LEVEL overrides).");
 #if defined(RECO_WITH_CUDA)
   m.attr("with_cuda") = true;

@@ -1,4 +1,4 @@
-"""reco: retrieval-augmented recognition. Exact top-k retrieval fused with attention, as a torch op."""
+"""reco: retrieval-augmented recognition, exact top-k retrieval fused with attention."""
 
 from .ops import RetrieveAttend, fused_retrieve_attend
 

@@ -83,7 +83,11 @@ def check_retrieve_attend_args(
             raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
     if attn_query is not None:
         _check_tensor("attn_query", attn_query, "[B, H, dv]", 3)
-        if attn_query.shape[0] != B or attn_query.shape[2] != values.shape[1] or attn_query.shape[1] < 1:
+        if (
+            attn_query.shape[0] != B
+            or attn_query.shape[2] != values.shape[1]
+            or attn_query.shape[1] < 1
+        ):
             raise ValueError(
                 f"attn_query must be [B, H, dv] = [{B}, H>=1, {values.shape[1]}], "
                 f"got {_shape(attn_query)}"
@@ -92,7 +96,9 @@ def check_retrieve_attend_args(
             raise ValueError(f"attn_query is on {attn_query.device} but query is on {query.device}")
     if exclude is not None:
         if not isinstance(exclude, Tensor):
-            raise TypeError(f"exclude must be an int64 torch.Tensor [B, E], got {type(exclude).__name__}")
+            raise TypeError(
+                f"exclude must be an int64 torch.Tensor [B, E], got {type(exclude).__name__}"
+            )
         if exclude.dtype != torch.int64:
             raise TypeError(f"exclude must be int64, got {exclude.dtype} ({_shape(exclude)})")
         if exclude.dim() != 2 or exclude.shape[0] != B:
@@ -101,7 +107,9 @@ def check_retrieve_attend_args(
             raise ValueError(f"exclude is on {exclude.device} but query is on {query.device}")
 
 
-def _out_dtype(query: Tensor, keys: Tensor, values: Tensor, attn_query: Optional[Tensor]) -> torch.dtype:
+def _out_dtype(
+    query: Tensor, keys: Tensor, values: Tensor, attn_query: Optional[Tensor]
+) -> torch.dtype:
     return compute_dtype(query, keys, values, attn_query)
 
 
@@ -228,7 +236,9 @@ def _backward(ctx, g_output, g_weights, _g_indices, g_scores):
         g_k = keys.new_zeros(keys.shape, dtype=ct).index_add_(0, flat, g_k_sel.reshape(B * k, -1))
         g_k = g_k.to(keys.dtype)
     if need_v:
-        g_v = values.new_zeros(values.shape, dtype=ct).index_add_(0, flat, g_v_sel.reshape(B * k, -1))
+        g_v = values.new_zeros(values.shape, dtype=ct).index_add_(
+            0, flat, g_v_sel.reshape(B * k, -1)
+        )
         g_v = g_v.to(values.dtype)
     return g_q, g_k, g_v, None, g_aq, None, None
 

@@ -1,4 +1,4 @@
-"""Pure-torch reference of reco's ops: the test oracle, and the fallback on devices without a kernel.
+"""Pure-torch reference of reco's ops: the test oracle, and the fallback where no kernel exists.
 
 It follows the contract in DESIGN.md literally and favours clarity over speed; it scores the keys
 in chunks so that it also runs on memories far larger than one B x N score matrix.
@@ -69,7 +69,11 @@ def search(
         s_key = torch.where(torch.isnan(s_all), -torch.inf, s_all)
         order = torch.sort(s_key, dim=1, descending=True, stable=True)[1]
         order = order.gather(1, torch.sort(c_all.gather(1, order), dim=1, stable=True)[1])[:, :k]
-        best_s, best_i, best_c = s_all.gather(1, order), i_all.gather(1, order), c_all.gather(1, order)
+        best_s, best_i, best_c = (
+            s_all.gather(1, order),
+            i_all.gather(1, order),
+            c_all.gather(1, order),
+        )
     if best_i.shape[1] < k or bool((best_c == _EXCLUDED).any()):
         raise ValueError(f"k={k} exceeds the number of selectable rows (N={N} minus excluded)")
     return best_i, best_s

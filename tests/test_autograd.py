@@ -49,7 +49,11 @@ def test_gradients_match_reference_autograd(heads, dtype):
     w_s = torch.randn(6, 5, generator=g, dtype=torch.float64)
 
     def grads(fn, cast):
-        leaves = [cast(t).detach().requires_grad_() for t in (query, keys, values, attn_query) if t is not None]
+        leaves = [
+            cast(t).detach().requires_grad_()
+            for t in (query, keys, values, attn_query)
+            if t is not None
+        ]
         aq = leaves[3] if heads else None
         r = fn(*leaves[:3], aq)
         loss = (r.output * w_out).sum() + (r.weights * w_w).sum() + (r.scores * w_s).sum()
@@ -61,7 +65,9 @@ def test_gradients_match_reference_autograd(heads, dtype):
         lambda t: t,
     )
     low = grads(lambda q, k, v, aq: reference.attend(q, k, v, indices, aq, 0.3), lambda t: t)
-    exact = grads(lambda q, k, v, aq: reference.attend(q, k, v, indices, aq, 0.3), torch.Tensor.double)
+    exact = grads(
+        lambda q, k, v, aq: reference.attend(q, k, v, indices, aq, 0.3), torch.Tensor.double
+    )
     for a, b, e in zip(got, low, exact):
         assert a.shape == e.shape
         err, ref_err = float((a - e).abs().max()), float((b - e).abs().max())

@@ -23,9 +23,21 @@ def call(query=Q, keys=K, values=V, k=3, **kw):
         ({"values": V.bool()}, TypeError, r"values must be float32.*torch.bool"),
         ({"query": torch.tensor(1.0)}, ValueError, r"query must be \[B, d\], got shape \(\)"),
         ({"query": torch.randn(4)}, ValueError, r"query must be \[B, d\], got shape \(4,\)"),
-        ({"keys": torch.randn(10, 4, 1)}, ValueError, r"keys must be \[N, d\], got shape \(10, 4, 1\)"),
-        ({"keys": torch.randn(10, 5)}, ValueError, r"keys shape \(10, 5\) and query shape \(2, 4\)"),
-        ({"values": torch.randn(9, 3)}, ValueError, r"values shape \(9, 3\) and keys shape \(10, 4\)"),
+        (
+            {"keys": torch.randn(10, 4, 1)},
+            ValueError,
+            r"keys must be \[N, d\], got shape \(10, 4, 1\)",
+        ),
+        (
+            {"keys": torch.randn(10, 5)},
+            ValueError,
+            r"keys shape \(10, 5\) and query shape \(2, 4\)",
+        ),
+        (
+            {"values": torch.randn(9, 3)},
+            ValueError,
+            r"values shape \(9, 3\) and keys shape \(10, 4\)",
+        ),
         (
             {"keys": torch.randn(0, 4), "values": torch.randn(0, 3)},
             ValueError,
@@ -43,22 +55,46 @@ def call(query=Q, keys=K, values=V, k=3, **kw):
         ({"temperature": float("inf")}, ValueError, r"temperature must be finite and > 0, got inf"),
         ({"temperature": "hot"}, TypeError, r"temperature must be a float, got str"),
         ({"attn_query": torch.randn(2, 3)}, ValueError, r"attn_query must be \[B, H, dv\]"),
-        ({"attn_query": torch.randn(2, 1, 4)}, ValueError, r"attn_query must be \[B, H, dv\] = \[2, H>=1, 3\]"),
+        (
+            {"attn_query": torch.randn(2, 1, 4)},
+            ValueError,
+            r"attn_query must be \[B, H, dv\] = \[2, H>=1, 3\]",
+        ),
         ({"attn_query": torch.randn(3, 1, 3)}, ValueError, r"got shape \(3, 1, 3\)"),
         ({"attn_query": torch.randn(2, 0, 3)}, ValueError, r"attn_query must be \[B, H, dv\]"),
-        ({"attn_query": torch.ones(2, 1, 3, dtype=torch.long)}, TypeError, r"attn_query must be float32"),
-        ({"exclude": torch.zeros(2, 1, dtype=torch.int32)}, TypeError, r"exclude must be int64, got torch.int32"),
+        (
+            {"attn_query": torch.ones(2, 1, 3, dtype=torch.long)},
+            TypeError,
+            r"attn_query must be float32",
+        ),
+        (
+            {"exclude": torch.zeros(2, 1, dtype=torch.int32)},
+            TypeError,
+            r"exclude must be int64, got torch.int32",
+        ),
         ({"exclude": [[0], [1]]}, TypeError, r"exclude must be an int64 torch.Tensor"),
-        ({"exclude": torch.zeros(3, 1, dtype=torch.long)}, ValueError, r"exclude must be \[B, E\] with B=2"),
+        (
+            {"exclude": torch.zeros(3, 1, dtype=torch.long)},
+            ValueError,
+            r"exclude must be \[B, E\] with B=2",
+        ),
         ({"exclude": torch.zeros(2, dtype=torch.long)}, ValueError, r"exclude must be \[B, E\]"),
-        ({"exclude": torch.tensor([[0], [10]])}, ValueError, r"exclude\[1, 0\] = 10 is not a row of keys \(N=10\)"),
+        (
+            {"exclude": torch.tensor([[0], [10]])},
+            ValueError,
+            r"exclude\[1, 0\] = 10 is not a row of keys \(N=10\)",
+        ),
         ({"exclude": torch.tensor([[-2], [0]])}, ValueError, r"exclude\[0, 0\] = -2"),
         (
             {"exclude": torch.arange(16).reshape(2, 8) % 10, "k": 3},
             ValueError,
             r"k=3 exceeds the 2 selectable rows of query 0",
         ),
-        ({"keys": torch.randn(10, 4, device="meta")}, ValueError, r"keys is on meta but query is on cpu"),
+        (
+            {"keys": torch.randn(10, 4, device="meta")},
+            ValueError,
+            r"keys is on meta but query is on cpu",
+        ),
     ],
 )
 def test_bad_input(kwargs, error, match):
@@ -85,7 +121,11 @@ def test_compiled_core_rejects_bad_arrays():
     import numpy as np
 
     out = np.empty((2, 1, 3), np.float32)
-    w, idx, sc = np.empty((2, 1, 3), np.float32), np.empty((2, 3), np.int64), np.empty((2, 3), np.float32)
+    w, idx, sc = (
+        np.empty((2, 1, 3), np.float32),
+        np.empty((2, 3), np.int64),
+        np.empty((2, 3), np.float32),
+    )
     args = [Q.numpy(), K.numpy(), V.numpy(), None, None, 3, 1.0, out, w, idx, sc, 1]
     bad = list(args)
     bad[1] = K.numpy()[:, :3]

@@ -7,9 +7,9 @@ import zlib
 
 import pytest
 import torch
-from topk_check import assert_topk_match
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from topk_check import assert_topk_match
 
 import reco
 from reco import reference
@@ -41,7 +41,7 @@ DTYPES = [
 
 
 def _inputs(shape, dtypes, seed, heads=None, n_exclude=0):
-    B, N, d, dv, k = shape
+    B, N, d, dv, _k = shape
     g = torch.Generator().manual_seed(seed)
     qd, kd, vd = dtypes
     query = torch.randn(B, d, generator=g).to(qd)
@@ -83,7 +83,7 @@ def _assert_within_reference_error(got, query, keys, values, indices, attn_query
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-N{}-d{}-dv{}-k{}".format(*s))
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda t: "-".join(str(x)[6:] for x in t))
 def test_matches_reference(cpu_level, shape, dtypes):
-    B, N, d, dv, k = shape
+    B, N, _d, dv, k = shape
     seed = zlib.crc32(repr((shape, dtypes)).encode())
     heads = [None, 1, 4][seed % 3]
     n_exclude = min(3, N - k)
@@ -125,7 +125,9 @@ def test_exact_on_small_integers(B, N, d, dv, k_frac, heads, n_exclude, dtype, s
     if selectable < 1:
         return
     k = max(1, min(selectable, round(k_frac * selectable)))
-    attn_query = None if heads is None else torch.randint(-2, 3, (B, heads, dv), generator=g).float()
+    attn_query = (
+        None if heads is None else torch.randint(-2, 3, (B, heads, dv), generator=g).float()
+    )
     got = reco.fused_retrieve_attend(
         query, keys, values, k, attn_query=attn_query, temperature=2.0, exclude=exclude
     )

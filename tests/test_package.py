@@ -36,7 +36,10 @@ def torch_ops():
 
 def test_cli_info():
     out = subprocess.run(
-        [sys.executable, "-m", "reco.cli", "info"], capture_output=True, text=True, check=True,
+        [sys.executable, "-m", "reco.cli", "info"],
+        capture_output=True,
+        text=True,
+        check=True,
         cwd=pathlib.Path(reco.__file__).parent.parent,
     )
     info = json.loads(out.stdout)

@@ -21,7 +21,9 @@ def oracle(query, keys, values, k, attn_query=None, temperature=1.0, exclude=Non
             s, rows = s[keep], rows[keep]
         order = np.lexsort((rows, -np.nan_to_num(s, nan=0.0), np.isnan(s)))[:k]
         sel, sc = rows[order], s[order]
-        logits = sc[None] if attn_query is None else np.asarray(attn_query[b], np.float64) @ V[sel].T
+        logits = (
+            sc[None] if attn_query is None else np.asarray(attn_query[b], np.float64) @ V[sel].T
+        )
         logits = logits / temperature
         e = np.exp(logits - logits.max(-1, keepdims=True))
         w = e / e.sum(-1, keepdims=True)
@@ -49,7 +51,12 @@ def test_reference_matches_oracle(seed, chunk):
     indices, scores = reference.search(query, keys, k, exclude, chunk=chunk)
     got = reference.attend(query, keys, values, indices, heads, 0.5)
     want = oracle(
-        query, keys, values, k, None if heads is None else heads.numpy(), 0.5,
+        query,
+        keys,
+        values,
+        k,
+        None if heads is None else heads.numpy(),
+        0.5,
         None if exclude is None else exclude.numpy(),
     )
     np.testing.assert_array_equal(indices.numpy(), want[2])

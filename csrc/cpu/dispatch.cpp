@@ -142,8 +142,8 @@ void check_args(const RetrieveAttendArgs& a) {
       for (int64_t j = 0; j < E; ++j) {
         const int64_t r = e[b * a.exclude.strides[0] + j];
         if (r < -1 || r >= N)
-          fail("exclude[" + std::to_string(b) + ", " + std::to_string(j) + "] = " +
-               std::to_string(r) + " is not a row of keys (N=" + std::to_string(N) +
+          fail("exclude[" + std::to_string(b) + ", " + std::to_string(j) +
+               "] = " + std::to_string(r) + " is not a row of keys (N=" + std::to_string(N) +
                ") nor -1 padding");
       }
   }
@@ -155,9 +155,10 @@ void check_args(const RetrieveAttendArgs& a) {
     int64_t s0, s1, s2;
     int ndim;
   };
-  for (const Out& o : {Out{a.output, "output", acc, B, H, dv, 3}, Out{a.weights, "weights", acc, B, H, a.k, 3},
-                       Out{a.indices, "indices", DType::i64, B, a.k, 0, 2},
-                       Out{a.scores, "scores", acc, B, a.k, 0, 2}}) {
+  for (const Out& o :
+       {Out{a.output, "output", acc, B, H, dv, 3}, Out{a.weights, "weights", acc, B, H, a.k, 3},
+        Out{a.indices, "indices", DType::i64, B, a.k, 0, 2},
+        Out{a.scores, "scores", acc, B, a.k, 0, 2}}) {
     expect(o.t, o.name, o.ndim);
     expect_contiguous(o.t, o.name);
     if (o.t.dtype != o.dtype) fail(std::string(o.name) + " has the wrong dtype");

@@ -29,7 +29,8 @@ enum class Level : int { generic = 0, avx2 = 1, avx512 = 2 };
 const char* level_name(Level level);
 // Levels compiled into this build and supported by this CPU, lowest first.
 int available_levels(Level* out, int capacity);
-// The level used when none is asked for: RECO_CPU_LEVEL if set (generic|avx2|avx512), else the best.
+// The level used when none is asked for: RECO_CPU_LEVEL if set (generic|avx2|avx512), else the
+// best.
 Level default_level();
 
 void check_args(const RetrieveAttendArgs& a);

@@ -218,7 +218,8 @@ void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, 
   const KT* keys = a.keys.ptr<const KT>();
   const bool direct = std::is_same<KT, float>::value && d == dpad;
   // A key block of about 192 KiB as float stays in L2 while every query tile passes over it.
-  const int64_t block = std::max<int64_t>(4, std::min<int64_t>(1024, (192 << 10) / (dpad * 4)) / 4 * 4);
+  const int64_t block =
+      std::max<int64_t>(4, std::min<int64_t>(1024, (192 << 10) / (dpad * 4)) / 4 * 4);
   std::vector<float> scratch(direct ? 0 : block * dpad);
   for (int64_t r0 = n0; r0 < n1; r0 += block) {
     const int64_t rows = std::min(block, n1 - r0);
@@ -236,9 +237,15 @@ void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, 
     for (; qi + 4 <= nq; qi += 4)
       score_block_rows<4>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
     switch (nq - qi) {
-      case 3: score_block_rows<3>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex); break;
-      case 2: score_block_rows<2>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex); break;
-      case 1: score_block_rows<1>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex); break;
+      case 3:
+        score_block_rows<3>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
+        break;
+      case 2:
+        score_block_rows<2>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
+        break;
+      case 1:
+        score_block_rows<1>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
+        break;
       default: break;
     }
   }
@@ -316,8 +323,8 @@ template <typename Acc, typename KT>
 void search(const RetrieveAttendArgs& a, const Exclusions& ex) {
   const int64_t B = a.query.shape[0], N = a.keys.shape[0], d = a.query.shape[1], k = a.k;
   // Below ~16K rows per thread the fork/merge costs more than it saves.
-  const int threads = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N / 16384)));
+  const int threads =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N / 16384)));
   // Bound heap memory (threads x queries x k entries) to about 64 MiB per pass over the keys.
   const int64_t per_query = static_cast<int64_t>(threads) * k * (sizeof(Acc) + 8);
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, (64 << 20) / per_query));
