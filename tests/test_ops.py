@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import zlib
 
 import pytest
 import torch
+from conftest import LEVELS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from topk_check import assert_topk_match
@@ -29,6 +31,7 @@ SHAPES = [
     (66, 40000, 128, 64, 64),
     (2, 5000, 24, 5, 2048),
     (9, 300, 40, 12, 300),
+    (6, 2000, 32, 8, 12),
 ]
 # (query, keys, values) dtypes.
 DTYPES = [
@@ -112,10 +115,19 @@ def test_matches_reference(cpu_level, shape, dtypes):
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     seed=st.integers(0, 2**31 - 1),
 )
-@settings(max_examples=150, deadline=None)
-def test_exact_on_small_integers(B, N, d, dv, k_frac, heads, n_exclude, dtype, seed):
+@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("level", LEVELS)
+def test_exact_on_small_integers(level, B, N, d, dv, k_frac, heads, n_exclude, dtype, seed):
     """Small integers make every sum exact, so the kernel must equal the reference bit for bit,
     ties included (many rows share a score)."""
+    os.environ["RECO_CPU_LEVEL"] = level
+    try:
+        _check_exact_on_small_integers(B, N, d, dv, k_frac, heads, n_exclude, dtype, seed)
+    finally:
+        del os.environ["RECO_CPU_LEVEL"]
+
+
+def _check_exact_on_small_integers(B, N, d, dv, k_frac, heads, n_exclude, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     query = torch.randint(-2, 3, (B, d), generator=g).float()
     keys = torch.randint(-2, 3, (N, d), generator=g).to(dtype)
@@ -151,6 +163,21 @@ def test_duplicate_rows_tie_to_lower_index(cpu_level):
     exact = query.double() @ keys.double().T
     want = torch.sort(exact, dim=1, descending=True, stable=True)[1][:, :100]
     assert torch.equal(got.indices, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_results_do_not_depend_on_the_batch(cpu_level, dtype):
+    """A query's result is bitwise the same alone or in batches of any size (which change the
+    tile shapes and switch between streaming keys in place and copying them to scratch)."""
+    g = torch.Generator().manual_seed(13)
+    keys = torch.randn(30_000, 64, generator=g).to(dtype)
+    values = torch.randn(30_000, 8, generator=g).to(dtype)
+    batch = torch.randn(37, 64, generator=g)
+    full = reco.fused_retrieve_attend(batch, keys, values, 10)
+    for B in (1, 2, 3, 5, 8, 9, 37):
+        part = reco.fused_retrieve_attend(batch[-B:], keys, values, 10)
+        for name in ("indices", "scores", "weights", "output"):
+            assert torch.equal(getattr(part, name), getattr(full, name)[-B:]), (B, name)
 
 
 def test_exclude_removes_rows_and_padding_is_ignored(cpu_level):

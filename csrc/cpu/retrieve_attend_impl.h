@@ -40,29 +40,33 @@ inline vf vload(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void vstore(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// ---- widening key rows to float ---------------------------------------------------------
+// ---- reading keys as float (exact for every input dtype) ----------------------------------
 
-inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * 4); }
+inline vf load_keys(const float* p) { return vload(p); }
 
-inline void widen(const bf16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + VW <= n; i += VW) {
-    const vu16 h = *reinterpret_cast<const vu16*>(src + i);
-    const vu32 w = __builtin_convertvector(h, vu32) << 16;
-    vstore(dst + i, reinterpret_cast<const vf&>(w));
-  }
-  for (; i < n; ++i) dst[i] = to_float(src[i]);
+inline vf load_keys(const bf16_t* p) {
+  const vu32 w = __builtin_convertvector(*reinterpret_cast<const vu16*>(p), vu32) << 16;
+  return reinterpret_cast<const vf&>(w);
 }
 
-inline void widen(const half_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + i))));
-#elif defined(__F16C__)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+inline vf load_keys(const half_t* p) {
+#if RECO_VW == 16 && defined(__AVX512F__)
+  const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return reinterpret_cast<const vf&>(x);
+#elif RECO_VW == 8 && defined(__F16C__)
+  const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return reinterpret_cast<const vf&>(x);
+#else
+  vf x;
+  for (int l = 0; l < VW; ++l) x[l] = to_float(p[l]);
+  return x;
 #endif
+}
+
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) vstore(dst + i, load_keys(src + i));
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
@@ -108,15 +112,15 @@ inline float hsum_fold(vf v) {
 inline float hsum(vf v) { return hsum_fold<VW / 2>(v); }
 
 // out[qi * KR + r] = q[qi] . k[r] over dpad (a multiple of VW) columns.
-template <int QR, int KR>
-inline void score_tile(const float* q, int64_t ldq, const float* kp, int64_t ldk, int64_t dpad,
+template <int QR, int KR, typename KT>
+inline void score_tile(const float* q, int64_t ldq, const KT* kp, int64_t ldk, int64_t dpad,
                        float* out) {
   constexpr int NA = QR * KR;
   vf acc[NA];
   for (int i = 0; i < NA; ++i) acc[i] = vf{};
   for (int64_t c = 0; c < dpad; c += VW) {
     vf kv[KR];
-    for (int r = 0; r < KR; ++r) kv[r] = vload(kp + r * ldk + c);
+    for (int r = 0; r < KR; ++r) kv[r] = load_keys(kp + r * ldk + c);
     for (int qi = 0; qi < QR; ++qi) {
       const vf qv = vload(q + qi * ldq + c);
       for (int r = 0; r < KR; ++r) acc[qi * KR + r] += qv * kv[r];
@@ -187,25 +191,51 @@ inline void offer(TopKHeap<S>& h, const Exclusions& ex, int64_t b, S s, int64_t 
   h.push(s, row);
 }
 
-template <int QR>
-void score_block_rows(const float* q, int64_t dpad, const float* kp, int64_t ldk, int64_t rows,
+template <int QR, int KR, typename KT>
+void score_block_rows(const float* q, int64_t dpad, const KT* kp, int64_t ldk, int64_t rows,
                       int64_t row0, int64_t b0, int64_t g0, HeapSet<float>& hs, int t,
                       const Exclusions& ex) {
   // b0: the tile's first query within the chunk (heap slot); g0: the same query's batch row.
   TopKHeap<float> heaps[QR];
   for (int qi = 0; qi < QR; ++qi) heaps[qi] = hs.heap(t, b0 + qi);
-  float s[QR * 4];
+  float s[QR * KR];
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    score_tile<QR, 4>(q, dpad, kp + r * ldk, ldk, dpad, s);
+  for (; r + KR <= rows; r += KR) {
+    score_tile<QR, KR>(q, dpad, kp + r * ldk, ldk, dpad, s);
     for (int qi = 0; qi < QR; ++qi)
-      for (int j = 0; j < 4; ++j) offer(heaps[qi], ex, g0 + qi, s[qi * 4 + j], row0 + r + j);
+      for (int j = 0; j < KR; ++j) offer(heaps[qi], ex, g0 + qi, s[qi * KR + j], row0 + r + j);
   }
   for (; r < rows; ++r) {
     score_tile<QR, 1>(q, dpad, kp + r * ldk, ldk, dpad, s);
     for (int qi = 0; qi < QR; ++qi) offer(heaps[qi], ex, g0 + qi, s[qi], row0 + r);
   }
 }
+
+// Scores all nq queries of the chunk against one block of key rows, in tiles of up to 4 queries
+// x KR keys. Every score is accumulated in the same order whatever the tile shape, so a result
+// does not depend on the batch it came in.
+template <int KR, typename KT>
+void score_block(const float* qpad, int64_t dpad, int64_t qb0, int64_t nq, const KT* kp, int64_t ld,
+                 int64_t rows, int64_t r0, HeapSet<float>& hs, int t, const Exclusions& ex) {
+  int64_t qi = 0;
+  for (; qi + 4 <= nq; qi += 4)
+    score_block_rows<4, KR>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
+  switch (nq - qi) {
+    case 3:
+      score_block_rows<3, KR>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
+      break;
+    case 2:
+      score_block_rows<2, KR>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
+      break;
+    case 1:
+      score_block_rows<1, KR>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
+      break;
+    default: break;
+  }
+}
+
+// Up to this many queries, keys are streamed in place row after row (memory-bound regime).
+constexpr int64_t kStreamMaxQueries = 8;
 
 // Scores queries [qb0, qb0 + nq) (padded float rows of width dpad) against key rows
 // [n0, n1), offering into thread t's heaps.
@@ -216,37 +246,23 @@ void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, 
   const int64_t d = a.keys.shape[1];
   const int64_t ldk = a.keys.strides[0];
   const KT* keys = a.keys.ptr<const KT>();
-  const bool direct = std::is_same<KT, float>::value && d == dpad;
+  // Few queries (memory-bound): key rows are read in place, one after another, a single
+  // sequential stream that runs at memory bandwidth (16-bit keys widened in registers); each
+  // tile holds one key row. Many queries (compute-bound): 4 x 4 tiles reuse each load 4 times,
+  // but read 4 rows at once, which the hardware prefetcher serves badly, so each block is first
+  // copied (widened) sequentially into an L2-resident scratch.
+  const bool direct = d == dpad && nq <= kStreamMaxQueries;
   // A key block of about 192 KiB as float stays in L2 while every query tile passes over it.
   const int64_t block =
       std::max<int64_t>(4, std::min<int64_t>(1024, (192 << 10) / (dpad * 4)) / 4 * 4);
   std::vector<float> scratch(direct ? 0 : block * dpad);
   for (int64_t r0 = n0; r0 < n1; r0 += block) {
     const int64_t rows = std::min(block, n1 - r0);
-    const float* kp;
-    int64_t ld;
     if (direct) {
-      kp = reinterpret_cast<const float*>(keys) + r0 * ldk;
-      ld = ldk;
+      score_block<1>(qpad, dpad, qb0, nq, keys + r0 * ldk, ldk, rows, r0, hs, t, ex);
     } else {
       widen_rows(keys + r0 * ldk, ldk, rows, d, scratch.data(), dpad);
-      kp = scratch.data();
-      ld = dpad;
-    }
-    int64_t qi = 0;
-    for (; qi + 4 <= nq; qi += 4)
-      score_block_rows<4>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
-    switch (nq - qi) {
-      case 3:
-        score_block_rows<3>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
-        break;
-      case 2:
-        score_block_rows<2>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
-        break;
-      case 1:
-        score_block_rows<1>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
-        break;
-      default: break;
+      score_block<4>(qpad, dpad, qb0, nq, scratch.data(), dpad, rows, r0, hs, t, ex);
     }
   }
 }
