@@ -73,8 +73,8 @@ TensorView import_array(const py::handle& obj, const std::string& name, Imported
 
 reco::cpu::Level parse_level(const std::optional<std::string>& level) {
   if (!level) return reco::cpu::default_level();
-  reco::cpu::Level levels[3];
-  const int n = reco::cpu::available_levels(levels, 3);
+  reco::cpu::Level levels[4];
+  const int n = reco::cpu::available_levels(levels, 4);
   std::string known;
   for (int i = 0; i < n; ++i) {
     if (*level == reco::cpu::level_name(levels[i])) return levels[i];
@@ -118,8 +118,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cpu_levels",
       [] {
-        reco::cpu::Level levels[3];
-        const int n = reco::cpu::available_levels(levels, 3);
+        reco::cpu::Level levels[4];
+        const int n = reco::cpu::available_levels(levels, 4);
         std::vector<std::string> out;
         for (int i = 0; i < n; ++i) out.emplace_back(reco::cpu::level_name(levels[i]));
         return out;

@@ -20,6 +20,7 @@ bool cpu_has(Level level) {
     case Level::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Level::avx512bf16: return cpu_has(Level::avx512) && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else
@@ -35,6 +36,9 @@ bool compiled(Level level) {
 #endif
 #if defined(RECO_HAVE_AVX512)
     case Level::avx512: return true;
+#endif
+#if defined(RECO_HAVE_AVX512BF16)
+    case Level::avx512bf16: return true;
 #endif
     default: return false;
   }
@@ -76,20 +80,21 @@ const char* level_name(Level level) {
     case Level::generic: return "generic";
     case Level::avx2: return "avx2";
     case Level::avx512: return "avx512";
+    case Level::avx512bf16: return "avx512bf16";
   }
   return "?";
 }
 
 int available_levels(Level* out, int capacity) {
   int n = 0;
-  for (Level l : {Level::generic, Level::avx2, Level::avx512})
+  for (Level l : {Level::generic, Level::avx2, Level::avx512, Level::avx512bf16})
     if (compiled(l) && cpu_has(l) && n < capacity) out[n++] = l;
   return n;
 }
 
 Level default_level() {
-  Level levels[3];
-  const int n = available_levels(levels, 3);
+  Level levels[4];
+  const int n = available_levels(levels, 4);
   const char* env = std::getenv("RECO_CPU_LEVEL");
   if (env != nullptr && *env != '\0') {
     for (int i = 0; i < n; ++i)
@@ -172,6 +177,9 @@ void retrieve_attend(const RetrieveAttendArgs& a, Level level) {
   check_args(a);
   if (a.query.shape[0] == 0) return;
   switch (level) {
+#if defined(RECO_HAVE_AVX512BF16)
+    case Level::avx512bf16: avx512bf16::retrieve_attend(a); return;
+#endif
 #if defined(RECO_HAVE_AVX512)
     case Level::avx512: avx512::retrieve_attend(a); return;
 #endif

@@ -24,7 +24,7 @@ struct RetrieveAttendArgs {
   TensorView scores;   // [B, k] Acc, contiguous
 };
 
-enum class Level : int { generic = 0, avx2 = 1, avx512 = 2 };
+enum class Level : int { generic = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
 
 const char* level_name(Level level);
 // Levels compiled into this build and supported by this CPU, lowest first.
@@ -44,6 +44,9 @@ namespace avx2 {
 void retrieve_attend(const RetrieveAttendArgs& a);
 }
 namespace avx512 {
+void retrieve_attend(const RetrieveAttendArgs& a);
+}
+namespace avx512bf16 {
 void retrieve_attend(const RetrieveAttendArgs& a);
 }
 

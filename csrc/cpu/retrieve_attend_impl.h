@@ -111,6 +111,19 @@ inline float hsum_fold(vf v) {
 }
 inline float hsum(vf v) { return hsum_fold<VW / 2>(v); }
 
+// out[i] = the lane sum of acc[i]; each sum in the same order whatever NA.
+template <int NA>
+inline void reduce_tile(vf* acc, float* out) {
+  if constexpr (NA % VW == 0) {
+    for (int g = 0; g < NA; g += VW) {
+      fold_level<VW / 2>(acc + g, VW);
+      vstore(out + g, acc[g]);
+    }
+  } else {
+    for (int i = 0; i < NA; ++i) out[i] = hsum(acc[i]);
+  }
+}
+
 // out[qi * KR + r] = q[qi] . k[r] over dpad (a multiple of VW) columns.
 template <int QR, int KR, typename KT>
 inline void score_tile(const float* q, int64_t ldq, const KT* kp, int64_t ldk, int64_t dpad,
@@ -126,13 +139,43 @@ inline void score_tile(const float* q, int64_t ldq, const KT* kp, int64_t ldk, i
       for (int r = 0; r < KR; ++r) acc[qi * KR + r] += qv * kv[r];
     }
   }
-  if constexpr (NA % VW == 0) {
-    for (int g = 0; g < NA; g += VW) {
-      fold_level<VW / 2>(acc + g, VW);
-      vstore(out + g, acc[g]);
+  reduce_tile<NA>(acc, out);
+}
+
+#if defined(RECO_BF16_DOT)
+// bfloat16 query x bfloat16 keys with vdpbf16ps: each lane adds the exact products of one adjacent
+// pair, so a step covers 2 x VW columns (dpad is a multiple of 2 x VW), twice the float32 rate.
+template <int QR, int KR>
+inline void score_tile(const bf16_t* q, int64_t ldq, const bf16_t* kp, int64_t ldk, int64_t dpad,
+                       float* out) {
+  constexpr int NA = QR * KR;
+  __m512 acc[NA];
+  for (int i = 0; i < NA; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < dpad; c += 2 * VW) {
+    __m512bh kv[KR];
+    for (int r = 0; r < KR; ++r)
+      kv[r] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(kp + r * ldk + c));
+    for (int qi = 0; qi < QR; ++qi) {
+      const __m512bh qv =
+          (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(q + qi * ldq + c));
+      for (int r = 0; r < KR; ++r) acc[qi * KR + r] = _mm512_dpbf16_ps(acc[qi * KR + r], qv, kv[r]);
     }
-  } else {
-    for (int i = 0; i < NA; ++i) out[i] = hsum(acc[i]);
+  }
+  vf v[NA];
+  for (int i = 0; i < NA; ++i) v[i] = reinterpret_cast<const vf&>(acc[i]);
+  reduce_tile<NA>(v, out);
+}
+constexpr bool kHasBf16Dot = true;
+#else
+constexpr bool kHasBf16Dot = false;
+#endif
+
+// Copies rows of 16-bit keys unchanged into rows of width dpad, zero padded.
+template <typename T>
+void copy_rows(const T* src, int64_t ld, int64_t rows, int64_t d, T* dst, int64_t dpad) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * dpad, src + r * ld, d * sizeof(T));
+    std::memset(static_cast<void*>(dst + r * dpad + d), 0, (dpad - d) * sizeof(T));
   }
 }
 
@@ -191,44 +234,46 @@ inline void offer(TopKHeap<S>& h, const Exclusions& ex, int64_t b, S s, int64_t 
   h.push(s, row);
 }
 
-template <int QR, int KR, typename KT>
-void score_block_rows(const float* q, int64_t dpad, const KT* kp, int64_t ldk, int64_t rows,
-                      int64_t row0, int64_t b0, int64_t g0, HeapSet<float>& hs, int t,
+template <int QR, int KR, typename QT, typename KT>
+void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int64_t rows,
+                      int64_t row0, int64_t slot0, const int64_t* gid, HeapSet<float>& hs, int t,
                       const Exclusions& ex) {
-  // b0: the tile's first query within the chunk (heap slot); g0: the same query's batch row.
+  // slot0: the tile's first query's heap slot; gid[qi]: its row in the batch.
   TopKHeap<float> heaps[QR];
-  for (int qi = 0; qi < QR; ++qi) heaps[qi] = hs.heap(t, b0 + qi);
+  for (int qi = 0; qi < QR; ++qi) heaps[qi] = hs.heap(t, slot0 + qi);
   float s[QR * KR];
   int64_t r = 0;
   for (; r + KR <= rows; r += KR) {
     score_tile<QR, KR>(q, dpad, kp + r * ldk, ldk, dpad, s);
     for (int qi = 0; qi < QR; ++qi)
-      for (int j = 0; j < KR; ++j) offer(heaps[qi], ex, g0 + qi, s[qi * KR + j], row0 + r + j);
+      for (int j = 0; j < KR; ++j) offer(heaps[qi], ex, gid[qi], s[qi * KR + j], row0 + r + j);
   }
   for (; r < rows; ++r) {
     score_tile<QR, 1>(q, dpad, kp + r * ldk, ldk, dpad, s);
-    for (int qi = 0; qi < QR; ++qi) offer(heaps[qi], ex, g0 + qi, s[qi], row0 + r);
+    for (int qi = 0; qi < QR; ++qi) offer(heaps[qi], ex, gid[qi], s[qi], row0 + r);
   }
 }
 
-// Scores all nq queries of the chunk against one block of key rows, in tiles of up to 4 queries
-// x KR keys. Every score is accumulated in the same order whatever the tile shape, so a result
-// does not depend on the batch it came in.
-template <int KR, typename KT>
-void score_block(const float* qpad, int64_t dpad, int64_t qb0, int64_t nq, const KT* kp, int64_t ld,
-                 int64_t rows, int64_t r0, HeapSet<float>& hs, int t, const Exclusions& ex) {
-  int64_t qi = 0;
-  for (; qi + 4 <= nq; qi += 4)
-    score_block_rows<4, KR>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
-  switch (nq - qi) {
+// Scores the nq queries of a pass (padded rows of width dpad; gid[i] is query i's batch row)
+// against one block of key rows, in tiles of up to 4 queries x KR keys. Every score is
+// accumulated in the same order whatever the tile shape, so a result does not depend on the
+// batch it came in.
+template <int KR, typename QT, typename KT>
+void score_block(const QT* qpad, int64_t dpad, const int64_t* gid, int64_t nq, const KT* kp,
+                 int64_t ld, int64_t rows, int64_t r0, HeapSet<float>& hs, int t,
+                 const Exclusions& ex) {
+  int64_t i = 0;
+  for (; i + 4 <= nq; i += 4)
+    score_block_rows<4, KR>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex);
+  switch (nq - i) {
     case 3:
-      score_block_rows<3, KR>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
+      score_block_rows<3, KR>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex);
       break;
     case 2:
-      score_block_rows<2, KR>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
+      score_block_rows<2, KR>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex);
       break;
     case 1:
-      score_block_rows<1, KR>(qpad + qi * dpad, dpad, kp, ld, rows, r0, qi, qb0 + qi, hs, t, ex);
+      score_block_rows<1, KR>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex);
       break;
     default: break;
   }
@@ -237,10 +282,10 @@ void score_block(const float* qpad, int64_t dpad, int64_t qb0, int64_t nq, const
 // Up to this many queries, keys are streamed in place row after row (memory-bound regime).
 constexpr int64_t kStreamMaxQueries = 8;
 
-// Scores queries [qb0, qb0 + nq) (padded float rows of width dpad) against key rows
-// [n0, n1), offering into thread t's heaps.
-template <typename KT>
-void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, int64_t qb0,
+// Scores the nq queries of a pass against key rows [n0, n1), offering into thread t's heaps.
+// QT = float: float32 tiles (keys widened exactly); QT = bf16_t: vdpbf16ps tiles.
+template <typename QT, typename KT>
+void search_range(const RetrieveAttendArgs& a, const QT* qpad, int64_t dpad, const int64_t* gid,
                   int64_t nq, int64_t n0, int64_t n1, HeapSet<float>& hs, int t,
                   const Exclusions& ex) {
   const int64_t d = a.keys.shape[1];
@@ -255,45 +300,50 @@ void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, 
   // A key block of about 192 KiB as float stays in L2 while every query tile passes over it.
   const int64_t block =
       std::max<int64_t>(4, std::min<int64_t>(1024, (192 << 10) / (dpad * 4)) / 4 * 4);
-  std::vector<float> scratch(direct ? 0 : block * dpad);
+  using ST = typename std::conditional<std::is_same<QT, float>::value, float, KT>::type;
+  std::vector<ST> scratch(direct ? 0 : block * dpad);
   for (int64_t r0 = n0; r0 < n1; r0 += block) {
     const int64_t rows = std::min(block, n1 - r0);
     if (direct) {
-      score_block<1>(qpad, dpad, qb0, nq, keys + r0 * ldk, ldk, rows, r0, hs, t, ex);
+      score_block<1>(qpad, dpad, gid, nq, keys + r0 * ldk, ldk, rows, r0, hs, t, ex);
     } else {
-      widen_rows(keys + r0 * ldk, ldk, rows, d, scratch.data(), dpad);
-      score_block<4>(qpad, dpad, qb0, nq, scratch.data(), dpad, rows, r0, hs, t, ex);
+      if constexpr (std::is_same<QT, float>::value)
+        widen_rows(keys + r0 * ldk, ldk, rows, d, scratch.data(), dpad);
+      else
+        copy_rows(keys + r0 * ldk, ldk, rows, d, scratch.data(), dpad);
+      score_block<4>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, hs, t, ex);
     }
   }
 }
 
 // float64 search (gradcheck and exactness checks): plain loops, parallel over key ranges.
 template <typename KT>
-void search_range_f64(const RetrieveAttendArgs& a, int64_t qb0, int64_t nq, int64_t n0, int64_t n1,
-                      HeapSet<double>& hs, int t, const Exclusions& ex) {
+void search_range_f64(const RetrieveAttendArgs& a, const int64_t* gid, int64_t nq, int64_t n0,
+                      int64_t n1, HeapSet<double>& hs, int t, const Exclusions& ex) {
   const int64_t d = a.keys.shape[1];
   const int64_t ldk = a.keys.strides[0];
   const int64_t ldq = a.query.strides[0];
   const KT* keys = a.keys.ptr<const KT>();
   const double* q = a.query.ptr<const double>();
-  for (int64_t b = 0; b < nq; ++b) {
-    TopKHeap<double> h = hs.heap(t, b);
-    const double* qb = q + (qb0 + b) * ldq;
+  for (int64_t i = 0; i < nq; ++i) {
+    TopKHeap<double> h = hs.heap(t, i);
+    const double* qb = q + gid[i] * ldq;
     for (int64_t n = n0; n < n1; ++n) {
       const KT* kr = keys + n * ldk;
       double s = 0.0;
       for (int64_t c = 0; c < d; ++c) s += qb[c] * to_acc<double>(kr[c]);
-      offer(h, ex, qb0 + b, s, n);
+      offer(h, ex, gid[i], s, n);
     }
   }
 }
 
-// Merges the per-thread heaps of query chunk [qb0, qb0 + nq) into sorted indices and scores.
+// Merges the per-thread heaps of a pass's nq queries (batch rows gid[i]) into sorted indices and
+// scores.
 // Float searches then re-score the k winners with float64 accumulation (B x k x d, cheap next to
 // the search) and re-sort them, so the reported scores, and the softmax over them, carry no
 // float32 summation error. Returns the first query that has fewer than k selectable rows, or -1.
 template <typename S, typename KT>
-int64_t merge_heaps(const RetrieveAttendArgs& a, HeapSet<S>& hs, int threads, int64_t qb0,
+int64_t merge_heaps(const RetrieveAttendArgs& a, HeapSet<S>& hs, int threads, const int64_t* gid,
                     int64_t nq) {
   const int64_t k = a.k, d = a.keys.shape[1];
   const auto order = [](const auto& x, const auto& y) {
@@ -301,18 +351,19 @@ int64_t merge_heaps(const RetrieveAttendArgs& a, HeapSet<S>& hs, int threads, in
   };
   int64_t short_query = -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < nq; ++b) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t b = gid[i];
     std::vector<std::pair<S, int64_t>> cand;
     cand.reserve(threads * k);
     for (int t = 0; t < threads; ++t) {
-      TopKHeap<S> h = hs.heap(t, b);
+      TopKHeap<S> h = hs.heap(t, i);
       for (int64_t j = 0; j < k; ++j)
         if (h.row[j] != kEmptyRow) cand.emplace_back(h.score[j], h.row[j]);
     }
     const int64_t take = std::min<int64_t>(k, cand.size());
     std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), order);
     if constexpr (std::is_same<S, float>::value) {
-      const float* q = a.query.ptr<const float>() + (qb0 + b) * a.query.strides[0];
+      const float* q = a.query.ptr<const float>() + b * a.query.strides[0];
       for (int64_t j = 0; j < take; ++j) {
         const KT* kr = a.keys.ptr<const KT>() + cand[j].second * a.keys.strides[0];
         double s = 0.0;
@@ -321,18 +372,74 @@ int64_t merge_heaps(const RetrieveAttendArgs& a, HeapSet<S>& hs, int threads, in
       }
       std::sort(cand.begin(), cand.begin() + take, order);
     }
-    int64_t* idx = a.indices.ptr<int64_t>() + (qb0 + b) * k;
-    S* sc = a.scores.ptr<S>() + (qb0 + b) * k;
+    int64_t* idx = a.indices.ptr<int64_t>() + b * k;
+    S* sc = a.scores.ptr<S>() + b * k;
     for (int64_t j = 0; j < take; ++j) {
       sc[j] = cand[j].first;
       idx[j] = cand[j].second;
     }
     if (take < k) {
 #pragma omp critical(reco_short_query)
-      if (short_query < 0 || qb0 + b < short_query) short_query = qb0 + b;
+      if (short_query < 0 || b < short_query) short_query = b;
     }
   }
   return short_query;
+}
+
+inline bool exact_in_bf16(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    if (u & 0xffffu) return false;
+  }
+  return true;
+}
+
+// One pass over the keys for the queries gid[0..nq); QT picks the tile kind (see search_range).
+template <typename Acc, typename QT, typename KT>
+void search_pass(const RetrieveAttendArgs& a, const Exclusions& ex, const int64_t* gid, int64_t nq,
+                 int threads) {
+  const int64_t N = a.keys.shape[0], d = a.query.shape[1], k = a.k;
+  HeapSet<Acc> hs(threads, nq, k);
+  // float tiles step VW columns; vdpbf16ps tiles step 2 x VW.
+  const int64_t dpad = round_up(d, std::is_same<QT, float>::value ? VW : 2 * VW);
+  std::vector<QT> qpad;
+  if constexpr (std::is_same<Acc, float>::value) {
+    qpad.assign(nq * dpad, QT{});
+    const float* q = a.query.ptr<const float>();
+    for (int64_t i = 0; i < nq; ++i) {
+      const float* src = q + gid[i] * a.query.strides[0];
+      if constexpr (std::is_same<QT, float>::value) {
+        std::memcpy(qpad.data() + i * dpad, src, d * 4);
+      } else {
+        for (int64_t c = 0; c < d; ++c) {  // exact: the pass only takes bf16-exact queries
+          uint32_t u;
+          std::memcpy(&u, src + c, 4);
+          qpad[i * dpad + c].bits = static_cast<uint16_t>(u >> 16);
+        }
+      }
+    }
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    // Ranges start on multiples of 4 rows so that tiles stay whole.
+    const int64_t per = round_up((N + threads - 1) / threads, 4);
+    const int64_t n0 = std::min(N, t * per), n1 = std::min(N, n0 + per);
+    for (int64_t i = 0; i < nq; ++i) hs.heap(t, i).reset(std::numeric_limits<Acc>::quiet_NaN());
+    if constexpr (std::is_same<Acc, float>::value)
+      search_range<QT, KT>(a, qpad.data(), dpad, gid, nq, n0, n1, hs, t, ex);
+    else
+      search_range_f64<KT>(a, gid, nq, n0, n1, hs, t, ex);
+  }
+  const int64_t short_query = merge_heaps<Acc, KT>(a, hs, threads, gid, nq);
+  if (short_query >= 0) {
+    const int64_t excluded = ex.any ? ex.start[short_query + 1] - ex.start[short_query] : 0;
+    throw std::invalid_argument("k=" + std::to_string(k) + " exceeds the " +
+                                std::to_string(N - excluded) + " selectable rows of query " +
+                                std::to_string(short_query) + " (N=" + std::to_string(N) +
+                                " minus " + std::to_string(excluded) + " excluded)");
+  }
 }
 
 template <typename Acc, typename KT>
@@ -343,39 +450,24 @@ void search(const RetrieveAttendArgs& a, const Exclusions& ex) {
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N / 16384)));
   // Bound heap memory (threads x queries x k entries) to about 64 MiB per pass over the keys.
   const int64_t per_query = static_cast<int64_t>(threads) * k * (sizeof(Acc) + 8);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, (64 << 20) / per_query));
-  const int64_t dpad = round_up(d, VW);
-  std::vector<float> qpad;
-  for (int64_t qb0 = 0; qb0 < B; qb0 += chunk) {
-    const int64_t nq = std::min(chunk, B - qb0);
-    HeapSet<Acc> hs(threads, nq, k);
-    if constexpr (std::is_same<Acc, float>::value) {
-      qpad.assign(nq * dpad, 0.0f);
-      const float* q = a.query.ptr<const float>();
-      for (int64_t b = 0; b < nq; ++b)
-        std::memcpy(qpad.data() + b * dpad, q + (qb0 + b) * a.query.strides[0], d * 4);
-    }
-#pragma omp parallel num_threads(threads)
-    {
-      const int t = omp_get_thread_num();
-      // Ranges start on multiples of 4 rows so that tiles stay whole.
-      const int64_t per = round_up((N + threads - 1) / threads, 4);
-      const int64_t n0 = std::min(N, t * per), n1 = std::min(N, n0 + per);
-      for (int64_t b = 0; b < nq; ++b) hs.heap(t, b).reset(std::numeric_limits<Acc>::quiet_NaN());
-      if constexpr (std::is_same<Acc, float>::value)
-        search_range<KT>(a, qpad.data(), dpad, qb0, nq, n0, n1, hs, t, ex);
-      else
-        search_range_f64<KT>(a, qb0, nq, n0, n1, hs, t, ex);
-    }
-    const int64_t short_query = merge_heaps<Acc, KT>(a, hs, threads, qb0, nq);
-    if (short_query >= 0) {
-      const int64_t excluded = ex.any ? ex.start[short_query + 1] - ex.start[short_query] : 0;
-      throw std::invalid_argument("k=" + std::to_string(k) + " exceeds the " +
-                                  std::to_string(N - excluded) + " selectable rows of query " +
-                                  std::to_string(short_query) + " (N=" + std::to_string(N) +
-                                  " minus " + std::to_string(excluded) + " excluded)");
-    }
+  const int64_t chunk = std::max<int64_t>(1, (64 << 20) / per_query);
+  // Queries split by tile kind. With bfloat16 keys on a CPU with AVX512-BF16, a query whose
+  // values are all exact in bfloat16 is scored with vdpbf16ps (exact products, float32 sums);
+  // the choice depends on the query alone, so results stay independent of the batch.
+  std::vector<int64_t> dot_ids, float_ids;
+  for (int64_t b = 0; b < B; ++b) {
+    bool dot = false;
+    if constexpr (kHasBf16Dot && std::is_same<Acc, float>::value && std::is_same<KT, bf16_t>::value)
+      dot = exact_in_bf16(a.query.ptr<const float>() + b * a.query.strides[0], d);
+    (dot ? dot_ids : float_ids).push_back(b);
   }
+  for (int64_t i = 0; i < static_cast<int64_t>(float_ids.size()); i += chunk)
+    search_pass<Acc, float, KT>(a, ex, float_ids.data() + i,
+                                std::min<int64_t>(chunk, float_ids.size() - i), threads);
+  if constexpr (kHasBf16Dot && std::is_same<Acc, float>::value && std::is_same<KT, bf16_t>::value)
+    for (int64_t i = 0; i < static_cast<int64_t>(dot_ids.size()); i += chunk)
+      search_pass<Acc, bf16_t, KT>(a, ex, dot_ids.data() + i,
+                                   std::min<int64_t>(chunk, dot_ids.size() - i), threads);
 }
 
 // ---- attention over the retrieved rows ------------------------------------------------------
