@@ -413,6 +413,8 @@ COLUMNS: list[tuple[str, int]] = [
     ("faiss/reco", 10),
     ("naive/reco", 10),
     ("recall", 6),
+    ("read ms", 8),
+    ("reco/read", 9),
 ]
 
 
@@ -458,6 +460,8 @@ def table_row(r: CaseResult) -> str:
             ratio("faiss+gather"),
             ratio("torch naive"),
             "-" if r.recall_at_k is None else f"{r.recall_at_k:.4f}",
+            ms("read keys"),
+            "-" if "read keys" not in r.timings else f"{1 / r.timings['read keys'].x_vs_reco:.2f}",
         ]
     )
 
@@ -503,6 +507,12 @@ def run_case(
         methods["faiss+gather"] = lambda: faiss_retrieve_attend(index, query, values, k)
     if cfg.run_naive:
         methods["torch naive"] = lambda: naive_retrieve_attend(query, keys, values, k)
+    # The memory-bound floor measured beside the rest: one pass reading every key byte (16-bit
+    # keys viewed as float32 words, so the pass costs the bytes, not a bf16 conversion).
+    words = keys.reshape(-1)
+    if keys.element_size() == 2 and words.numel() % 2 == 0:
+        words = words.view(torch.float32)
+    methods["read keys"] = lambda: (words.sum(),) * 4
     outputs: dict[str, Outputs] = {}
     for method, fn in methods.items():
         result.timings[method], outputs[method] = time_method(fn, cfg, sync, B, method)
@@ -510,6 +520,7 @@ def run_case(
     for method, t in result.timings.items():
         if method != "reco":
             t.x_vs_reco = t.median_ms / reco_ms
+    outputs.pop("read keys")
     ref = next((m for m in ("faiss+gather", "torch naive") if m in outputs), None)
     if ref is not None:
         result.recall_vs = ref
@@ -580,7 +591,10 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     if any(t.guard_hit for r in results for t in r.timings.values()):
         print(f"* a run exceeded --max-seconds-per-case={cfg.max_seconds_per_case}; fewer repeats")
-    ratios = "faiss/reco, naive/reco = other time / reco time (> 1: reco faster)"
+    ratios = (
+        "faiss/reco, naive/reco = other time / reco time (> 1: reco faster); read = one pass "
+        "summing the keys (torch), the memory-bound floor, reco/read = reco time / that"
+    )
     recall_note = "recall = reco's top-k vs faiss's (naive's without faiss)"
     print(f"{ratios}; {recall_note}")
 
@@ -596,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             "indices, scores",
             "faiss+gather": faiss_note,
             "torch naive": NAIVE_SCORING if cfg.run_naive else "skipped (--skip-naive)",
+            "read keys": "one torch sum over the key bytes (16-bit keys viewed as float32 "
+            "words): the memory-bound floor",
         },
         "timing": "wall clock (time.perf_counter, device synchronised before and after), ms; "
         "x_vs_reco = other median / reco median; queries_per_s = B / median",

@@ -1,10 +1,12 @@
-"""The `reco` command line."""
+"""The `reco` command line: info, build-memory, memory info, search."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
 
 def _info(_args: argparse.Namespace) -> int:
@@ -26,14 +28,246 @@ def _info(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("encoders (open_clip; weights from local files only)")
+    g.add_argument("--model", help="open_clip architecture name, e.g. ViT-B-32")
+    g.add_argument("--pretrained", help="local open_clip checkpoint file for --model")
+    g.add_argument(
+        "--text-model", help="a different open_clip model for captions (default: --model)"
+    )
+    g.add_argument("--text-pretrained", help="checkpoint for --text-model")
+    g.add_argument(
+        "--model-config",
+        action="append",
+        default=[],
+        help="extra open_clip model config JSON (its file name is the model name); repeatable",
+    )
+    g.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="run without a checkpoint (random weights: only for tests)",
+    )
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--encode-batch-size", type=int, default=64)
+
+
+def _encoders(args: argparse.Namespace):
+    from reco.encoders import OpenCLIPEncoder
+
+    if args.model is None:
+        raise ValueError("--model is required (an open_clip architecture name)")
+    if args.model_config:
+        import open_clip
+
+        for cfg in args.model_config:
+            open_clip.add_model_config(cfg)
+    kw = {
+        "device": args.device,
+        "batch_size": args.encode_batch_size,
+        "allow_random_weights": args.allow_random_weights,
+    }
+    image = OpenCLIPEncoder(args.model, args.pretrained, **kw)
+    if args.text_model is None:
+        return image, image
+    return image, OpenCLIPEncoder(args.text_model, args.text_pretrained, **kw)
+
+
+def _build_memory(args: argparse.Namespace) -> int:
+    from reco.memory import builders
+
+    sources = [args.captions, args.image_folder, args.webdataset, args.clip_retrieval]
+    if sum(s is not None for s in sources) != 1:
+        raise ValueError(
+            "give exactly one source: --captions, --image-folder, --webdataset or --clip-retrieval"
+        )
+    near = None
+    if args.near_dup_eval is not None:
+        import numpy as np
+
+        near = builders.NearDuplicateFilter(np.load(args.near_dup_eval), args.near_dup_threshold)
+    common = {
+        "dtype": args.dtype,
+        "shard_rows": args.shard_rows,
+        "dedup": not args.no_dedup,
+        "near_duplicates": near,
+        "progress_bar": not args.no_progress,
+    }
+    if args.clip_retrieval is not None:
+        report = builders.import_clip_retrieval(
+            args.out,
+            args.clip_retrieval,
+            image_encoder=args.encoder_name,
+            text_encoder=args.text_encoder_name,
+            **common,
+        )
+    else:
+        image_enc, text_enc = _encoders(args)
+        label_names = None
+        if args.captions is not None:
+            items = list(builders.iter_caption_table(args.captions, args.image_root))
+            names = sorted({i.label_name for i in items if i.label_name is not None})
+            label_names = names or None
+            source = {"captions": str(args.captions)}
+        elif args.image_folder is not None:
+            items = builders.iter_image_folder(args.image_folder, args.template)
+            label_names = sorted(p.name for p in Path(args.image_folder).iterdir() if p.is_dir())
+            source = {"image_folder": str(args.image_folder), "template": args.template}
+        else:
+            items = builders.iter_webdataset(args.webdataset)
+            if args.label_names is not None:
+                label_names = Path(args.label_names).read_text().split("\n")
+                label_names = [n for n in label_names if n]
+            source = {"webdataset": [str(s) for s in args.webdataset]}
+        report = builders.build_from_items(
+            args.out,
+            items,
+            image_encoder=image_enc,
+            text_encoder=text_enc,
+            label_names=label_names,
+            batch_size=args.batch_size,
+            source=source,
+            **common,
+        )
+    print(report.summary())
+    return 0
+
+
+def _memory_info(args: argparse.Namespace) -> int:
+    from reco.memory import Memory
+
+    mem = Memory.open(args.path, verify="full" if args.verify else "size")
+    m = mem.manifest
+    info = {
+        "path": str(mem.root),
+        "rows": mem.rows,
+        "shards": len(m.shards),
+        "bytes": sum(f.bytes for s in m.shards for f in s.files.values()),
+        "modalities": {
+            k: {"dim": v.dim, "dtype": v.dtype, "encoder": v.encoder.__dict__}
+            for k, v in m.modalities.items()
+        },
+        "labels": len(m.label_names) if m.label_names else None,
+        "source": m.source,
+        "verified": "sha256" if args.verify else "sizes",
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    import torch
+
+    from reco.encoders import OpenCLIPEncoder
+    from reco.index import Index
+    from reco.memory import Memory
+
+    if (args.image is None) == (args.text is None):
+        raise ValueError("give exactly one query: --image PATH or --text STRING")
+    mem = Memory.open(args.path)
+    query_modality = "image" if args.image is not None else "text"
+    info = mem.manifest.modalities[query_modality].encoder
+    model = args.model or info.name.removeprefix("open_clip:")
+    pretrained = args.pretrained or info.checkpoint
+    if args.model_config:
+        import open_clip
+
+        for cfg in args.model_config:
+            open_clip.add_model_config(cfg)
+    enc = OpenCLIPEncoder(
+        model, pretrained, device=args.device, allow_random_weights=args.allow_random_weights
+    )
+    if enc.sha256 is not None and info.sha256 is not None and enc.sha256 != info.sha256:
+        raise ValueError(
+            f"the checkpoint {pretrained} is not the one the memory's {query_modality} "
+            "embeddings were built with (sha256 differs)"
+        )
+    if args.image is not None:
+        from PIL import Image
+
+        q = enc.encode_images([Image.open(args.image).convert("RGB")])
+    else:
+        q = enc.encode_texts([args.text])
+    search_modality = args.search_modality or query_modality
+    index = Index(
+        mem.keys(search_modality),
+        backend=args.backend,
+        faiss_factory=args.faiss_factory,
+        faiss_params=args.faiss_params,
+    )
+    res = index.search(q.to(torch.float32), min(args.k, mem.rows))
+    rows = res.indices[0].tolist()
+    for rank, (r, s, meta) in enumerate(zip(rows, res.scores[0].tolist(), mem.metadata(rows)), 1):
+        print(f"{rank:3d}  {s:+.4f}  row {r}  {meta.get('caption')!r}  {meta.get('source')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reco", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+
     sub.add_parser("info", help="versions and the compiled kernels available here").set_defaults(
         func=_info
     )
+
+    b = sub.add_parser("build-memory", help="build (or resume building) a memory folder")
+    b.add_argument("out", help="memory folder (created, or resumed if it holds a partial build)")
+    src = b.add_argument_group("source (exactly one)")
+    src.add_argument("--captions", help="CSV (path,caption[,label]) or JSONL table of images")
+    src.add_argument("--image-root", help="folder that relative paths in --captions start from")
+    src.add_argument("--image-folder", help="ImageFolder tree: <dir>/<class>/<image>")
+    src.add_argument("--template", default="a photo of a {}.", help="caption for --image-folder")
+    src.add_argument("--webdataset", nargs="+", help="WebDataset tar shards (.jpg + .txt)")
+    src.add_argument("--label-names", help="file of label names, one a line (--webdataset)")
+    src.add_argument("--clip-retrieval", help="folder with img_emb/, text_emb/, metadata/")
+    src.add_argument("--encoder-name", default="unknown", help="encoder of --clip-retrieval data")
+    src.add_argument("--text-encoder-name", help="text encoder of --clip-retrieval data")
+    _add_encoder_args(b)
+    b.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    b.add_argument("--batch-size", type=int, default=256, help="items encoded per commit batch")
+    b.add_argument("--shard-rows", type=int, default=1 << 16)
+    b.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
+    b.add_argument("--near-dup-eval", help=".npy [M, d] image embeddings of an evaluation set")
+    b.add_argument("--near-dup-threshold", type=float, default=0.95)
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=_build_memory)
+
+    m = sub.add_parser("memory", help="inspect a memory")
+    msub = m.add_subparsers(dest="memory_command", required=True)
+    mi = msub.add_parser("info", help="rows, shards, encoders, sizes")
+    mi.add_argument("path")
+    mi.add_argument("--verify", action="store_true", help="check every file's sha256")
+    mi.set_defaults(func=_memory_info)
+
+    s = sub.add_parser("search", help="top-k memory items for an image or a text")
+    s.add_argument("path", help="memory folder")
+    s.add_argument("--image", help="query image file")
+    s.add_argument("--text", help="query text")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--backend", default="fused", choices=["fused", "torch", "faiss"])
+    s.add_argument("--faiss-factory", default="Flat")
+    s.add_argument("--faiss-params", help='e.g. "nprobe=32" or "efSearch=128"')
+    s.add_argument(
+        "--search-modality",
+        choices=["image", "text"],
+        help="memory embeddings to search (default: the query's modality)",
+    )
+    s.add_argument("--model", help="default: the memory's encoder")
+    s.add_argument("--pretrained", help="default: the memory's encoder checkpoint")
+    s.add_argument("--model-config", action="append", default=[])
+    s.add_argument("--allow-random-weights", action="store_true")
+    s.add_argument("--device")
+    s.set_defaults(func=_search)
+
     args = parser.parse_args(argv)
-    return args.func(args)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
+        print(f"reco {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

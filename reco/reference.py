@@ -38,6 +38,28 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 _REAL, _NAN, _EXCLUDED = 0, 1, 2
 
 
+def _top_candidates(
+    scores: Tensor, rows: Tensor, cls: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The k best candidates per query in the lexicographic order (class, -score, row)."""
+    # Three stable sorts, least significant key first.
+    order = torch.sort(rows, dim=1, stable=True)[1]
+    s_key = torch.where(torch.isnan(scores), -torch.inf, scores).gather(1, order)
+    order = order.gather(1, torch.sort(s_key, dim=1, descending=True, stable=True)[1])
+    order = order.gather(1, torch.sort(cls.gather(1, order), dim=1, stable=True)[1])[:, :k]
+    return scores.gather(1, order), rows.gather(1, order), cls.gather(1, order)
+
+
+def merge_topk(scores: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Merges candidate lists (e.g. per-shard top-k with global row ids) [B, M] into the top-k in
+    the contract's order. Returns (rows int64 [B, k], scores [B, k])."""
+    if rows.shape != scores.shape or rows.shape[1] < k:
+        raise ValueError(f"need [B, M >= k={k}] candidates, got {tuple(rows.shape)}")
+    cls = torch.where(torch.isnan(scores), _NAN, _REAL)
+    best_s, best_i, _ = _top_candidates(scores, rows, cls, k)
+    return best_i, best_s
+
+
 def search(
     query: Tensor, keys: Tensor, k: int, exclude: Tensor | None = None, chunk: int = 1 << 16
 ) -> tuple[Tensor, Tensor]:
@@ -61,18 +83,8 @@ def search(
         if exclude is not None:
             hit = (rows.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
             cls = torch.where(hit, _EXCLUDED, cls)
-        # Candidates stay in ascending row order, so two stable sorts give the lexicographic
-        # order (class, -score, row).
-        s_all = torch.cat([best_s, s], 1)
-        i_all = torch.cat([best_i, rows], 1)
-        c_all = torch.cat([best_c, cls], 1)
-        s_key = torch.where(torch.isnan(s_all), -torch.inf, s_all)
-        order = torch.sort(s_key, dim=1, descending=True, stable=True)[1]
-        order = order.gather(1, torch.sort(c_all.gather(1, order), dim=1, stable=True)[1])[:, :k]
-        best_s, best_i, best_c = (
-            s_all.gather(1, order),
-            i_all.gather(1, order),
-            c_all.gather(1, order),
+        best_s, best_i, best_c = _top_candidates(
+            torch.cat([best_s, s], 1), torch.cat([best_i, rows], 1), torch.cat([best_c, cls], 1), k
         )
     if best_i.shape[1] < k or bool((best_c == _EXCLUDED).any()):
         raise ValueError(f"k={k} exceeds the number of selectable rows (N={N} minus excluded)")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
+import torch
 
 import reco.ops
 
 LEVELS = reco.ops._C.cpu_levels() if reco.ops._C is not None else []
+DATA = pathlib.Path(__file__).parent / "data"
 
 
 @pytest.fixture(params=LEVELS or ["reference"])
@@ -15,3 +19,16 @@ def cpu_level(request, monkeypatch):
     if request.param != "reference":
         monkeypatch.setenv("RECO_CPU_LEVEL", request.param)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny open_clip architecture (tests/data/reco-tiny-clip.json) and a checkpoint file of
+    its (seeded random) weights: (model name, checkpoint path)."""
+    open_clip = pytest.importorskip("open_clip")
+    open_clip.add_model_config(DATA / "reco-tiny-clip.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("reco-tiny-clip")
+    path = tmp_path_factory.mktemp("weights") / "reco-tiny-clip.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return "reco-tiny-clip", path

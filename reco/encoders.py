@@ -1,0 +1,195 @@
+"""Frozen image and text encoders: open_clip models from local checkpoints, and an adapter for any
+other model (timm, sentence-transformers, ...).
+
+Every encoder returns L2-normalised float32 embeddings on the CPU, computed in batches under
+`torch.inference_mode` (with autocast on GPU). Nothing is ever downloaded: open_clip weights come
+from a file the user names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .memory.manifest import EncoderInfo
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _normalize(x: Tensor | np.ndarray, what: str, dim: int) -> Tensor:
+    x = torch.as_tensor(x).float().cpu()
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"{what} returned shape {tuple(x.shape)}, expected [n, {dim}]")
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+class Encoder(ABC):
+    """A frozen encoder of images and/or texts into one embedding space of `dim` dimensions."""
+
+    name: str
+    dim: int
+    checkpoint: str | None = None
+    sha256: str | None = None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("image", "text")
+
+    @abstractmethod
+    def encode_images(self, images: Sequence[Any]) -> Tensor:
+        """PIL images -> [n, dim] float32, L2-normalised."""
+
+    @abstractmethod
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """Strings -> [n, dim] float32, L2-normalised."""
+
+    def info(self) -> EncoderInfo:
+        return EncoderInfo(name=self.name, checkpoint=self.checkpoint, sha256=self.sha256)
+
+
+class OpenCLIPEncoder(Encoder):
+    """An open_clip model (any architecture name open_clip knows) with weights from a local file.
+
+    pretrained: path to an open_clip checkpoint. Without one the weights are random, which is only
+    useful for tests: it raises unless allow_random_weights=True.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device | None = None,
+        batch_size: int = 64,
+        allow_random_weights: bool = False,
+    ) -> None:
+        import open_clip
+
+        if model_name not in open_clip.list_models():
+            raise ValueError(
+                f"model_name={model_name!r} is not an open_clip architecture "
+                "(see open_clip.list_models(); add your own with open_clip.add_model_config)"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        path = None
+        if pretrained is None:
+            if not allow_random_weights:
+                raise ValueError(
+                    f"no checkpoint given for {model_name}: its weights would be random. Pass "
+                    "pretrained=PATH (a local open_clip checkpoint; nothing is downloaded), or "
+                    "allow_random_weights=True for tests"
+                )
+            warnings.warn(
+                f"{model_name} has random weights (no checkpoint): its embeddings mean nothing",
+                stacklevel=2,
+            )
+        else:
+            path = Path(pretrained)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"pretrained={str(path)!r}: no such file (weights are read from local files "
+                    "only, never downloaded)"
+                )
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=str(path) if path else None, device=self.device
+        )
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.name = f"open_clip:{model_name}"
+        self.dim = int(open_clip.get_model_config(model_name)["embed_dim"])
+        self.checkpoint = str(path) if path else None
+        self.sha256 = file_sha256(path) if path else None
+        self.batch_size = batch_size
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Any]) -> Tensor:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            batch = torch.stack([self.preprocess(im) for im in images[i : i + self.batch_size]])
+            with self._autocast():
+                out.append(self.model.encode_image(batch.to(self.device)).float().cpu())
+        return _normalize(torch.cat(out) if out else torch.empty(0, self.dim), self.name, self.dim)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(list(texts[i : i + self.batch_size])).to(self.device)
+            with self._autocast():
+                out.append(self.model.encode_text(tokens).float().cpu())
+        return _normalize(torch.cat(out) if out else torch.empty(0, self.dim), self.name, self.dim)
+
+
+class FunctionEncoder(Encoder):
+    """Adapter: any model as an Encoder from two functions (either may be None).
+
+        enc = FunctionEncoder("timm:resnet50", 2048, image_fn=lambda ims: net(prep(ims)))
+        enc = FunctionEncoder("st:all-MiniLM-L6-v2", 384, text_fn=st_model.encode)
+
+    The functions get a list of PIL images / strings and return [n, dim] (tensor or array); the
+    adapter batches the calls, runs them under inference_mode and L2-normalises the results.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        dim: int,
+        *,
+        image_fn: Callable[[list[Any]], Tensor | np.ndarray] | None = None,
+        text_fn: Callable[[list[str]], Tensor | np.ndarray] | None = None,
+        batch_size: int = 64,
+        checkpoint: str | os.PathLike | None = None,
+    ) -> None:
+        if image_fn is None and text_fn is None:
+            raise ValueError("give image_fn, text_fn or both")
+        if dim < 1 or batch_size < 1:
+            raise ValueError(f"dim and batch_size must be >= 1, got {dim}, {batch_size}")
+        self.name, self.dim, self.batch_size = name, dim, batch_size
+        self._image_fn, self._text_fn = image_fn, text_fn
+        self.checkpoint = str(checkpoint) if checkpoint else None
+        self.sha256 = file_sha256(checkpoint) if checkpoint else None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(
+            m for m, f in (("image", self._image_fn), ("text", self._text_fn)) if f is not None
+        )
+
+    @torch.inference_mode()
+    def _run(self, fn, items: Sequence[Any], what: str) -> Tensor:
+        if fn is None:
+            raise TypeError(f"{self.name} encodes no {what}s (it was given no {what}_fn)")
+        parts = [
+            _normalize(fn(list(items[i : i + self.batch_size])), f"{self.name} {what}_fn", self.dim)
+            for i in range(0, len(items), self.batch_size)
+        ]
+        return torch.cat(parts) if parts else torch.empty(0, self.dim)
+
+    def encode_images(self, images: Sequence[Any]) -> Tensor:
+        return self._run(self._image_fn, images, "image")
+
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        return self._run(self._text_fn, texts, "text")

@@ -1,0 +1,229 @@
+"""One search interface over a memory or plain tensors, with interchangeable backends.
+
+- "fused" (default): the project's exact op, on whatever device the keys live.
+- "torch": the pure-torch reference (exact; slow; the oracle).
+- "faiss": a faiss index from a factory string ("Flat", "IVF4096,Flat", "HNSW32", "IVF1024,PQ64"
+  ...), for memories larger than memory or when approximate search is acceptable.
+
+Every backend returns the same types. A memory of several shards is searched shard by shard (each
+memory-mapped shard streams from disk) and the per-shard top-k lists are merged exactly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import reference
+from .memory import EmbeddingTable, Memory
+from .ops import RetrieveAttend, fused_retrieve_attend
+
+BACKENDS = ("fused", "torch", "faiss")
+
+
+class SearchResult(NamedTuple):
+    """indices [B, k] int64 (rows of the memory, best first); scores [B, k] float32."""
+
+    indices: Tensor
+    scores: Tensor
+
+
+def _as_table(x: Tensor | EmbeddingTable, name: str) -> EmbeddingTable:
+    if isinstance(x, EmbeddingTable):
+        return x
+    if isinstance(x, Tensor):
+        if x.dim() != 2 or x.shape[0] == 0:
+            raise ValueError(f"{name} must be [N >= 1, d], got shape {tuple(x.shape)}")
+        return EmbeddingTable([x])
+    raise TypeError(f"{name} must be a torch.Tensor or an EmbeddingTable, got {type(x).__name__}")
+
+
+def _local_exclude(exclude: Tensor | None, offset: int, rows: int) -> tuple[Tensor | None, int]:
+    """exclude in a shard's own row ids (others -> -1), and the most rows any query loses there."""
+    if exclude is None or exclude.shape[1] == 0:
+        return None, 0
+    inside = (exclude >= offset) & (exclude < offset + rows)
+    local = torch.where(inside, exclude - offset, -1)
+    srt = local.sort(dim=1).values
+    first = torch.ones_like(srt[:, :1], dtype=torch.bool)
+    distinct = (srt >= 0) & torch.cat([first, srt[:, 1:] != srt[:, :-1]], 1)
+    return local, int(distinct.sum(1).max())
+
+
+class Index:
+    """Search over keys (and retrieval of values) by inner product.
+
+    keys, values: [N, d] / [N, dv] tensors or a memory's EmbeddingTables (values default to
+    keys). device: move both to this device first (e.g. "cuda"; one tensor each).
+    faiss_params: search-time parameters of an approximate faiss index, e.g. "nprobe=32" (IVF)
+    or "efSearch=128" (HNSW); the defaults of faiss favour speed over recall.
+    """
+
+    def __init__(
+        self,
+        keys: Tensor | EmbeddingTable,
+        values: Tensor | EmbeddingTable | None = None,
+        *,
+        backend: str = "fused",
+        faiss_factory: str = "Flat",
+        faiss_params: str | None = None,
+        faiss_train_rows: int = 100_000,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.keys = _as_table(keys, "keys")
+        self.values = self.keys if values is None else _as_table(values, "values")
+        if self.values.rows != self.keys.rows:
+            raise ValueError(
+                f"keys have {self.keys.rows} rows but values {self.values.rows}; they must match"
+            )
+        if device is not None:
+            self.keys = self.keys.to(device)
+            self.values = self.keys if values is None else self.values.to(device)
+        self.backend = backend
+        self._faiss = None
+        if backend == "faiss":
+            self._faiss = self._build_faiss(faiss_factory, faiss_params, faiss_train_rows)
+
+    @classmethod
+    def from_memory(
+        cls, memory: Memory, key_modality: str = "image", value_modality: str = "text", **kwargs
+    ) -> Index:
+        """Searches memory.keys(key_modality) and retrieves memory.values(value_modality)."""
+        return cls(memory.keys(key_modality), memory.values(value_modality), **kwargs)
+
+    @property
+    def rows(self) -> int:
+        return self.keys.rows
+
+    @property
+    def dim(self) -> int:
+        return self.keys.dim
+
+    # -- faiss ---------------------------------------------------------------------------------
+    def _build_faiss(self, factory: str, params: str | None, train_rows: int):
+        try:
+            import faiss
+        except ImportError as e:
+            raise ImportError(
+                "backend='faiss' needs faiss (pip install 'reco[faiss]' for faiss-cpu)"
+            ) from e
+        try:
+            index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(
+                f"faiss_factory={factory!r} is not a valid faiss factory string"
+            ) from e
+        if not index.is_trained:
+            g = torch.Generator().manual_seed(0)
+            n = min(self.rows, train_rows)
+            sample = torch.randperm(self.rows, generator=g)[:n].sort().values
+            index.train(np.ascontiguousarray(self.keys[sample].float().cpu().numpy()))
+        for t in self.keys.shards:
+            for r in range(0, t.shape[0], 1 << 18):
+                index.add(np.ascontiguousarray(t[r : r + (1 << 18)].float().cpu().numpy()))
+        if params:
+            try:
+                faiss.ParameterSpace().set_index_parameters(index, params)
+            except RuntimeError as e:
+                raise ValueError(f"faiss_params={params!r} do not apply to {factory!r}") from e
+        return index
+
+    def _search_faiss(self, query: Tensor, k: int, exclude: Tensor | None) -> SearchResult:
+        extra = 0 if exclude is None else exclude.shape[1]
+        fetch = min(self.rows, k + extra)
+        _, found = self._faiss.search(np.ascontiguousarray(query.float().cpu().numpy()), fetch)
+        found = torch.from_numpy(found).to(query.device)
+        valid = found >= 0
+        if exclude is not None:
+            valid &= ~(found.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
+        if bool((valid.sum(1) < k).any()):
+            raise ValueError(
+                f"the faiss index returned fewer than k={k} selectable rows for some query "
+                "(an approximate index: raise nprobe/efSearch in faiss_params, or use a Flat index)"
+            )
+        # Re-score the candidates exactly and order them as every backend does.
+        rows = torch.where(valid, found, 0)
+        exact = torch.einsum("bd,bkd->bk", query.double(), self.keys[rows].double())
+        # Invalid slots get NaN and a row id past every real one: they rank after all valid rows.
+        scores = torch.where(valid, exact, torch.nan)
+        rows_sorted, scores_sorted = reference.merge_topk(
+            scores, torch.where(valid, found, 2**62), k
+        )
+        return SearchResult(rows_sorted, scores_sorted.float())
+
+    # -- search --------------------------------------------------------------------------------
+    def _check_query(self, query: Tensor, k: int, exclude: Tensor | None) -> None:
+        if not isinstance(query, Tensor) or query.dim() != 2 or query.shape[1] != self.dim:
+            shape = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
+            raise ValueError(f"query must be [B, {self.dim}] (the keys' dim), got {shape}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.rows:
+            raise ValueError(f"k={k!r} must be an int in [1, {self.rows}]")
+        if exclude is not None and (
+            not isinstance(exclude, Tensor)
+            or exclude.dtype != torch.int64
+            or exclude.dim() != 2
+            or exclude.shape[0] != query.shape[0]
+        ):
+            raise ValueError("exclude must be an int64 tensor [B, E] (-1 = padding)")
+
+    def search(self, query: Tensor, k: int, *, exclude: Tensor | None = None) -> SearchResult:
+        """The k keys of largest inner product with each query [B, d], best first."""
+        self._check_query(query, k, exclude)
+        query = query.to(self.keys.device)
+        exclude = None if exclude is None else exclude.to(self.keys.device)
+        if self.backend == "faiss":
+            return self._search_faiss(query, k, exclude)
+        rows_parts, score_parts = [], []
+        for s, shard in enumerate(self.keys.shards):
+            off = self.keys.offsets[s]
+            local, lost = _local_exclude(exclude, off, shard.shape[0])
+            ks = min(k, shard.shape[0] - lost)
+            if ks < 1:
+                continue
+            if self.backend == "fused":
+                r = fused_retrieve_attend(query, shard, shard[:, :1], ks, exclude=local)
+                idx, sc = r.indices, r.scores
+            else:
+                idx, sc = reference.search(query, shard, ks, local)
+            rows_parts.append(idx + off)
+            score_parts.append(sc.float())
+        if len(rows_parts) == 1 and rows_parts[0].shape[1] == k:
+            return SearchResult(rows_parts[0], score_parts[0])
+        rows, scores = torch.cat(rows_parts, 1), torch.cat(score_parts, 1)
+        if rows.shape[1] < k:
+            raise ValueError(f"k={k} exceeds the rows left after excluding (N={self.rows})")
+        try:
+            idx, sc = reference.merge_topk(scores, rows, k)
+        except ValueError:
+            raise ValueError(f"k={k} exceeds the selectable rows of some query") from None
+        return SearchResult(idx, sc)
+
+    def retrieve_attend(
+        self,
+        query: Tensor,
+        k: int,
+        *,
+        attn_query: Tensor | None = None,
+        temperature: float = 1.0,
+        exclude: Tensor | None = None,
+    ) -> RetrieveAttend:
+        """Search, then attention over the retrieved values (see reco.fused_retrieve_attend)."""
+        if self.backend == "fused" and len(self.keys.shards) == 1 and len(self.values.shards) == 1:
+            return fused_retrieve_attend(
+                query,
+                self.keys.shards[0],
+                self.values.shards[0],
+                k,
+                attn_query=attn_query,
+                temperature=temperature,
+                exclude=exclude,
+            )
+        indices = self.search(query, k, exclude=exclude).indices
+        return reference.attend(
+            query.to(self.keys.device), self.keys, self.values, indices, attn_query, temperature
+        )

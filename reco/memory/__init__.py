@@ -1,0 +1,19 @@
+"""The on-disk image-text memory: format, crash-safe writer, memory-mapped reader.
+
+Builders (from images, WebDataset shards, clip-retrieval embeddings) are in reco.memory.builders.
+"""
+
+from .manifest import EncoderInfo, Manifest, MemoryFormatError, ModalityInfo
+from .store import EmbeddingTable, Memory, MemoryLockedError, MemoryWriteError, MemoryWriter
+
+__all__ = [
+    "EmbeddingTable",
+    "EncoderInfo",
+    "Manifest",
+    "Memory",
+    "MemoryFormatError",
+    "MemoryLockedError",
+    "MemoryWriteError",
+    "MemoryWriter",
+    "ModalityInfo",
+]

@@ -1,0 +1,84 @@
+"""The `reco` command line: build-memory, memory info, search."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import DATA
+
+from reco.cli import main
+
+PIL = pytest.importorskip("PIL.Image")
+pytest.importorskip("open_clip")
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee"):
+        for i in range(6):
+            (tmp_path / "tree" / c).mkdir(parents=True, exist_ok=True)
+            PIL.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "tree" / c / f"{i}.png"
+            )
+    return tmp_path / "tree"
+
+
+def _model_args(tiny_clip):
+    name, weights = tiny_clip
+    return [
+        "--model",
+        name,
+        "--pretrained",
+        str(weights),
+        "--model-config",
+        str(DATA / "reco-tiny-clip.json"),
+    ]
+
+
+def test_build_info_search(tmp_path, image_tree, tiny_clip, capsys):
+    out = tmp_path / "mem"
+    args = ["build-memory", str(out), "--image-folder", str(image_tree), "--no-progress"]
+    assert main(args + _model_args(tiny_clip) + ["--shard-rows", "5", "--batch-size", "4"]) == 0
+    assert "12 rows" in capsys.readouterr().out
+    assert main(["memory", "info", str(out), "--verify"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 12 and info["labels"] == 2 and info["verified"] == "sha256"
+    assert info["modalities"]["image"]["encoder"]["name"] == "open_clip:reco-tiny-clip"
+    cfg = ["--model-config", str(DATA / "reco-tiny-clip.json")]
+    assert main(["search", str(out), "--text", "a photo of a bee.", "-k", "3", *cfg]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and "a photo of a" in lines[0]
+    query = image_tree / "ant" / "2.png"
+    assert (
+        main(["search", str(out), "--image", str(query), "-k", "2", "--backend", "faiss", *cfg])
+        == 0
+    )
+    first = capsys.readouterr().out.strip().splitlines()[0]
+    # It finds itself (cosine 1 up to the float16 storage of the memory).
+    assert float(first.split()[1]) > 0.999 and first.endswith("ant/2.png")
+
+
+def test_refuses_random_weights_and_bad_sources(tmp_path, image_tree, tiny_clip, capsys):
+    cfg = ["--model-config", str(DATA / "reco-tiny-clip.json")]
+    build = ["build-memory", str(tmp_path / "m"), "--image-folder", str(image_tree)]
+    code = main([*build, "--model", tiny_clip[0], *cfg])
+    assert code == 2 and "weights would be random" in capsys.readouterr().err
+    code = main(["build-memory", str(tmp_path / "m"), "--model", tiny_clip[0], *cfg])
+    assert code == 2 and "give exactly one source" in capsys.readouterr().err
+    code = main(["memory", "info", str(tmp_path / "nothing")])
+    assert code == 2 and "is not a reco memory" in capsys.readouterr().err
+    code = main(
+        [
+            "build-memory",
+            str(tmp_path / "m"),
+            "--image-folder",
+            str(image_tree),
+            "--model",
+            "no-such-arch",
+            "--allow-random-weights",
+        ]
+    )
+    assert code == 2 and "not an open_clip architecture" in capsys.readouterr().err

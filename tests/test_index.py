@@ -1,0 +1,118 @@
+"""reco.index: every backend over tensors and multi-shard memories, against the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from topk_check import assert_topk_match
+
+from reco import reference
+from reco.index import Index
+from reco.memory import EncoderInfo, Memory, MemoryWriter, ModalityInfo
+
+faiss = pytest.importorskip("faiss")
+
+
+@pytest.fixture(scope="module")
+def memory(tmp_path_factory):
+    """1,000 rows in 3 shards (320, 380, 300 rows), float16 image and float32 text embeddings."""
+    path = tmp_path_factory.mktemp("mem") / "m"
+    rng = np.random.default_rng(0)
+    mods = {
+        "image": ModalityInfo(24, "float16", EncoderInfo("e")),
+        "text": ModalityInfo(10, "float32", EncoderInfo("e")),
+    }
+    with MemoryWriter(path, mods, shard_rows=300) as w:
+        for n in (120, 200, 130, 250, 100, 200):
+            img = rng.standard_normal((n, 24)).astype(np.float32)
+            img /= np.linalg.norm(img, axis=1, keepdims=True)
+            w.add({"image": img, "text": rng.standard_normal((n, 10)).astype(np.float32)})
+    mem = Memory.open(path)
+    assert [t.shape[0] for t in mem.keys("image").shards] == [320, 380, 300]
+    return mem
+
+
+def _queries(n=9, d=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch", "faiss"])
+def test_search_matches_reference_across_shards(memory, backend):
+    keys = memory.keys("image").materialize()
+    q = _queries()
+    exclude = torch.tensor([[0, 319, 320, -1]] * 9)  # rows on both sides of a shard boundary
+    exclude[3] = torch.tensor([500, 699, 700, 999])
+    index = Index.from_memory(memory, "image", "text", backend=backend)
+    got = index.search(q, 17, exclude=exclude)
+    want, _ = reference.search(q.double(), keys.double(), 17, exclude)
+    assert_topk_match(q, keys, got.indices, got.scores, want, 1e-5, exclude)
+
+
+def test_backends_agree(memory):
+    q = _queries(seed=2)
+    results = [
+        Index.from_memory(memory, backend=b).search(q, 10) for b in ("fused", "torch", "faiss")
+    ]
+    keys = memory.keys("image").materialize()
+    for r in results[1:]:
+        assert_topk_match(q, keys, r.indices, r.scores, results[0].indices, 1e-5)
+
+
+def test_retrieve_attend_over_shards_matches_the_op_on_one_tensor(memory):
+    import reco
+
+    q = _queries(seed=3)
+    aq = torch.randn(9, 2, 10, generator=torch.Generator().manual_seed(4))
+    keys, values = memory.keys("image").materialize(), memory.values("text").materialize()
+    want = reco.fused_retrieve_attend(q, keys, values, 8, attn_query=aq, temperature=0.2)
+    for backend in ("fused", "torch", "faiss"):
+        got = Index.from_memory(memory, backend=backend).retrieve_attend(
+            q, 8, attn_query=aq, temperature=0.2
+        )
+        assert torch.equal(got.indices, want.indices), backend
+        torch.testing.assert_close(got.output, want.output, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.weights, want.weights, atol=1e-5, rtol=1e-5)
+
+
+def test_single_tensor_index_uses_the_op_and_keeps_gradients():
+    g = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(500, 8, generator=g), torch.randn(500, 3, generator=g)
+    q = torch.randn(4, 8, generator=g, requires_grad=True)
+    out = Index(keys, values).retrieve_attend(q, 5).output
+    out.sum().backward()
+    assert q.grad is not None and bool(q.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize(
+    ("factory", "params", "min_recall"),
+    [("IVF16,Flat", "nprobe=16", 1.0), ("HNSW16", "efSearch=128", 0.95), ("PQ4", None, 0.2)],
+)
+def test_approximate_faiss_indexes_return_good_neighbours(memory, factory, params, min_recall):
+    q = _queries(seed=6)
+    exact = Index.from_memory(memory).search(q, 10).indices
+    index = Index.from_memory(memory, backend="faiss", faiss_factory=factory, faiss_params=params)
+    got = index.search(q, 10)
+    assert got.indices.shape == (9, 10)
+    pairs = zip(got.indices.tolist(), exact.tolist())
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in pairs])
+    assert recall >= min_recall, recall
+
+
+def test_bad_arguments(memory):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Index.from_memory(memory, backend="annoy")
+    with pytest.raises(ValueError, match="not a valid faiss factory"):
+        Index.from_memory(memory, backend="faiss", faiss_factory="Nonsense99")
+    with pytest.raises(ValueError, match="do not apply"):
+        Index.from_memory(memory, backend="faiss", faiss_factory="Flat", faiss_params="bogus=3")
+    index = Index.from_memory(memory)
+    with pytest.raises(ValueError, match=r"query must be \[B, 24\]"):
+        index.search(torch.randn(2, 23), 3)
+    with pytest.raises(ValueError, match=r"k=0 must be an int in \[1, 1000\]"):
+        index.search(torch.randn(2, 24), 0)
+    with pytest.raises(ValueError, match="keys have 1000 rows but values 5"):
+        Index(memory.keys("image"), torch.randn(5, 3))
+    with pytest.raises(KeyError, match="no 'audio' embeddings"):
+        memory.keys("audio")
