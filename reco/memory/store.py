@@ -477,9 +477,13 @@ class Memory:
             mem.verify()
         return mem
 
-    def verify(self) -> None:
-        """Checks the sha256 of every shard file against the manifest."""
-        for shard in self.manifest.shards:
+    def verify(self, rows: tuple[int, int] | None = None) -> None:
+        """Checks the sha256 of every shard file (or of the shards holding rows [start, stop))
+        against the manifest."""
+        offsets = self._tables[self.modalities[0]].offsets
+        for s, shard in enumerate(self.manifest.shards):
+            if rows is not None and not (offsets[s] < rows[1] and rows[0] < offsets[s + 1]):
+                continue
             for fname, info in shard.files.items():
                 path = self.root / SHARDS_DIR / shard.name / fname
                 h = hashlib.sha256()

@@ -1,0 +1,257 @@
+"""A memory sharded over torch.distributed ranks (NCCL between GPUs, gloo on CPU; launch with
+torchrun). Each rank holds a contiguous row range of the memory; a retrieval gathers the queries,
+searches every shard with the fused op, sends each rank the per-shard top-k of its own queries
+(scores, row ids and values of the k candidates, plus their keys when a query needs gradients:
+O(world x B x k x dv) bytes received per rank, never O(N)), merges them into the exact global
+top-k and attends exactly as the single-device op does.
+
+Failures surface on every rank: a shard that fails its checks raises on all ranks (the error is
+shared before any search), and a rank that dies makes the others' next collective fail, after at
+most the process group's timeout. Restart all ranks together (torchrun --max-restarts=N restarts
+the whole group); the memory on disk is read-only here, so a restart needs no repair.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import reference
+from .index import _local_exclude
+from .memory import Memory, MemoryFormatError
+from .ops import RetrieveAttend, fused_retrieve_attend
+
+_PAD_ROW = torch.iinfo(torch.int64).max
+
+
+class ShardedIndexError(RuntimeError):
+    """A distributed retrieval failed on some rank (the message names it); every rank raises."""
+
+
+def row_range(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """The contiguous rows [start, stop) that rank holds: as even as possible, lower ranks first."""
+    base, extra = divmod(rows, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class ShardedIndex:
+    """Exact retrieval over a memory split across the ranks of a process group.
+
+    memory: a memory folder (or an open Memory). Rank r keeps rows row_range(N, world, r) of the
+    key and value modalities, memory-mapped (or copied to `device`). Call every method on every
+    rank of the group, in the same order (they are collectives).
+    """
+
+    def __init__(
+        self,
+        memory: str | os.PathLike | Memory,
+        key_modality: str = "image",
+        value_modality: str = "text",
+        *,
+        group: dist.ProcessGroup | None = None,
+        device: str | torch.device | None = None,
+        verify: Literal["size", "full"] = "size",
+    ) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("ShardedIndex needs torch.distributed.init_process_group() first")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.device = torch.device(device) if device is not None else self._default_device()
+        self.bytes_exchanged = 0  # by this rank's collectives: for cost accounting and tests
+        error = None
+        try:
+            mem = memory if isinstance(memory, Memory) else Memory.open(memory, verify="size")
+            if verify == "full":
+                mem.verify(rows=row_range(mem.rows, self.world, self.rank))
+            self.rows = mem.rows
+            self.start, self.stop = row_range(mem.rows, self.world, self.rank)
+            self.keys = _slice_rows(mem.keys(key_modality), self.start, self.stop, self.device)
+            self.values = _slice_rows(
+                mem.values(value_modality), self.start, self.stop, self.device
+            )
+            self.dim, self.value_dim = mem.keys(key_modality).dim, mem.values(value_modality).dim
+        except (MemoryFormatError, KeyError, OSError, ValueError) as e:
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        self._raise_if_any(error)
+
+    def _default_device(self) -> torch.device:
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    # -- collectives ---------------------------------------------------------------------------
+    def _raise_if_any(self, error: str | None) -> None:
+        """Every rank learns every rank's error; all raise if any rank failed."""
+        errors: list[str | None] = [None] * self.world
+        self._collective(dist.all_gather_object, errors, error, group=self.group)
+        failed = [e for e in errors if e]
+        if failed:
+            raise ShardedIndexError("; ".join(failed))
+
+    def _collective(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, ValueError, ConnectionError) as e:
+            raise ShardedIndexError(
+                f"rank {self.rank}: a collective failed ({type(e).__name__}: {e}); another rank "
+                "has probably died. Restart every rank (e.g. torchrun --max-restarts)"
+            ) from e
+
+    def _all_gather(self, t: Tensor) -> list[Tensor]:
+        """All ranks' t (same shape everywhere). bytes_exchanged counts what this rank receives."""
+        t = t.contiguous()
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        self._collective(dist.all_gather, out, t, group=self.group)
+        self.bytes_exchanged += t.numel() * t.element_size() * self.world
+        return out
+
+    def _all_to_all(self, t: Tensor) -> Tensor:
+        """t [world * m, ...]: rows [j*m, (j+1)*m) go to rank j; returns what every rank sent
+        here, concatenated along dim 1 ([m, world * ...])."""
+        send = [c.contiguous() for c in t.chunk(self.world)]
+        recv = [torch.empty_like(c) for c in send]
+        self._collective(dist.all_to_all, recv, send, group=self.group)
+        self.bytes_exchanged += sum(c.numel() * c.element_size() for c in recv)
+        return torch.cat(recv, 1)
+
+    # -- retrieval -----------------------------------------------------------------------------
+    def retrieve_attend(
+        self,
+        query: Tensor | None,
+        k: int,
+        *,
+        attn_query: Tensor | None = None,
+        temperature: float = 1.0,
+        exclude: Tensor | None = None,
+        mode: Literal["each", "root"] = "each",
+    ) -> RetrieveAttend | None:
+        """The fused op's result for this rank's queries, over the whole memory.
+
+        mode "each" (training): every rank brings its own batch (sizes may differ, even 0) and
+        gets its own result. mode "root" (serving): rank 0 brings the batch, the other ranks pass
+        None and get None. Gradients reach query and attn_query; the memory stays frozen.
+        """
+        if mode not in ("each", "root"):
+            raise ValueError(f"mode must be 'each' or 'root', got {mode!r}")
+        if not 1 <= k <= self.rows:
+            raise ValueError(f"k={k} must be in [1, N={self.rows}]")
+        local = query is not None and (mode == "each" or self.rank == 0)
+        B = query.shape[0] if local else 0
+        H = attn_query.shape[1] if (local and attn_query is not None) else 0
+        E = exclude.shape[1] if (local and exclude is not None) else 0
+        grad = int(local and query.requires_grad and torch.is_grad_enabled())
+        # Sizes first: batches may differ by rank.
+        sizes = torch.tensor([B, H, E, grad], dtype=torch.int64, device=self.device)
+        meta = torch.stack(self._all_gather(sizes)).cpu()
+        counts = meta[:, 0].tolist()
+        heads = {h for h in meta[:, 1].tolist() if h} or {0}
+        if len(heads) > 1:
+            raise ValueError(f"attn_query must have the same H on every rank, got {sorted(heads)}")
+        E_max, B_max = int(meta[:, 2].max()), max(counts)
+        # Keys of the candidates travel only when some rank needs gradients w.r.t. its query.
+        send_keys = bool(meta[:, 3].any())
+        if B_max == 0:
+            return self._empty(k, attn_query) if local else None
+        q_pad = torch.zeros(B_max, self.dim, device=self.device)
+        ex_pad = torch.full((B_max, E_max), -1, dtype=torch.int64, device=self.device)
+        if local:
+            q_pad[:B] = query.detach().to(self.device, torch.float32)
+            if E:
+                ex_pad[:B, :E] = exclude.to(self.device)
+        all_q = torch.cat(self._all_gather(q_pad))  # [world * B_max, d]
+        all_ex = torch.cat(self._all_gather(ex_pad)) if E_max else None
+        cand = self._local_candidates(all_q, all_ex, k, send_keys)
+        # Each rank receives every shard's candidates for its own queries only: [B_max, world*k].
+        s, rows, vals, keys = (None if c is None else self._all_to_all(c) for c in cand)
+        if not local:
+            return None
+        s, rows, vals = s[:B], rows[:B], vals[:B].float()
+        short = (rows != _PAD_ROW).sum(1) < k
+        if bool(short.any()):
+            b = int(short.nonzero()[0])
+            raise ValueError(f"k={k} exceeds the selectable rows of query {b} (N={self.rows})")
+        top_rows, top_s = reference.merge_topk(s, rows, k)
+        pos = (rows.unsqueeze(1) == top_rows.unsqueeze(2)).float().argmax(2)  # [B, k]
+        v_sel = vals.gather(1, pos.unsqueeze(-1).expand(-1, -1, vals.shape[2]))
+        if send_keys:
+            k_sel = keys[:B].float().gather(1, pos.unsqueeze(-1).expand(-1, -1, keys.shape[2]))
+            # Recomputed from the keys so that gradients reach the query.
+            top_s = torch.einsum("bd,bkd->bk", query.to(self.device, torch.float32), k_sel)
+        return _attend(top_s, v_sel, top_rows, attn_query, temperature)
+
+    def _local_candidates(self, q: Tensor, exclude: Tensor | None, k: int, with_keys: bool):
+        """This shard's top-k for every gathered query: (scores, global rows, values, keys or
+        None), padded to k with (NaN, _PAD_ROW, 0, 0) where the shard has fewer selectable rows
+        (the merge ranks padding after every real row)."""
+        n = self.stop - self.start
+        Bt = q.shape[0]
+        scores = torch.full((Bt, k), torch.nan, device=self.device)
+        rows = torch.full((Bt, k), _PAD_ROW, dtype=torch.int64, device=self.device)
+        # Values and keys travel in their storage dtype (exact, and half the bytes of float32
+        # for a float16 memory).
+        vals = torch.zeros(Bt, k, self.value_dim, dtype=self.values.dtype, device=self.device)
+        keys = None
+        if with_keys:
+            keys = torch.zeros(Bt, k, self.dim, dtype=self.keys.dtype, device=self.device)
+        local_ex, lost = _local_exclude(exclude, self.start, n)
+        ks = min(k, n - lost)
+        if ks >= 1:
+            r = fused_retrieve_attend(q, self.keys, self.values[:, :1], ks, exclude=local_ex)
+            scores[:, :ks] = r.scores
+            rows[:, :ks] = r.indices + self.start
+            vals[:, :ks] = self.values[r.indices]
+            if keys is not None:
+                keys[:, :ks] = self.keys[r.indices]
+        return scores, rows, vals, keys
+
+    def _empty(self, k: int, attn_query: Tensor | None) -> RetrieveAttend:
+        H = 1 if attn_query is None else attn_query.shape[1]
+        z = torch.empty(0, device=self.device)
+        return RetrieveAttend(
+            z.new_empty(0, H, self.value_dim),
+            z.new_empty(0, H, k),
+            torch.empty(0, k, dtype=torch.int64, device=self.device),
+            z.new_empty(0, k),
+        )
+
+
+def _attend(
+    scores: Tensor, v_sel: Tensor, rows: Tensor, attn_query: Tensor | None, temperature: float
+) -> RetrieveAttend:
+    """The op's attention over gathered rows (differentiable in scores and attn_query)."""
+    if attn_query is None:
+        logits = scores.unsqueeze(1)
+    else:
+        logits = torch.einsum("bhd,bkd->bhk", attn_query.to(v_sel.device, torch.float32), v_sel)
+    weights = torch.softmax(logits / temperature, dim=-1)
+    return RetrieveAttend(torch.einsum("bhk,bkd->bhd", weights, v_sel), weights, rows, scores)
+
+
+def _slice_rows(table, start: int, stop: int, device: torch.device) -> Tensor:
+    """Rows [start, stop) of an EmbeddingTable as one tensor: a view of a memory-mapped shard
+    when they lie in one, else a copy; on device."""
+    parts = []
+    for s, t in enumerate(table.shards):
+        lo, hi = max(start, table.offsets[s]), min(stop, table.offsets[s + 1])
+        if lo < hi:
+            parts.append(t[lo - table.offsets[s] : hi - table.offsets[s]])
+    if not parts:
+        return torch.empty(0, table.dim, dtype=table.dtype, device=device)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.to(device)
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 120.0) -> None:
+    """init_process_group from torchrun's environment, with a bounded collective timeout."""
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))

@@ -1,0 +1,105 @@
+"""Process bodies for tests/test_distributed.py (spawned; importable by name from tests/)."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def query_batch(rank: int, case: int, B: int, d: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * case + rank)
+    return torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=1)
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str, scenario: str, args: dict) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=args.get("timeout", 60)),
+    )
+    result: dict = {}
+    try:
+        SCENARIOS[scenario](rank, world, args, result)
+    except Exception as e:  # the parent asserts on what each rank saw
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if "error" not in result:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _equal(rank, world, args, result):
+    from reco.distributed import ShardedIndex
+
+    index = ShardedIndex(args["memory"], "image", "text")
+    result["range"] = (index.start, index.stop)
+    for c, case in enumerate(args["cases"]):
+        B = case["B"][rank] if case["mode"] == "each" else (case["B"][0] if rank == 0 else 0)
+        q = query_batch(rank, c, B, index.dim) if B or case["mode"] == "each" else None
+        aq = None
+        if case["heads"]:
+            g = torch.Generator().manual_seed(77 + rank + 10 * c)
+            aq = torch.randn(B, case["heads"], index.value_dim, generator=g)
+        ex = None
+        if case["exclude"]:
+            g = torch.Generator().manual_seed(55 + rank + 10 * c)
+            ex = torch.randint(-1, index.rows, (B, case["exclude"]), generator=g)
+        before = index.bytes_exchanged
+        r = index.retrieve_attend(
+            q, case["k"], attn_query=aq, temperature=case["T"], exclude=ex, mode=case["mode"]
+        )
+        result[c] = {
+            "query": q,
+            "attn_query": aq,
+            "exclude": ex,
+            "result": None if r is None else tuple(t.detach() for t in r),
+            "bytes": index.bytes_exchanged - before,
+        }
+
+
+def _ddp(rank, world, args, result):
+    from reco.distributed import ShardedIndex
+
+    index = ShardedIndex(args["memory"], "image", "text")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(index.dim, 2 * index.value_dim)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    x = query_batch(rank, 0, args["B"], index.dim)
+    aq = ddp(x).reshape(args["B"], 2, index.value_dim)
+    q = x.clone().requires_grad_()
+    r = index.retrieve_attend(q, args["k"], attn_query=aq, temperature=0.5)
+    loss = (r.output**2).sum() + r.scores.sum()
+    loss.backward()
+    result["grads"] = [p.grad.clone() for p in model.parameters()]
+    result["query_grad"] = q.grad.clone()
+    result["x"] = x
+
+
+def _dead_rank(rank, world, args, result):
+    from reco.distributed import ShardedIndex
+
+    index = ShardedIndex(args["memory"], "image", "text")
+    if rank == world - 1:
+        os._exit(3)  # dies without a word
+    t0 = time.time()
+    try:
+        index.retrieve_attend(query_batch(rank, 0, 2, index.dim), 3)
+    finally:
+        result["seconds"] = time.time() - t0
+
+
+def _verify(rank, world, args, result):
+    from reco.distributed import ShardedIndex
+
+    ShardedIndex(args["memory"], "image", "text", verify="full")
+
+
+SCENARIOS = {"equal": _equal, "ddp": _ddp, "dead_rank": _dead_rank, "verify": _verify}

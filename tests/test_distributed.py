@@ -1,0 +1,163 @@
+"""reco.distributed.ShardedIndex with 2 and 4 gloo processes against the single-process op."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pathlib
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from dist_workers import query_batch, run
+
+import reco
+from reco.distributed import row_range
+from reco.memory import EncoderInfo, Memory, MemoryWriter, ModalityInfo
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+
+def _memory(path, rows, shard_rows=700, seed=0):
+    rng = np.random.default_rng(seed)
+    mods = {
+        "image": ModalityInfo(16, "float16", EncoderInfo("e")),
+        "text": ModalityInfo(6, "float32", EncoderInfo("e")),
+    }
+    with MemoryWriter(path, mods, shard_rows=shard_rows) as w:
+        for r0 in range(0, rows, 350):
+            n = min(350, rows - r0)
+            img = rng.standard_normal((n, 16)).astype(np.float32)
+            w.add(
+                {
+                    "image": img / np.linalg.norm(img, axis=1, keepdims=True),
+                    "text": rng.standard_normal((n, 6)).astype(np.float32),
+                }
+            )
+    return Memory.open(path)
+
+
+def _spawn(world, scenario, args, tmp_path):
+    out = pathlib.Path(tempfile.mkdtemp(prefix=f"out-{scenario}-", dir=tmp_path))
+    init = tempfile.mktemp(dir=tmp_path)
+    mp.start_processes(
+        run,
+        args=(world, init, str(out), scenario, args),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def test_row_ranges_cover_the_memory():
+    for rows, world in ((10, 3), (2, 4), (1000, 7)):
+        ranges = [row_range(rows, world, r) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == rows
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+CASES = [
+    {"mode": "each", "B": [3, 5, 1, 4], "k": 7, "heads": 0, "exclude": 0, "T": 1.0},
+    {"mode": "each", "B": [2, 0, 6, 1], "k": 25, "heads": 2, "exclude": 5, "T": 0.1},
+    {"mode": "root", "B": [8], "k": 1, "heads": 0, "exclude": 2, "T": 2.0},
+    {"mode": "each", "B": [1, 1, 1, 1], "k": 300, "heads": 1, "exclude": 0, "T": 0.5},
+]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_equals_single_process(tmp_path, world):
+    mem = _memory(tmp_path / "m", 2100)
+    keys, values = mem.keys("image").materialize(), mem.values("text").materialize()
+    ranks = _spawn(world, "equal", {"memory": str(tmp_path / "m"), "cases": CASES}, tmp_path)
+    for r, res in enumerate(ranks):
+        assert "error" not in res, res.get("traceback")
+        assert res["range"] == row_range(2100, world, r)
+        for c, case in enumerate(CASES):
+            got = res[c]["result"]
+            if case["mode"] == "root" and r != 0:
+                assert got is None
+                continue
+            q, aq, ex = res[c]["query"], res[c]["attn_query"], res[c]["exclude"]
+            assert torch.equal(q, query_batch(r, c, q.shape[0], 16))
+            want = reco.fused_retrieve_attend(
+                q, keys, values, case["k"], attn_query=aq, temperature=case["T"], exclude=ex
+            )
+            assert torch.equal(got[2], want.indices), (r, c)
+            for a, b in zip(got[:2], want[:2]):  # output, weights
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[3], want.scores, atol=1e-6, rtol=1e-6)
+
+
+def test_bytes_exchanged_do_not_grow_with_the_memory(tmp_path):
+    case = [{"mode": "each", "B": [4, 4], "k": 8, "heads": 0, "exclude": 0, "T": 1.0}]
+    bytes_by_rows = {}
+    for rows in (700, 7000):
+        _memory(tmp_path / f"m{rows}", rows)
+        ranks = _spawn(2, "equal", {"memory": str(tmp_path / f"m{rows}"), "cases": case}, tmp_path)
+        bytes_by_rows[rows] = ranks[0][0]["bytes"]
+    assert bytes_by_rows[700] == bytes_by_rows[7000]
+    # Received per rank: from each of the world ranks, the B x k candidates of its own queries
+    # (float32 value + float32 score + int64 id), plus the gathered queries and sizes; no N.
+    world, B, k, d, dv = 2, 4, 8, 16, 6
+    assert bytes_by_rows[700] == world * (B * k * (dv * 4 + 4 + 8) + B * d * 4 + 4 * 8)
+
+
+def test_training_under_ddp_matches_one_process(tmp_path):
+    mem = _memory(tmp_path / "m", 1400)
+    keys, values = mem.keys("image").materialize(), mem.values("text").materialize()
+    args = {"memory": str(tmp_path / "m"), "B": 3, "k": 6}
+    ranks = _spawn(2, "ddp", args, tmp_path)
+    assert all("error" not in r for r in ranks), [r.get("traceback") for r in ranks]
+    # One process, the global batch; DDP averages the ranks' gradients.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 12)
+    x = torch.cat([r["x"] for r in ranks])
+    q = x.clone().requires_grad_()
+    out = reco.fused_retrieve_attend(
+        q, keys, values, 6, attn_query=model(x).reshape(6, 2, 6), temperature=0.5
+    )
+    ((out.output**2).sum() + out.scores.sum()).backward()
+    for got, want in zip(ranks[0]["grads"], model.parameters()):
+        torch.testing.assert_close(got, want.grad / 2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.cat([r["query_grad"] for r in ranks]), q.grad, atol=1e-5, rtol=1e-4
+    )
+
+
+def test_a_dead_rank_gives_an_error_not_a_hang(tmp_path):
+    _memory(tmp_path / "m", 700)
+    out = tmp_path / "out-dead"
+    out.mkdir()
+    init = tempfile.mktemp(dir=tmp_path)
+    args = {"memory": str(tmp_path / "m"), "timeout": 30}
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=run, args=(r, 2, init, str(out), "dead_rank", args)) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        p.kill()
+    assert not any(alive), "a rank hung"
+    assert procs[1].exitcode == 3
+    res = torch.load(out / "rank0.pt", weights_only=False)
+    assert "ShardedIndexError" in res["error"] and "Restart every rank" in res["error"]
+    assert res["seconds"] < 60
+
+
+def test_a_corrupt_shard_fails_on_every_rank(tmp_path):
+    _memory(tmp_path / "m", 1400, shard_rows=700)
+    f = tmp_path / "m" / "shards" / "00001" / "image_emb.npy"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    ranks = _spawn(2, "verify", {"memory": str(tmp_path / "m")}, tmp_path)
+    for r in ranks:
+        assert "ShardedIndexError" in r["error"]
+        assert "rank 1" in r["error"] and "00001/image_emb.npy fails its sha256 check" in r["error"]
