@@ -22,11 +22,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import reference
-from .index import _local_exclude
-from .memory import Memory, MemoryFormatError
-from .ops import RetrieveAttend, fused_retrieve_attend
-
-_PAD_ROW = torch.iinfo(torch.int64).max
+from .index import PAD_ROW, Index, mask_excluded, merge_candidates
+from .memory import EmbeddingTable, Memory, MemoryFormatError
+from .ops import RetrieveAttend
 
 
 class ShardedIndexError(RuntimeError):
@@ -72,10 +70,14 @@ class ShardedIndex:
                 mem.verify(rows=row_range(mem.rows, self.world, self.rank))
             self.rows = mem.rows
             self.start, self.stop = row_range(mem.rows, self.world, self.rank)
-            self.keys = _slice_rows(mem.keys(key_modality), self.start, self.stop, self.device)
-            self.values = _slice_rows(
-                mem.values(value_modality), self.start, self.stop, self.device
-            )
+            # Views of the memory-mapped shards (a range may span several); one tensor each on
+            # an accelerator.
+            self.keys = _rows_table(mem.keys(key_modality), self.start, self.stop)
+            self.values = _rows_table(mem.values(value_modality), self.start, self.stop)
+            if self.keys is not None and self.device.type != "cpu":
+                self.keys, self.values = self.keys.to(self.device), self.values.to(self.device)
+            self._index = None if self.keys is None else Index(self.keys, self.values)
+            self._dtypes = (mem.keys(key_modality).dtype, mem.values(value_modality).dtype)
             self.dim, self.value_dim = mem.keys(key_modality).dim, mem.values(value_modality).dim
         except (MemoryFormatError, KeyError, OSError, ValueError) as e:
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
@@ -173,42 +175,40 @@ class ShardedIndex:
         if not local:
             return None
         s, rows, vals = s[:B], rows[:B], vals[:B].float()
-        short = (rows != _PAD_ROW).sum(1) < k
-        if bool(short.any()):
-            b = int(short.nonzero()[0])
-            raise ValueError(f"k={k} exceeds the selectable rows of query {b} (N={self.rows})")
-        top_rows, top_s = reference.merge_topk(s, rows, k)
+        top_rows, top_s = merge_candidates(s, rows, k)
         pos = (rows.unsqueeze(1) == top_rows.unsqueeze(2)).float().argmax(2)  # [B, k]
         v_sel = vals.gather(1, pos.unsqueeze(-1).expand(-1, -1, vals.shape[2]))
         if send_keys:
             k_sel = keys[:B].float().gather(1, pos.unsqueeze(-1).expand(-1, -1, keys.shape[2]))
             # Recomputed from the keys so that gradients reach the query.
             top_s = torch.einsum("bd,bkd->bk", query.to(self.device, torch.float32), k_sel)
-        return _attend(top_s, v_sel, top_rows, attn_query, temperature)
+        return reference.attend_rows(top_s, v_sel, top_rows, attn_query, temperature)
 
     def _local_candidates(self, q: Tensor, exclude: Tensor | None, k: int, with_keys: bool):
-        """This shard's top-k for every gathered query: (scores, global rows, values, keys or
-        None), padded to k with (NaN, _PAD_ROW, 0, 0) where the shard has fewer selectable rows
-        (the merge ranks padding after every real row)."""
-        n = self.stop - self.start
+        """This rank's candidates for every gathered query: its top-(k + E) rows (E = exclude's
+        width, so that at least k survive wherever a query's excluded rows lie), excluded rows
+        and missing ones as padding (NaN, PAD_ROW), with their values (and keys) in storage
+        dtype: exact, and half the bytes of float32 for a float16 memory."""
         Bt = q.shape[0]
-        scores = torch.full((Bt, k), torch.nan, device=self.device)
-        rows = torch.full((Bt, k), _PAD_ROW, dtype=torch.int64, device=self.device)
-        # Values and keys travel in their storage dtype (exact, and half the bytes of float32
-        # for a float16 memory).
-        vals = torch.zeros(Bt, k, self.value_dim, dtype=self.values.dtype, device=self.device)
+        width = k + (0 if exclude is None else exclude.shape[1])
+        scores = torch.full((Bt, width), torch.nan, device=self.device)
+        rows = torch.full((Bt, width), PAD_ROW, dtype=torch.int64, device=self.device)
+        if self._index is not None:
+            sc, idx = self._index.search_candidates(q, min(width, self.stop - self.start))
+            sc, idx = mask_excluded(sc, idx + self.start, exclude)
+            m = min(width, idx.shape[1])
+            top, top_s = reference.merge_topk(sc, idx, m)
+            rows[:, :m], scores[:, :m] = top, top_s
+        real = rows != PAD_ROW
+        local = torch.where(real, rows - self.start, 0)
+        vals = torch.zeros(Bt, width, self.value_dim, dtype=self._dtypes[1], device=self.device)
         keys = None
         if with_keys:
-            keys = torch.zeros(Bt, k, self.dim, dtype=self.keys.dtype, device=self.device)
-        local_ex, lost = _local_exclude(exclude, self.start, n)
-        ks = min(k, n - lost)
-        if ks >= 1:
-            r = fused_retrieve_attend(q, self.keys, self.values[:, :1], ks, exclude=local_ex)
-            scores[:, :ks] = r.scores
-            rows[:, :ks] = r.indices + self.start
-            vals[:, :ks] = self.values[r.indices]
+            keys = torch.zeros(Bt, width, self.dim, dtype=self._dtypes[0], device=self.device)
+        if self._index is not None:
+            vals[real] = self.values[local[real]]
             if keys is not None:
-                keys[:, :ks] = self.keys[r.indices]
+                keys[real] = self.keys[local[real]]
         return scores, rows, vals, keys
 
     def _empty(self, k: int, attn_query: Tensor | None) -> RetrieveAttend:
@@ -222,30 +222,14 @@ class ShardedIndex:
         )
 
 
-def _attend(
-    scores: Tensor, v_sel: Tensor, rows: Tensor, attn_query: Tensor | None, temperature: float
-) -> RetrieveAttend:
-    """The op's attention over gathered rows (differentiable in scores and attn_query)."""
-    if attn_query is None:
-        logits = scores.unsqueeze(1)
-    else:
-        logits = torch.einsum("bhd,bkd->bhk", attn_query.to(v_sel.device, torch.float32), v_sel)
-    weights = torch.softmax(logits / temperature, dim=-1)
-    return RetrieveAttend(torch.einsum("bhk,bkd->bhd", weights, v_sel), weights, rows, scores)
-
-
-def _slice_rows(table, start: int, stop: int, device: torch.device) -> Tensor:
-    """Rows [start, stop) of an EmbeddingTable as one tensor: a view of a memory-mapped shard
-    when they lie in one, else a copy; on device."""
+def _rows_table(table: EmbeddingTable, start: int, stop: int) -> EmbeddingTable | None:
+    """Rows [start, stop) of a table, as views of its (memory-mapped) shards; None if empty."""
     parts = []
     for s, t in enumerate(table.shards):
         lo, hi = max(start, table.offsets[s]), min(stop, table.offsets[s + 1])
         if lo < hi:
             parts.append(t[lo - table.offsets[s] : hi - table.offsets[s]])
-    if not parts:
-        return torch.empty(0, table.dim, dtype=table.dtype, device=device)
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return out.to(device)
+    return EmbeddingTable(parts) if parts else None
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 120.0) -> None:

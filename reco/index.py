@@ -41,16 +41,27 @@ def _as_table(x: Tensor | EmbeddingTable, name: str) -> EmbeddingTable:
     raise TypeError(f"{name} must be a torch.Tensor or an EmbeddingTable, got {type(x).__name__}")
 
 
-def _local_exclude(exclude: Tensor | None, offset: int, rows: int) -> tuple[Tensor | None, int]:
-    """exclude in a shard's own row ids (others -> -1), and the most rows any query loses there."""
+PAD_ROW = torch.iinfo(torch.int64).max
+
+
+def mask_excluded(scores: Tensor, rows: Tensor, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Candidates whose row is in exclude[b] become padding (NaN, PAD_ROW), which ranks after
+    every real row in merge_topk."""
     if exclude is None or exclude.shape[1] == 0:
-        return None, 0
-    inside = (exclude >= offset) & (exclude < offset + rows)
-    local = torch.where(inside, exclude - offset, -1)
-    srt = local.sort(dim=1).values
-    first = torch.ones_like(srt[:, :1], dtype=torch.bool)
-    distinct = (srt >= 0) & torch.cat([first, srt[:, 1:] != srt[:, :-1]], 1)
-    return local, int(distinct.sum(1).max())
+        return scores, rows
+    bad = (rows.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
+    return torch.where(bad, torch.nan, scores), torch.where(bad, PAD_ROW, rows)
+
+
+def merge_candidates(scores: Tensor, rows: Tensor, k: int) -> SearchResult:
+    """The exact top-k of candidate lists [B, M] (padding = PAD_ROW); ValueError where a query
+    has fewer than k real candidates (k exceeds its selectable rows)."""
+    short = (rows != PAD_ROW).sum(1) < k
+    if bool(short.any()):
+        b = int(short.nonzero()[0])
+        raise ValueError(f"k={k} exceeds the selectable rows of query {b}")
+    idx, sc = reference.merge_topk(scores, rows, k)
+    return SearchResult(idx, sc)
 
 
 class Index:
@@ -178,30 +189,49 @@ class Index:
         exclude = None if exclude is None else exclude.to(self.keys.device)
         if self.backend == "faiss":
             return self._search_faiss(query, k, exclude)
+        if len(self.keys.shards) == 1:
+            shard = self.keys.shards[0]
+            if self.backend == "fused":
+                r = fused_retrieve_attend(query, shard, shard[:, :1], k, exclude=exclude)
+                return SearchResult(r.indices, r.scores.float())
+            idx, sc = reference.search(query, shard, k, exclude)
+            return SearchResult(idx, sc.float())
+        return merge_candidates(*self._shard_candidates(query, k, exclude), k)
+
+    def _shard_candidates(
+        self, query: Tensor, k: int, exclude: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Every shard's top-(k + E) (E = exclude's width, so that k remain after excluding,
+        whatever rows a query excludes where), excluded rows turned into padding."""
+        extra = 0 if exclude is None else exclude.shape[1]
         rows_parts, score_parts = [], []
         for s, shard in enumerate(self.keys.shards):
-            off = self.keys.offsets[s]
-            local, lost = _local_exclude(exclude, off, shard.shape[0])
-            ks = min(k, shard.shape[0] - lost)
-            if ks < 1:
-                continue
+            ks = min(k + extra, shard.shape[0])
             if self.backend == "fused":
-                r = fused_retrieve_attend(query, shard, shard[:, :1], ks, exclude=local)
+                r = fused_retrieve_attend(query, shard, shard[:, :1], ks)
                 idx, sc = r.indices, r.scores
             else:
-                idx, sc = reference.search(query, shard, ks, local)
-            rows_parts.append(idx + off)
+                idx, sc = reference.search(query, shard, ks)
+            rows_parts.append(idx + self.keys.offsets[s])
             score_parts.append(sc.float())
-        if len(rows_parts) == 1 and rows_parts[0].shape[1] == k:
-            return SearchResult(rows_parts[0], score_parts[0])
         rows, scores = torch.cat(rows_parts, 1), torch.cat(score_parts, 1)
-        if rows.shape[1] < k:
-            raise ValueError(f"k={k} exceeds the rows left after excluding (N={self.rows})")
-        try:
-            idx, sc = reference.merge_topk(scores, rows, k)
-        except ValueError:
-            raise ValueError(f"k={k} exceeds the selectable rows of some query") from None
-        return SearchResult(idx, sc)
+        return mask_excluded(scores, rows, exclude)
+
+    def search_candidates(
+        self, query: Tensor, k: int, *, exclude: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(scores, rows) [B, M >= k]: a superset of every query's top-k not excluded, excluded
+        rows and padding as (NaN, PAD_ROW). For merging with other shards' candidates."""
+        self._check_query(query, min(k, self.rows), exclude)
+        query = query.to(self.keys.device)
+        exclude = None if exclude is None else exclude.to(self.keys.device)
+        extra = 0 if exclude is None else exclude.shape[1]
+        if len(self.keys.shards) == 1 and self.backend != "faiss":
+            shard = self.keys.shards[0]
+            ks = min(k + extra, shard.shape[0])
+            r = fused_retrieve_attend(query, shard, shard[:, :1], ks)
+            return mask_excluded(r.scores.float(), r.indices, exclude)
+        return self._shard_candidates(query, k, exclude)
 
     def retrieve_attend(
         self,

@@ -109,10 +109,21 @@ def attend(
     k_sel = keys[indices].to(ct)  # [B, k, d]
     v_sel = values[indices].to(ct)  # [B, k, dv]
     scores = torch.einsum("bd,bkd->bk", query.to(ct), k_sel)
+    return attend_rows(scores, v_sel, indices, attn_query, temperature)
+
+
+def attend_rows(
+    scores: Tensor,
+    v_sel: Tensor,
+    indices: Tensor,
+    attn_query: Tensor | None = None,
+    temperature: float = 1.0,
+) -> RetrieveAttend:
+    """`attend` on rows already gathered: scores [B, k] and their values v_sel [B, k, dv]."""
     if attn_query is None:
         logits = scores.unsqueeze(1)
     else:
-        logits = torch.einsum("bhd,bkd->bhk", attn_query.to(ct), v_sel)
+        logits = torch.einsum("bhd,bkd->bhk", attn_query.to(v_sel.device, v_sel.dtype), v_sel)
     weights = torch.softmax(logits / temperature, dim=-1)
     output = torch.einsum("bhk,bkd->bhd", weights, v_sel)
     return RetrieveAttend(output, weights, indices, scores)

@@ -49,7 +49,12 @@ def _equal(rank, world, args, result):
             g = torch.Generator().manual_seed(77 + rank + 10 * c)
             aq = torch.randn(B, case["heads"], index.value_dim, generator=g)
         ex = None
-        if case["exclude"]:
+        if case["exclude"] == "block":
+            # Query i excludes the first 10 rows of one rank's range: exclusions concentrated
+            # where some rank has few rows left.
+            per = index.rows // world
+            ex = torch.stack([torch.arange(10) + ((rank + i) % world) * per for i in range(B)])
+        elif case["exclude"]:
             g = torch.Generator().manual_seed(55 + rank + 10 * c)
             ex = torch.randint(-1, index.rows, (B, case["exclude"]), generator=g)
         before = index.bytes_exchanged

@@ -75,15 +75,8 @@ def caption_set(tmp_path):
 
 def test_build_from_captions(tmp_path, caption_set, encoder):
     items = list(builders.iter_caption_table(caption_set))
-    report = builders.build_from_items(
-        tmp_path / "mem",
-        items,
-        image_encoder=encoder,
-        label_names=CLASSES,
-        batch_size=8,
-        shard_rows=16,
-        progress_bar=False,
-    )
+    kw = {"image_encoder": encoder, "label_names": CLASSES, "batch_size": 8, "shard_rows": 16}
+    report = builders.build_from_items(tmp_path / "mem", items, progress_bar=False, **kw)
     assert (report.unreadable, report.empty_caption, report.duplicates) == (1, 1, 1)
     assert report.rows == report.added == 40
     mem = Memory.open(tmp_path / "mem", verify="full")
@@ -104,15 +97,7 @@ def test_build_from_captions(tmp_path, caption_set, encoder):
     enc = mem.manifest.modalities["image"].encoder
     assert enc.name == "open_clip:reco-tiny-clip" and enc.sha256 == encoder.sha256
     # Running the same build again resumes at the end and adds nothing.
-    again = builders.build_from_items(
-        tmp_path / "mem",
-        items,
-        image_encoder=encoder,
-        label_names=CLASSES,
-        batch_size=8,
-        shard_rows=16,
-        progress_bar=False,
-    )
+    again = builders.build_from_items(tmp_path / "mem", items, progress_bar=False, **kw)
     assert again.added == 0 and again.rows == 40 and again.resumed_from == len(items)
 
 

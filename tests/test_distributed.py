@@ -91,6 +91,21 @@ def test_sharded_equals_single_process(tmp_path, world):
             torch.testing.assert_close(got[3], want.scores, atol=1e-6, rtol=1e-6)
 
 
+def test_exclusions_concentrated_on_a_small_shard(tmp_path):
+    """60 rows on 4 ranks (15 each); a query excluding 10 of one rank's rows must not cut the
+    other queries' candidates from that rank (k = 20 > 15 - 10)."""
+    mem = _memory(tmp_path / "m", 60, shard_rows=20)
+    keys, values = mem.keys("image").materialize(), mem.values("text").materialize()
+    case = [{"mode": "each", "B": [3, 2, 4, 1], "k": 20, "heads": 0, "exclude": "block", "T": 1.0}]
+    ranks = _spawn(4, "equal", {"memory": str(tmp_path / "m"), "cases": case}, tmp_path)
+    for res in ranks:
+        assert "error" not in res, res.get("traceback")
+        q, ex = res[0]["query"], res[0]["exclude"]
+        want = reco.fused_retrieve_attend(q, keys, values, 20, exclude=ex)
+        assert torch.equal(res[0]["result"][2], want.indices)
+        torch.testing.assert_close(res[0]["result"][0], want.output, atol=1e-5, rtol=1e-5)
+
+
 def test_bytes_exchanged_do_not_grow_with_the_memory(tmp_path):
     case = [{"mode": "each", "B": [4, 4], "k": 8, "heads": 0, "exclude": 0, "T": 1.0}]
     bytes_by_rows = {}

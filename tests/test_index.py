@@ -50,6 +50,28 @@ def test_search_matches_reference_across_shards(memory, backend):
     assert_topk_match(q, keys, got.indices, got.scores, want, 1e-5, exclude)
 
 
+def test_exclusions_concentrated_in_one_shard(tmp_path):
+    """Shards of 15 rows; each query excludes 10 rows of a different shard; k = 20 exceeds what
+    any single shard has left for that query, yet every query has plenty of rows overall."""
+    rng = np.random.default_rng(7)
+    mods = {"image": ModalityInfo(8, "float32", EncoderInfo("e"))}
+    with MemoryWriter(tmp_path / "m", mods, shard_rows=15) as w:
+        for _ in range(4):
+            w.add({"image": rng.standard_normal((15, 8)).astype(np.float32)})
+    mem = Memory.open(tmp_path / "m")
+    keys = mem.keys("image").materialize()
+    q = _queries(4, 8, seed=8)
+    exclude = torch.stack([torch.arange(10) + 15 * i for i in range(4)])
+    for backend in ("fused", "torch", "faiss"):
+        got = Index.from_memory(mem, "image", "image", backend=backend).search(
+            q, 20, exclude=exclude
+        )
+        want, _ = reference.search(q.double(), keys.double(), 20, exclude)
+        assert_topk_match(q, keys, got.indices, got.scores, want, 1e-5, exclude)
+    with pytest.raises(ValueError, match="k=51 exceeds the selectable rows of query 0"):
+        Index.from_memory(mem, "image", "image").search(q, 51, exclude=exclude)
+
+
 def test_backends_agree(memory):
     q = _queries(seed=2)
     results = [
