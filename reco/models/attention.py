@@ -1,0 +1,117 @@
+"""The retrieval-augmented recognition module (CVPR 2023): a query attends over retrieved values.
+
+f = z + W_o [ sum_j softmax_j((W_q z)_h . (W_k v_j)_h / sqrt(dh)) (W_v v_j)_h ]_h
+
+Learned projections let the module down-weight irrelevant memory items, unlike the plain mean of
+the neighbours (MeanKNN). Because the attention logits are a bilinear form in (z, v_j), W_q and W_k
+fold into an attention query in value space, a_h = W_k,h^T W_q,h z / sqrt(dh), and W_v applies
+after the weighted sum: so at inference the whole retrieval + attention is one call of the fused
+op (`fused_forward`), which never gathers the k value rows into a tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import fused_retrieve_attend
+from .retrieval import Retrieved, Retriever
+
+
+@dataclass
+class MemoryAttentionConfig:
+    query_dim: int
+    value_dim: int
+    dim: int | None = None  # attention width (default: query_dim)
+    heads: int = 8
+    self_token: bool = False  # the query also attends to itself (as an extra item)
+    drop_retrieved: float = 0.0  # training: probability of hiding each retrieved item
+    residual: bool = True
+
+    def validate(self) -> None:
+        width = self.dim or self.query_dim
+        if width % self.heads:
+            raise ValueError(f"attention width {width} is not divisible by heads={self.heads}")
+        if not 0.0 <= self.drop_retrieved < 1.0:
+            raise ValueError(f"drop_retrieved must be in [0, 1), got {self.drop_retrieved}")
+
+
+class MemoryAttention(nn.Module):
+    """Refines query embeddings z [B, query_dim] with retrieved values [B, k, value_dim]."""
+
+    def __init__(self, cfg: MemoryAttentionConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        width = cfg.dim or cfg.query_dim
+        self.heads, self.head_dim = cfg.heads, width // cfg.heads
+        self.q = nn.Linear(cfg.query_dim, width, bias=False)
+        self.k = nn.Linear(cfg.value_dim, width, bias=False)
+        self.v = nn.Linear(cfg.value_dim, width)
+        self.out = nn.Linear(width, cfg.query_dim)
+        if cfg.self_token:
+            self.k_self = nn.Linear(cfg.query_dim, width, bias=False)
+            self.v_self = nn.Linear(cfg.query_dim, width)
+
+    def _split(self, x: Tensor) -> Tensor:  # [..., width] -> [..., heads, head_dim]
+        return x.unflatten(-1, (self.heads, self.head_dim))
+
+    def forward(self, z: Tensor, values: Tensor, keep: Tensor | None = None) -> Tensor:
+        """z [B, query_dim]; values [B, k, value_dim]; keep [B, k] bool (False: ignore item)."""
+        B, k, _ = values.shape
+        q = self._split(self.q(z))  # [B, H, dh]
+        keys = self._split(self.k(values))  # [B, k, H, dh]
+        vals = self._split(self.v(values))
+        logits = torch.einsum("bhd,bkhd->bhk", q, keys) / math.sqrt(self.head_dim)
+        mask = torch.ones(B, k, dtype=torch.bool, device=z.device) if keep is None else keep
+        if self.training and self.cfg.drop_retrieved > 0:
+            mask = mask & (torch.rand(B, k, device=z.device) >= self.cfg.drop_retrieved)
+        logits = logits.masked_fill(~mask.unsqueeze(1), -torch.inf)
+        if self.cfg.self_token:
+            k_self = self._split(self.k_self(z))
+            self_logit = (q * k_self).sum(-1, keepdim=True) / math.sqrt(self.head_dim)
+            logits = torch.cat([self_logit, logits], -1)
+            vals = torch.cat([self._split(self.v_self(z)).unsqueeze(1), vals], 1)
+        # A query with every item masked (and no self token) attends to nothing (attended = 0).
+        weights = torch.softmax(logits, -1).nan_to_num(0.0)
+        attended = torch.einsum("bhk,bkhd->bhd", weights, vals).flatten(1)
+        update = self.out(attended)
+        return z + update if self.cfg.residual else update
+
+    def forward_retrieve(
+        self, z: Tensor, retriever: Retriever, exclude: Tensor | None = None
+    ) -> tuple[Tensor, Retrieved]:
+        """Retrieves with z, then attends: the ordinary (training) path."""
+        r = retriever(z, exclude)
+        return self(z, r.values, r.keep), r
+
+    def attention_query(self, z: Tensor) -> Tensor:
+        """a [B, H, value_dim], W_q and W_k folded: a_h . v = (W_q z)_h . (W_k v)_h / sqrt(dh)."""
+        q = self._split(self.q(z))  # [B, H, dh]
+        wk = self.k.weight.unflatten(0, (self.heads, self.head_dim))  # [H, dh, value_dim]
+        return torch.einsum("bhd,hdv->bhv", q, wk) / math.sqrt(self.head_dim)
+
+    def fused_forward(
+        self,
+        z: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        k: int,
+        exclude: Tensor | None = None,
+    ) -> Tensor:
+        """The fast inference path: search `keys` with z and attend over `values` in one call of
+        the fused op. Equals forward(z, values[top-k of z over keys]) for a module without
+        self_token, in eval mode, with no near-duplicate masking."""
+        if self.cfg.self_token:
+            raise ValueError("fused_forward does not support self_token=True")
+        r = fused_retrieve_attend(
+            z.float(), keys, values, k, attn_query=self.attention_query(z.float()), exclude=exclude
+        )
+        # sum_j w_j (W_v v_j + b) = W_v (sum_j w_j v_j) + b, per head (weights sum to 1).
+        wv = self.v.weight.unflatten(0, (self.heads, self.head_dim))  # [H, dh, value_dim]
+        attended = torch.einsum("hdv,bhv->bhd", wv, r.output) + self._split(self.v.bias)
+        update = self.out(attended.flatten(1))
+        return z + update if self.cfg.residual else update

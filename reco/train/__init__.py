@@ -1,0 +1,17 @@
+"""Training: one Trainer for both methods, their objectives, configs, checkpoints, schedules."""
+
+from .data import EmbeddingDataset, batch_indices
+from .losses import info_nce, reco_loss
+from .tasks import LongTailTask, RECOTask
+from .trainer import TrainConfig, Trainer
+
+__all__ = [
+    "EmbeddingDataset",
+    "LongTailTask",
+    "RECOTask",
+    "TrainConfig",
+    "Trainer",
+    "batch_indices",
+    "info_nce",
+    "reco_loss",
+]

@@ -1,0 +1,49 @@
+"""The two methods' training objectives, as loss functions for the Trainer."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..models import RECO, RetrievalClassifier, Retriever
+from .losses import reco_loss
+
+
+class LongTailTask:
+    """Classification with retrieval: z = batch[query_key] retrieves from the memory (excluding
+    batch["row"] when the training items are themselves in the memory), the classifier
+    aggregates and predicts; cross-entropy against batch["label"]."""
+
+    def __init__(self, retriever: Retriever | None, query_key: str = "image") -> None:
+        self.retriever = retriever
+        self.query_key = query_key
+
+    def logits(self, model: RetrievalClassifier, batch: dict[str, Tensor]) -> Tensor:
+        z = batch[self.query_key]
+        if model.aggregator is None:
+            return model(z)
+        if self.retriever is None:
+            raise ValueError("this classifier aggregates retrieved values: give a retriever")
+        exclude = batch["row"].unsqueeze(1) if "row" in batch else None
+        r = self.retriever(z, exclude)
+        return model(z, r.values, r.keep)
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(self.logits(model, batch), batch["label"])
+
+
+class RECOTask:
+    """RECO's loss on image-text pairs (batch["image"], batch["text"]): refined image and text
+    embeddings aligned with each other and with the frozen ones. Items exclude their own memory
+    row (batch["row"]) from retrieval."""
+
+    def __init__(self, retrievers: dict[str, Retriever], temperature: float = 0.07) -> None:
+        self.retrievers = retrievers
+        self.temperature = temperature
+
+    def __call__(self, model: RECO, batch: dict[str, Tensor]) -> Tensor:
+        v, t = batch["image"], batch["text"]
+        exclude = batch["row"].unsqueeze(1) if "row" in batch else None
+        v_ref = model.refine("image", v, self.retrievers["image"], exclude)
+        t_ref = model.refine("text", t, self.retrievers["text"], exclude)
+        return reco_loss(v_ref, t_ref, v, t, self.temperature)

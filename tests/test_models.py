@@ -1,0 +1,133 @@
+"""reco.models: shapes, masks, the fused inference path, and an independent reference layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from reco.models import (
+    RECO,
+    FusionConfig,
+    FusionTransformer,
+    MeanKNN,
+    MemoryAttention,
+    MemoryAttentionConfig,
+    RECOConfig,
+    Retriever,
+)
+
+
+def _unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def test_fusion_layer_equals_a_torch_pre_norm_encoder_layer():
+    """At the query token, FusionTransformer is exactly nn.TransformerEncoderLayer(norm_first)."""
+    torch.manual_seed(0)
+    cfg = FusionConfig(dim=64, heads=4, mlp_ratio=4.0)
+    fusion = FusionTransformer(cfg).eval()
+    ref = nn.TransformerEncoderLayer(
+        64, 4, 256, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    ).eval()
+    ref.self_attn.load_state_dict(fusion.attn.state_dict())
+    ref.norm1.load_state_dict(fusion.norm1.state_dict())
+    ref.norm2.load_state_dict(fusion.norm2.state_dict())
+    ref.linear1.load_state_dict(fusion.mlp[0].state_dict())
+    ref.linear2.load_state_dict(fusion.mlp[3].state_dict())
+    q, r = torch.randn(5, 64), torch.randn(5, 7, 64)
+    want = nn.functional.normalize(ref(torch.cat([q[:, None], r], 1))[:, 0], dim=-1)
+    torch.testing.assert_close(fusion(q, r), want, atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_size_matches_the_paper():
+    n = sum(p.numel() for p in FusionTransformer(FusionConfig(dim=512)).parameters())
+    assert 3.1e6 < n < 3.3e6, n  # "about 3.2M parameters for CLIP-B/32"
+
+
+def test_masked_items_do_not_matter():
+    torch.manual_seed(1)
+    q, r = torch.randn(3, 32), torch.randn(3, 6, 32)
+    keep = torch.tensor([[1, 1, 0, 1, 0, 1]] * 3, dtype=torch.bool)
+    r2 = r.clone()
+    r2[~keep] = 100.0
+    fusion = FusionTransformer(FusionConfig(dim=32, heads=4)).eval()
+    torch.testing.assert_close(fusion(q, r, keep), fusion(q, r2, keep))
+    att = MemoryAttention(MemoryAttentionConfig(32, 32, heads=4)).eval()
+    torch.testing.assert_close(att(q, r, keep), att(q, r2, keep))
+    knn = MeanKNN(query=False)
+    torch.testing.assert_close(knn(q, r, keep), r[:, [0, 1, 3, 5]].mean(1))
+
+
+def test_fused_inference_path_equals_the_module():
+    torch.manual_seed(2)
+    keys, values = _unit(3000, 24, seed=3), _unit(3000, 40, seed=4)
+    z = _unit(9, 24, seed=5)
+    for heads in (1, 4):
+        att = MemoryAttention(MemoryAttentionConfig(24, 40, dim=32, heads=heads)).eval()
+        want, _ = att.forward_retrieve(z, Retriever(keys, values, k=12))
+        got = att.fused_forward(z, keys, values, 12)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # Gradients reach the module's weights through the fused op too.
+        att.train()
+        att.fused_forward(z, keys, values, 12).sum().backward()
+        assert all(p.grad is not None for p in (att.q.weight, att.k.weight, att.v.weight))
+
+
+def test_retriever_exclude_and_near_duplicates():
+    keys = _unit(500, 16, seed=6)
+    values = torch.arange(500, dtype=torch.float32)[:, None].repeat(1, 3)
+    z = keys[[10, 20]]  # two memory items as queries: each finds itself first
+    r = Retriever(keys, values, k=4)(z)
+    assert r.indices[:, 0].tolist() == [10, 20]
+    assert torch.equal(r.values[:, :, 0].long(), r.indices)
+    r = Retriever(keys, values, k=4)(z, exclude=torch.tensor([[10], [20]]))
+    assert 10 not in r.indices[0].tolist() and 20 not in r.indices[1].tolist()
+    r = Retriever(keys, values, k=4, near_duplicate=0.999)(z)
+    assert r.keep[:, 0].tolist() == [False, False] and bool(r.keep[:, 1:].all())
+    with pytest.raises(ValueError, match="k=600 exceeds the memory's 500 rows"):
+        Retriever(keys, values, k=600)
+
+
+def test_reco_config_switches_search_and_fusion_modalities(tmp_path):
+    import numpy as np
+
+    from reco.memory import EncoderInfo, Memory, MemoryWriter, ModalityInfo
+
+    rng = np.random.default_rng(0)
+    mods = {m: ModalityInfo(16, "float32", EncoderInfo("e")) for m in ("image", "text")}
+    img = rng.standard_normal((200, 16)).astype(np.float32)
+    txt = rng.standard_normal((200, 16)).astype(np.float32)
+    with MemoryWriter(tmp_path / "m", mods) as w:
+        w.add({"image": img, "text": txt})
+    mem = Memory.open(tmp_path / "m")
+    q = torch.from_numpy(img[:3])
+    for search, fusion in (
+        ("image", "text"),
+        ("image", "image"),
+        ("text", "text"),
+        ("text", "image"),
+    ):
+        model = RECO(
+            RECOConfig(
+                k=5, image_search=search, image_fusion=fusion, fusion=FusionConfig(dim=16, heads=2)
+            )
+        )
+        r = model.retrievers(mem)["image"](q)
+        keys = torch.from_numpy(img if search == "image" else txt)
+        vals = torch.from_numpy(img if fusion == "image" else txt)
+        assert torch.equal(r.indices, torch.topk(q @ keys.T, 5).indices)
+        torch.testing.assert_close(r.values, vals[r.indices])
+        out = model.refine("image", q, model.retrievers(mem)["image"])
+        torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        FusionTransformer(FusionConfig(dim=30, heads=4))
+    with pytest.raises(ValueError, match="drop_retrieved"):
+        MemoryAttention(MemoryAttentionConfig(8, 8, heads=1, drop_retrieved=1.0))
+    with pytest.raises(ValueError, match="self_token"):
+        att = MemoryAttention(MemoryAttentionConfig(8, 8, heads=1, self_token=True))
+        att.fused_forward(torch.randn(1, 8), torch.randn(5, 8), torch.randn(5, 8), 2)
