@@ -1,4 +1,4 @@
-"""The `reco` command line: info, build-memory, memory info, search."""
+"""The `reco` command line: info, build-memory, memory info, search, train, eval, explain."""
 
 from __future__ import annotations
 
@@ -201,6 +201,170 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_trained(args: argparse.Namespace):
+    """The experiment config, the built experiment, with the trained weights loaded."""
+    from reco.train.checkpoint import latest_checkpoint, load_checkpoint
+    from reco.train.experiment import build, load_experiment
+
+    cfg = load_experiment(args.config)
+    built = build(cfg)
+    ckpt = args.checkpoint
+    if ckpt is None and cfg.train.out_dir is not None:
+        ckpt = latest_checkpoint(cfg.train.out_dir)
+    if ckpt is None:
+        raise ValueError("no checkpoint: pass --checkpoint or train first (train.out_dir)")
+    load_checkpoint(ckpt, model=built.model, restore_rng=False)
+    built.model.eval()
+    return cfg, built, ckpt
+
+
+def _train(args: argparse.Namespace) -> int:
+    from reco.train import Trainer
+    from reco.train.config import to_dict
+    from reco.train.experiment import build, load_experiment
+
+    cfg = load_experiment(args.config)
+    if args.out_dir is not None:
+        cfg.train.out_dir = args.out_dir
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+        cfg.train.validate()
+    built = build(cfg)
+    log = Trainer(built.model, built.task, built.dataset, cfg.train, config=to_dict(cfg)).fit()
+    last = log[-1] if log else {}
+    print(json.dumps({"out_dir": cfg.train.out_dir, **last}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from reco import eval as ev
+    from reco.memory import Memory
+
+    cfg, built, ckpt = _load_trained(args)
+    if cfg.data.test is None:
+        raise ValueError("data.test (a memory folder of evaluation items) is required for eval")
+    test = Memory.open(cfg.data.test)
+    results: dict = {"checkpoint": str(ckpt)}
+    with torch.no_grad():
+        if cfg.method == "longtail":
+            lt = cfg.longtail
+            if test.labels is None:
+                raise ValueError(f"data.test={cfg.data.test} has no labels")
+            z = test.keys(lt.query_modality).materialize().float()
+            logits = torch.cat(
+                [
+                    built.task.logits(built.model, {lt.query_modality: z[i : i + 4096]})
+                    for i in range(0, len(z), 4096)
+                ]
+            )
+            train_labels = built.train_memory.labels
+            counts = torch.bincount(train_labels, minlength=logits.shape[1])
+            buckets = ev.ShotBuckets(lt.many_above, lt.few_below)
+            res = ev.long_tail_accuracy(logits.argmax(1), test.labels, counts, buckets)
+            res.update(ev.accuracy(logits, test.labels))
+            name = f"{lt.aggregator}+{lt.head}"
+            table = ev.compare_methods(
+                {name: res}, ("many", "medium", "few", "all", "top1", "top5")
+            )
+            results[name] = res
+        else:
+            if cfg.zero_shot.class_embeddings is None:
+                raise ValueError(
+                    "zero_shot.class_embeddings (.npy of class prompt embeddings) is required"
+                )
+            import numpy as np
+
+            cls = torch.from_numpy(np.load(cfg.zero_shot.class_embeddings)).float()
+            img = test.keys("image").materialize().float()
+            retr = built.model.retrievers(built.memory)
+            prompts = cls if cls.dim() == 2 else cls.flatten(0, 1)
+            refined_prompts = built.model.refine("text", prompts, retr["text"])
+            if cls.dim() == 3:
+                refined_prompts = refined_prompts.unflatten(0, cls.shape[:2])
+            refined_img = torch.cat(
+                [
+                    built.model.refine("image", img[i : i + 4096], retr["image"])
+                    for i in range(0, len(img), 4096)
+                ]
+            )
+            frozen = ev.accuracy(ev.zero_shot_logits(img, cls), test.labels)
+            reco_acc = ev.accuracy(ev.zero_shot_logits(refined_img, refined_prompts), test.labels)
+            results.update({"frozen CLIP": frozen, "RECO": reco_acc})
+            table = ev.compare_methods(
+                {"frozen CLIP": frozen, "RECO": reco_acc}, ("top1", "top5"), title="zero-shot"
+            )
+    print(table)
+    if cfg.train.out_dir is not None:
+        out = Path(cfg.train.out_dir) / "eval.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from PIL import Image
+
+    from reco.encoders import OpenCLIPEncoder
+
+    cfg, built, _ = _load_trained(args)
+    query_modality = cfg.longtail.query_modality if cfg.method == "longtail" else "image"
+    if query_modality != "image":
+        raise ValueError("explain shows image queries; this experiment queries with texts")
+    info = built.train_memory.manifest.modalities["image"].encoder
+    if args.model_config:
+        import open_clip
+
+        for c in args.model_config:
+            open_clip.add_model_config(c)
+    enc = OpenCLIPEncoder(
+        args.model or info.name.removeprefix("open_clip:"),
+        args.pretrained or info.checkpoint,
+        allow_random_weights=args.allow_random_weights,
+    )
+    image = Image.open(args.image).convert("RGB")
+    with torch.no_grad():
+        z = enc.encode_images([image])
+        if cfg.method == "longtail":
+            lt = cfg.longtail
+            if cfg.longtail.aggregator != "attention":
+                raise ValueError("explain needs an attention aggregator (longtail.aggregator)")
+            r = built.task.retriever(z)
+            weights = built.model.aggregator.attention_weights(z, r.values, r.keep)[0]
+            k = lt.k
+        else:
+            r = built.model.retrievers(built.memory)["image"](z)
+            weights = built.model.image_fusion.attention_weights(z, r.values, r.keep)[0, 1:]
+            k = cfg.reco.k
+    meta = built.memory.metadata(r.indices[0].tolist())
+    cols = min(k, 5) + 1
+    rows = (k + cols - 2) // (cols - 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("query", fontsize=9)
+    for j, (m, w) in enumerate(zip(meta, weights.tolist())):
+        ax = axes[j // (cols - 1), 1 + j % (cols - 1)]
+        src = Path(str(m.get("source") or ""))
+        if src.is_file():
+            ax.imshow(Image.open(src).convert("RGB"))
+        else:
+            ax.text(0.5, 0.5, "(no image)", ha="center", va="center", fontsize=8)
+        caption = str(m.get("caption") or "")[:40]
+        ax.set_title(f"w={w:.3f}\n{caption}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}: {k} neighbours with their attention weights")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reco", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -258,6 +422,28 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--allow-random-weights", action="store_true")
     s.add_argument("--device")
     s.set_defaults(func=_search)
+
+    t = sub.add_parser("train", help="train a model from an experiment config (YAML/TOML)")
+    t.add_argument("config")
+    t.add_argument("--out-dir", help="overrides train.out_dir")
+    t.add_argument("--steps", type=int, help="overrides train.steps")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a trained model (latest checkpoint of out_dir)")
+    e.add_argument("config")
+    e.add_argument("--checkpoint")
+    e.set_defaults(func=_eval)
+
+    x = sub.add_parser("explain", help="retrieved neighbours of an image and their weights (PNG)")
+    x.add_argument("image")
+    x.add_argument("--config", required=True)
+    x.add_argument("--checkpoint")
+    x.add_argument("--out", default="explain.png")
+    x.add_argument("--model", help="default: the memory's image encoder")
+    x.add_argument("--pretrained", help="default: the memory's encoder checkpoint")
+    x.add_argument("--model-config", action="append", default=[])
+    x.add_argument("--allow-random-weights", action="store_true")
+    x.set_defaults(func=_explain)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

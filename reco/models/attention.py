@@ -59,8 +59,8 @@ class MemoryAttention(nn.Module):
     def _split(self, x: Tensor) -> Tensor:  # [..., width] -> [..., heads, head_dim]
         return x.unflatten(-1, (self.heads, self.head_dim))
 
-    def forward(self, z: Tensor, values: Tensor, keep: Tensor | None = None) -> Tensor:
-        """z [B, query_dim]; values [B, k, value_dim]; keep [B, k] bool (False: ignore item)."""
+    def _attend(self, z: Tensor, values: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(weights [B, H, k (+1 with the self token, first)], head values [B, k(+1), H, dh])."""
         B, k, _ = values.shape
         q = self._split(self.q(z))  # [B, H, dh]
         keys = self._split(self.k(values))  # [B, k, H, dh]
@@ -76,10 +76,19 @@ class MemoryAttention(nn.Module):
             logits = torch.cat([self_logit, logits], -1)
             vals = torch.cat([self._split(self.v_self(z)).unsqueeze(1), vals], 1)
         # A query with every item masked (and no self token) attends to nothing (attended = 0).
-        weights = torch.softmax(logits, -1).nan_to_num(0.0)
-        attended = torch.einsum("bhk,bkhd->bhd", weights, vals).flatten(1)
-        update = self.out(attended)
+        return torch.softmax(logits, -1).nan_to_num(0.0), vals
+
+    def forward(self, z: Tensor, values: Tensor, keep: Tensor | None = None) -> Tensor:
+        """z [B, query_dim]; values [B, k, value_dim]; keep [B, k] bool (False: ignore item)."""
+        weights, vals = self._attend(z, values, keep)
+        update = self.out(torch.einsum("bhk,bkhd->bhd", weights, vals).flatten(1))
         return z + update if self.cfg.residual else update
+
+    def attention_weights(self, z: Tensor, values: Tensor, keep: Tensor | None = None) -> Tensor:
+        """[B, k]: the weight of each retrieved item, averaged over heads (the papers'
+        "visualising attention scores"); with the self token, its weight is left out."""
+        weights, _ = self._attend(z, values, keep)
+        return weights[..., 1:].mean(1) if self.cfg.self_token else weights.mean(1)
 
     def forward_retrieve(
         self, z: Tensor, retriever: Retriever, exclude: Tensor | None = None

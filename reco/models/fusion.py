@@ -51,17 +51,28 @@ class FusionTransformer(nn.Module):
             nn.Linear(hidden, cfg.dim),
         )
 
-    def forward(self, query: Tensor, retrieved: Tensor, keep: Tensor | None = None) -> Tensor:
+    def _attend(self, query: Tensor, retrieved: Tensor, keep: Tensor | None, weights: bool):
         tokens = torch.cat([query.unsqueeze(1), retrieved.to(query.dtype)], 1)  # [B, 1 + k, dim]
         x = self.norm1(tokens)
         pad = None
         if keep is not None:
             # The query token is always visible, so no row is fully masked.
             pad = torch.cat([torch.zeros_like(keep[:, :1]), ~keep], 1)
-        out, _ = self.attn(x[:, :1], x, x, key_padding_mask=pad, need_weights=False)
+        out, w = self.attn(x[:, :1], x, x, key_padding_mask=pad, need_weights=weights)
+        return tokens, out, w
+
+    def forward(self, query: Tensor, retrieved: Tensor, keep: Tensor | None = None) -> Tensor:
+        tokens, out, _ = self._attend(query, retrieved, keep, weights=False)
         h = tokens[:, 0] + out[:, 0]
         h = h + self.mlp(self.norm2(h))
         return nn.functional.normalize(h, dim=-1)
+
+    def attention_weights(
+        self, query: Tensor, retrieved: Tensor, keep: Tensor | None = None
+    ) -> Tensor:
+        """[B, 1 + k]: the query token's attention (averaged over heads) on itself, then on each
+        retrieved item."""
+        return self._attend(query, retrieved, keep, weights=True)[2][:, 0]
 
 
 @dataclass

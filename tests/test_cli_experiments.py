@@ -1,0 +1,192 @@
+"""`reco train`, `reco eval` and `reco explain` end to end on memories the tests build."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA
+from synthetic import C, long_tail_task
+from torch.nn import functional as F
+
+from reco.cli import main
+from reco.memory import EncoderInfo, MemoryWriter, ModalityInfo
+
+
+def _write(path, embeddings: dict, labels=None, label_names=None):
+    mods = {
+        m: ModalityInfo(x.shape[1], "float32", EncoderInfo("synthetic"))
+        for m, x in embeddings.items()
+    }
+    with MemoryWriter(path, mods, has_labels=labels is not None, label_names=label_names) as w:
+        w.add(
+            {m: x.numpy() for m, x in embeddings.items()},
+            labels=None if labels is None else labels.numpy(),
+        )
+
+
+def test_train_and_eval_long_tail(tmp_path, capsys):
+    data, (x_test, y_test), retriever = long_tail_task(seed=0)
+    names = [f"class{c}" for c in range(C)]
+    _write(tmp_path / "train", {"image": data.tensors["image"]}, data.tensors["label"], names)
+    _write(tmp_path / "test", {"image": x_test}, y_test, names)
+    keys, values = retriever.index.keys.shards[0], retriever.index.values.shards[0]
+    _write(tmp_path / "memory", {"image": keys, "text": values})
+    cfg = tmp_path / "lt.yaml"
+    cfg.write_text(
+        f"""
+method: longtail
+data: {{train: {tmp_path / "train"}, memory: {tmp_path / "memory"}, test: {tmp_path / "test"}}}
+longtail: {{aggregator: attention, head: linear, k: 10, heads: 1, attention_dim: 32}}
+train: {{steps: 300, batch_size: 128, lr: 0.003, weight_decay: 0.0001, warmup_steps: 10,
+        out_dir: {tmp_path / "run"}, progress: false}}
+"""
+    )
+    assert main(["train", str(cfg)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 300
+    assert main(["eval", str(cfg)]) == 0
+    table = capsys.readouterr().out
+    assert "attention+linear" in table and "few" in table
+    res = json.loads((tmp_path / "run" / "eval.json").read_text())["attention+linear"]
+    assert res["boundaries"] == {
+        "many": "> 100 training images",
+        "medium": "20..100",
+        "few": "< 20",
+    }
+    assert res["all"] > 0.5 and res["few"] > 0.05
+
+
+def test_train_and_eval_reco_zero_shot(tmp_path, capsys):
+    g = torch.Generator().manual_seed(1)
+    d = 32
+    text_proto = F.normalize(torch.randn(C, d, generator=g), dim=1)
+    gap = F.normalize(torch.randn(C, d, generator=g), dim=1)
+    align = torch.tensor([0.9] * 5 + [0.25] * 5)
+
+    def pairs(n):
+        img = torch.cat(
+            [
+                F.normalize(
+                    align[c] * text_proto[c]
+                    + (1 - align[c]) * 2 * gap[c]
+                    + 0.15 * torch.randn(n, d, generator=g),
+                    dim=1,
+                )
+                for c in range(C)
+            ]
+        )
+        txt = torch.cat(
+            [
+                F.normalize(text_proto[c] + 0.15 * torch.randn(n, d, generator=g), dim=1)
+                for c in range(C)
+            ]
+        )
+        return img, txt, torch.arange(C).repeat_interleave(n)
+
+    img, txt, _ = pairs(100)
+    _write(tmp_path / "memory", {"image": img, "text": txt})
+    test_img, test_txt, test_y = pairs(30)
+    _write(
+        tmp_path / "test", {"image": test_img, "text": test_txt}, test_y, [str(c) for c in range(C)]
+    )
+    np.save(tmp_path / "classes.npy", text_proto.numpy())
+    cfg = tmp_path / "reco.toml"
+    cfg.write_text(
+        f"""
+method = "reco"
+temperature = 0.1
+[data]
+train = "{tmp_path / "memory"}"
+memory = "{tmp_path / "memory"}"
+test = "{tmp_path / "test"}"
+train_in_memory = true
+[reco]
+k = 10
+[reco.fusion]
+dim = 32
+heads = 4
+[zero_shot]
+class_embeddings = "{tmp_path / "classes.npy"}"
+[train]
+steps = 300
+batch_size = 100
+lr = 0.002
+warmup_steps = 20
+out_dir = "{tmp_path / "run"}"
+progress = false
+"""
+    )
+    assert main(["train", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(cfg)]) == 0
+    assert "RECO" in capsys.readouterr().out
+    res = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert res["RECO"]["top1"] >= res["frozen CLIP"]["top1"] + 0.15, res
+
+
+def test_config_errors_are_clear(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("method: longtail\ndata: {train: a, memory: b}\ntrain: {stpes: 10}\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "train.stpes" in err and "steps" in err
+
+
+def test_explain_writes_a_grid(tmp_path, tiny_clip, capsys):
+    PIL = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee"):
+        for i in range(6):
+            (tmp_path / "tree" / c).mkdir(parents=True, exist_ok=True)
+            PIL.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "tree" / c / f"{i}.png"
+            )
+    model_args = [
+        "--model",
+        tiny_clip[0],
+        "--pretrained",
+        str(tiny_clip[1]),
+        "--model-config",
+        str(DATA / "reco-tiny-clip.json"),
+    ]
+    assert (
+        main(
+            [
+                "build-memory",
+                str(tmp_path / "mem"),
+                "--image-folder",
+                str(tmp_path / "tree"),
+                "--no-progress",
+                *model_args,
+            ]
+        )
+        == 0
+    )
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(
+        f"""
+method: longtail
+data: {{train: {tmp_path / "mem"}, memory: {tmp_path / "mem"}, train_in_memory: true}}
+longtail: {{k: 4, heads: 2}}
+train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, progress: false}}
+"""
+    )
+    assert main(["train", str(cfg)]) == 0
+    out = tmp_path / "grid.png"
+    code = main(
+        [
+            "explain",
+            str(tmp_path / "tree" / "bee" / "3.png"),
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--model-config",
+            str(DATA / "reco-tiny-clip.json"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    im = PIL.open(out)
+    assert im.format == "PNG" and im.size[0] > 300
