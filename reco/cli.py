@@ -236,22 +236,50 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _class_prompts(cfg, built, test):
+    """[C, P, d] class prompt embeddings for zero-shot evaluation (see ZeroShotConfig)."""
+    import numpy as np
+    import torch
+
+    zs = cfg.zero_shot
+    if zs.class_embeddings is not None:
+        cls = torch.from_numpy(np.load(zs.class_embeddings)).float()
+        return cls if cls.dim() == 3 else cls.unsqueeze(1)
+    names = zs.class_names or test.manifest.label_names
+    if not names:
+        raise ValueError(
+            "zero-shot needs zero_shot.class_embeddings, zero_shot.class_names or "
+            "label names in the test memory"
+        )
+    from reco.encoders import OpenCLIPEncoder
+
+    if zs.model_config is not None:
+        import open_clip
+
+        open_clip.add_model_config(zs.model_config)
+    info = built.memory.manifest.modalities["text"].encoder
+    enc = OpenCLIPEncoder(info.name.removeprefix("open_clip:"), info.checkpoint)
+    texts = [t.format(n) for n in names for t in zs.templates]
+    return enc.encode_texts(texts).unflatten(0, (len(names), len(zs.templates)))
+
+
+def _eval_one(config: str, checkpoint: str | None) -> dict[str, dict]:
+    """Metrics of one experiment (several rows for RECO: frozen CLIP and RECO)."""
     import torch
 
     from reco import eval as ev
     from reco.memory import Memory
 
-    cfg, built, ckpt = _load_trained(args)
+    cfg, built, ckpt = _load_trained(argparse.Namespace(config=config, checkpoint=checkpoint))
     if cfg.data.test is None:
-        raise ValueError("data.test (a memory folder of evaluation items) is required for eval")
+        raise ValueError(f"{config}: data.test (a memory folder of evaluation items) is required")
     test = Memory.open(cfg.data.test)
-    results: dict = {"checkpoint": str(ckpt)}
+    if test.labels is None:
+        raise ValueError(f"data.test={cfg.data.test} has no labels")
+    rows: dict[str, dict] = {}
     with torch.no_grad():
         if cfg.method == "longtail":
             lt = cfg.longtail
-            if test.labels is None:
-                raise ValueError(f"data.test={cfg.data.test} has no labels")
             z = test.keys(lt.query_modality).materialize().float()
             logits = torch.cat(
                 [
@@ -259,47 +287,63 @@ def _eval(args: argparse.Namespace) -> int:
                     for i in range(0, len(z), 4096)
                 ]
             )
-            train_labels = built.train_memory.labels
-            counts = torch.bincount(train_labels, minlength=logits.shape[1])
+            counts = torch.bincount(built.train_memory.labels, minlength=logits.shape[1])
             buckets = ev.ShotBuckets(lt.many_above, lt.few_below)
-            res = ev.long_tail_accuracy(logits.argmax(1), test.labels, counts, buckets)
+            pred = logits.argmax(1)
+            res = ev.long_tail_accuracy(pred, test.labels, counts, buckets)
             res.update(ev.accuracy(logits, test.labels))
-            name = f"{lt.aggregator}+{lt.head}"
-            table = ev.compare_methods(
-                {name: res}, ("many", "medium", "few", "all", "top1", "top5")
-            )
-            results[name] = res
+            res["mean_class_acc"] = ev.mean_per_class_accuracy(pred, test.labels, logits.shape[1])
+            rows[f"{lt.aggregator}+{lt.head} ({Path(config).stem})"] = res
         else:
-            if cfg.zero_shot.class_embeddings is None:
-                raise ValueError(
-                    "zero_shot.class_embeddings (.npy of class prompt embeddings) is required"
-                )
-            import numpy as np
-
-            cls = torch.from_numpy(np.load(cfg.zero_shot.class_embeddings)).float()
+            cls = _class_prompts(cfg, built, test)
             img = test.keys("image").materialize().float()
             retr = built.model.retrievers(built.memory)
-            prompts = cls if cls.dim() == 2 else cls.flatten(0, 1)
-            refined_prompts = built.model.refine("text", prompts, retr["text"])
-            if cls.dim() == 3:
-                refined_prompts = refined_prompts.unflatten(0, cls.shape[:2])
+            refined_cls = built.model.refine("text", cls.flatten(0, 1), retr["text"])
             refined_img = torch.cat(
                 [
                     built.model.refine("image", img[i : i + 4096], retr["image"])
                     for i in range(0, len(img), 4096)
                 ]
             )
-            frozen = ev.accuracy(ev.zero_shot_logits(img, cls), test.labels)
-            reco_acc = ev.accuracy(ev.zero_shot_logits(refined_img, refined_prompts), test.labels)
-            results.update({"frozen CLIP": frozen, "RECO": reco_acc})
-            table = ev.compare_methods(
-                {"frozen CLIP": frozen, "RECO": reco_acc}, ("top1", "top5"), title="zero-shot"
-            )
-    print(table)
+            for name, (v, t) in {
+                "frozen CLIP": (img, cls),
+                f"RECO ({Path(config).stem})": (
+                    refined_img,
+                    refined_cls.unflatten(0, cls.shape[:2]),
+                ),
+            }.items():
+                logits = ev.zero_shot_logits(v, t)
+                res = ev.accuracy(logits, test.labels)
+                res["mean_class_acc"] = ev.mean_per_class_accuracy(
+                    logits.argmax(1), test.labels, logits.shape[1]
+                )
+                rows[name] = res
+            if "text" in test.modalities:
+                txt = test.keys("text").materialize().float()
+                pairs = torch.arange(len(txt))
+                rows["frozen CLIP"]["retrieval"] = ev.image_text_retrieval(img, txt, pairs)
+                refined_txt = built.model.refine("text", txt, retr["text"])
+                rows[f"RECO ({Path(config).stem})"]["retrieval"] = ev.image_text_retrieval(
+                    refined_img, refined_txt, pairs
+                )
+    for r in rows.values():
+        r["checkpoint"] = str(ckpt)
     if cfg.train.out_dir is not None:
         out = Path(cfg.train.out_dir) / "eval.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, default=float))
+        out.write_text(json.dumps(rows, indent=2, default=float))
+    return rows
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from reco import eval as ev
+
+    rows: dict[str, dict] = {}
+    for config in args.configs:
+        rows.update(_eval_one(config, args.checkpoint if len(args.configs) == 1 else None))
+    longtail = any("many" in r for r in rows.values())
+    columns = ("many", "medium", "few", "all", "top1", "top5") if longtail else ("top1", "top5")
+    print(ev.compare_methods(rows, (*columns, "mean_class_acc")))
     return 0
 
 
@@ -429,9 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--steps", type=int, help="overrides train.steps")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="evaluate a trained model (latest checkpoint of out_dir)")
-    e.add_argument("config")
-    e.add_argument("--checkpoint")
+    e = sub.add_parser(
+        "eval", help="evaluate trained models (latest checkpoint of each out_dir), one table"
+    )
+    e.add_argument("configs", nargs="+", metavar="config")
+    e.add_argument("--checkpoint", help="with a single config: this checkpoint")
     e.set_defaults(func=_eval)
 
     x = sub.add_parser("explain", help="retrieved neighbours of an image and their weights (PNG)")

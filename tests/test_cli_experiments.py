@@ -46,16 +46,22 @@ train: {{steps: 300, batch_size: 128, lr: 0.003, weight_decay: 0.0001, warmup_st
     )
     assert main(["train", str(cfg)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 300
-    assert main(["eval", str(cfg)]) == 0
+    base = tmp_path / "linear.yaml"
+    base.write_text(
+        cfg.read_text()
+        .replace("aggregator: attention", "aggregator: none")
+        .replace(str(tmp_path / "run"), str(tmp_path / "run-linear"))
+    )
+    assert main(["train", str(base)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(cfg), str(base)]) == 0  # one table for both
     table = capsys.readouterr().out
-    assert "attention+linear" in table and "few" in table
-    res = json.loads((tmp_path / "run" / "eval.json").read_text())["attention+linear"]
-    assert res["boundaries"] == {
-        "many": "> 100 training images",
-        "medium": "20..100",
-        "few": "< 20",
-    }
-    assert res["all"] > 0.5 and res["few"] > 0.05
+    assert "attention+linear (lt)" in table and "none+linear (linear)" in table and "few" in table
+    res = json.loads((tmp_path / "run" / "eval.json").read_text())["attention+linear (lt)"]
+    lin = json.loads((tmp_path / "run-linear" / "eval.json").read_text())["none+linear (linear)"]
+    bounds = {"many": "> 100 training images", "medium": "20..100", "few": "< 20"}
+    assert res["boundaries"] == bounds
+    assert res["all"] > 0.5 and res["few"] >= lin["few"] + 0.1, (res, lin)
 
 
 def test_train_and_eval_reco_zero_shot(tmp_path, capsys):
@@ -123,7 +129,8 @@ progress = false
     assert main(["eval", str(cfg)]) == 0
     assert "RECO" in capsys.readouterr().out
     res = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert res["RECO"]["top1"] >= res["frozen CLIP"]["top1"] + 0.15, res
+    assert res["RECO (reco)"]["top1"] >= res["frozen CLIP"]["top1"] + 0.15, res
+    assert set(res["RECO (reco)"]["retrieval"]) == {"image_to_text", "text_to_image"}
 
 
 def test_config_errors_are_clear(tmp_path, capsys):
@@ -190,3 +197,46 @@ train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, 
     assert code == 0, capsys.readouterr().err
     im = PIL.open(out)
     assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_zero_shot_prompts_from_class_names(tmp_path, tiny_clip, capsys):
+    """RECO eval without precomputed prompts: the test memory's label names and the templates are
+    encoded with the memory's own text encoder (its recorded checkpoint)."""
+    PIL = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(1)
+    for c in ("ant", "bee"):
+        for i in range(6):
+            (tmp_path / "tree" / c).mkdir(parents=True, exist_ok=True)
+            PIL.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "tree" / c / f"{i}.png"
+            )
+    config_json = str(DATA / "reco-tiny-clip.json")
+    model_args = [
+        "--model",
+        tiny_clip[0],
+        "--pretrained",
+        str(tiny_clip[1]),
+        "--model-config",
+        config_json,
+    ]
+    build = ["build-memory", str(tmp_path / "mem"), "--image-folder", str(tmp_path / "tree")]
+    assert main([*build, "--no-progress", *model_args]) == 0
+    cfg = tmp_path / "zs.yaml"
+    cfg.write_text(
+        f"""
+method: reco
+data: {{train: {tmp_path / "mem"}, memory: {tmp_path / "mem"}, test: {tmp_path / "mem"},
+        train_in_memory: true}}
+reco: {{k: 3, fusion: {{dim: 32, heads: 2}}}}
+zero_shot:
+  templates: ["a photo of a {{}}.", "a picture of a {{}}."]
+  model_config: {config_json}
+train: {{steps: 4, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, progress: false}}
+"""
+    )
+    assert main(["train", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(cfg)]) == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(res) == {"frozen CLIP", "RECO (zs)"}
+    assert 0.0 <= res["frozen CLIP"]["top1"] <= 1.0

@@ -69,11 +69,14 @@ class LongTailConfig:
 
 @dataclass
 class ZeroShotConfig:
-    """Class prompt embeddings for RECO's zero-shot evaluation: a .npy [C, d] or [C, P, d] of
-    text embeddings (P prompt templates), in the memory's text embedding space."""
+    """Class prompts for RECO's zero-shot evaluation: either a .npy [C, d] or [C, P, d] of text
+    embeddings (P prompt templates) in the memory's text space, or class names (default: the
+    test memory's label names) and templates, encoded with the memory's text encoder."""
 
     class_embeddings: str | None = None
     class_names: list[str] | None = None
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    model_config: str | None = None  # extra open_clip model config JSON for the text encoder
 
 
 @dataclass
