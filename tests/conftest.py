@@ -32,3 +32,18 @@ def tiny_clip(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "reco-tiny-clip.pt"
     torch.save({"state_dict": model.state_dict()}, path)
     return "reco-tiny-clip", path
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """An ImageFolder tree, 2 classes x 6 random 32x32 PNGs: tmp_path/tree/<class>/<i>.png."""
+    import numpy as np
+
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee"):
+        (tmp_path / "tree" / c).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "tree" / c / f"{i}.png")
+    return tmp_path / "tree"

@@ -112,19 +112,10 @@ SCENARIOS = {"equal": _equal, "ddp": _ddp, "dead_rank": _dead_rank, "verify": _v
 
 def ddp_train(rank: int, world: int, init_file: str, out: str) -> None:
     """Trains the long-tail model for 8 steps under DDP; rank 0 saves the weights."""
-    from synthetic import DV, C, D, long_tail_task
-
-    from reco.models import LinearHead, MemoryAttention, MemoryAttentionConfig, RetrievalClassifier
-    from reco.train import LongTailTask, TrainConfig, Trainer
+    from synthetic import train_small_long_tail_model
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    data, _, retriever = long_tail_task(seed=5)
-    torch.manual_seed(7)
-    model = RetrievalClassifier(
-        MemoryAttention(MemoryAttentionConfig(D, DV, dim=32, heads=1)), LinearHead(D, C)
-    )
-    cfg = TrainConfig(steps=8, batch_size=64, warmup_steps=2, progress=False)
-    Trainer(model, LongTailTask(retriever), data, cfg, device="cpu").fit()
+    model = train_small_long_tail_model()
     if rank == 0:
         torch.save(model.state_dict(), out)
     dist.destroy_process_group()

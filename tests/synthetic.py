@@ -39,3 +39,19 @@ def long_tail_task(seed: int, distractors: float = 0.0):
         )
     data = EmbeddingDataset({"image": x_train, "label": y_train})
     return data, (x_test, y_test), Retriever(keys, values, k=10)
+
+
+def train_small_long_tail_model(steps: int = 8):
+    """The model the DDP test trains (same seeds in every process): 8 steps of memory attention
+    + linear head on long_tail_task(seed=5). Returns the trained model."""
+    from reco.models import LinearHead, MemoryAttention, MemoryAttentionConfig, RetrievalClassifier
+    from reco.train import LongTailTask, TrainConfig, Trainer
+
+    data, _, retriever = long_tail_task(seed=5)
+    torch.manual_seed(7)
+    model = RetrievalClassifier(
+        MemoryAttention(MemoryAttentionConfig(D, DV, dim=32, heads=1)), LinearHead(D, C)
+    )
+    cfg = TrainConfig(steps=steps, batch_size=64, warmup_steps=2, progress=False)
+    Trainer(model, LongTailTask(retriever), data, cfg, device="cpu").fit()
+    return model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from conftest import DATA
 
@@ -12,18 +11,6 @@ from reco.cli import main
 
 PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("open_clip")
-
-
-@pytest.fixture
-def image_tree(tmp_path):
-    rng = np.random.default_rng(0)
-    for c in ("ant", "bee"):
-        for i in range(6):
-            (tmp_path / "tree" / c).mkdir(parents=True, exist_ok=True)
-            PIL.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                tmp_path / "tree" / c / f"{i}.png"
-            )
-    return tmp_path / "tree"
 
 
 def _model_args(tiny_clip):

@@ -141,15 +141,8 @@ def test_config_errors_are_clear(tmp_path, capsys):
     assert "train.stpes" in err and "steps" in err
 
 
-def test_explain_writes_a_grid(tmp_path, tiny_clip, capsys):
+def test_explain_writes_a_grid(tmp_path, image_tree, tiny_clip, capsys):
     PIL = pytest.importorskip("PIL.Image")
-    rng = np.random.default_rng(0)
-    for c in ("ant", "bee"):
-        for i in range(6):
-            (tmp_path / "tree" / c).mkdir(parents=True, exist_ok=True)
-            PIL.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                tmp_path / "tree" / c / f"{i}.png"
-            )
     model_args = [
         "--model",
         tiny_clip[0],
@@ -164,7 +157,7 @@ def test_explain_writes_a_grid(tmp_path, tiny_clip, capsys):
                 "build-memory",
                 str(tmp_path / "mem"),
                 "--image-folder",
-                str(tmp_path / "tree"),
+                str(image_tree),
                 "--no-progress",
                 *model_args,
             ]
@@ -185,7 +178,7 @@ train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, 
     code = main(
         [
             "explain",
-            str(tmp_path / "tree" / "bee" / "3.png"),
+            str(image_tree / "bee" / "3.png"),
             "--config",
             str(cfg),
             "--out",
@@ -199,17 +192,9 @@ train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, 
     assert im.format == "PNG" and im.size[0] > 300
 
 
-def test_zero_shot_prompts_from_class_names(tmp_path, tiny_clip, capsys):
+def test_zero_shot_prompts_from_class_names(tmp_path, image_tree, tiny_clip, capsys):
     """RECO eval without precomputed prompts: the test memory's label names and the templates are
     encoded with the memory's own text encoder (its recorded checkpoint)."""
-    PIL = pytest.importorskip("PIL.Image")
-    rng = np.random.default_rng(1)
-    for c in ("ant", "bee"):
-        for i in range(6):
-            (tmp_path / "tree" / c).mkdir(parents=True, exist_ok=True)
-            PIL.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                tmp_path / "tree" / c / f"{i}.png"
-            )
     config_json = str(DATA / "reco-tiny-clip.json")
     model_args = [
         "--model",
@@ -219,7 +204,7 @@ def test_zero_shot_prompts_from_class_names(tmp_path, tiny_clip, capsys):
         "--model-config",
         config_json,
     ]
-    build = ["build-memory", str(tmp_path / "mem"), "--image-folder", str(tmp_path / "tree")]
+    build = ["build-memory", str(tmp_path / "mem"), "--image-folder", str(image_tree)]
     assert main([*build, "--no-progress", *model_args]) == 0
     cfg = tmp_path / "zs.yaml"
     cfg.write_text(

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 from dist_workers import ddp_train
-from synthetic import COUNTS, DV, C, D, long_tail_task
+from synthetic import COUNTS, DV, C, D, long_tail_task, train_small_long_tail_model
 from torch.nn import functional as F
 
 from reco.models import (
@@ -108,13 +108,7 @@ def test_ddp_with_two_processes_equals_one_process(tmp_path):
     for p in procs:
         p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0, 0]
-    data, _, retriever = long_tail_task(seed=5)
-    torch.manual_seed(7)
-    model = RetrievalClassifier(
-        MemoryAttention(MemoryAttentionConfig(D, DV, dim=32, heads=1)), LinearHead(D, C)
-    )
-    cfg = TrainConfig(steps=8, batch_size=64, warmup_steps=2, progress=False)
-    Trainer(model, LongTailTask(retriever), data, cfg, device="cpu").fit()
+    model = train_small_long_tail_model()  # one process, the same global batches
     ddp = torch.load(out)
     for name, t in model.state_dict().items():
         torch.testing.assert_close(ddp[name], t, atol=1e-6, rtol=1e-5)
