@@ -348,7 +348,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("reco explain draws with matplotlib: pip install 'reco[viz]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
