@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import pathlib
 import tempfile
@@ -55,7 +56,7 @@ def test_row_ranges_cover_the_memory():
     for rows, world in ((10, 3), (2, 4), (1000, 7)):
         ranges = [row_range(rows, world, r) for r in range(world)]
         assert ranges[0][0] == 0 and ranges[-1][1] == rows
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
         assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
 
 

@@ -15,14 +15,13 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 # A single positive per query (Tensor [N] or [N, P]) or a collection of positives per query.
-Positives = Union[Tensor, Sequence[Iterable[int]]]
+Positives = Tensor | Sequence[Iterable[int]]
 
 
 # ---------------------------------------------------------------- input checks
