@@ -110,12 +110,12 @@ def _verify(rank, world, args, result):
 SCENARIOS = {"equal": _equal, "ddp": _ddp, "dead_rank": _dead_rank, "verify": _verify}
 
 
-def ddp_train(rank: int, world: int, init_file: str, out: str) -> None:
-    """Trains the long-tail model for 8 steps under DDP; rank 0 saves the weights."""
-    from synthetic import train_small_long_tail_model
+def ddp_train(rank: int, world: int, init_file: str, out: str, which: str = "long_tail") -> None:
+    """Trains a small model under DDP (see synthetic.py); rank 0 saves the weights."""
+    import synthetic
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = train_small_long_tail_model()
+    model = getattr(synthetic, f"train_small_{which}_model")()
     if rank == 0:
         torch.save(model.state_dict(), out)
     dist.destroy_process_group()

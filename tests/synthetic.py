@@ -55,3 +55,21 @@ def train_small_long_tail_model(steps: int = 8):
     cfg = TrainConfig(steps=steps, batch_size=64, warmup_steps=2, progress=False)
     Trainer(model, LongTailTask(retriever), data, cfg, device="cpu").fit()
     return model
+
+
+def train_small_reco_model(steps: int = 6):
+    """RECO on random image-text pairs that are also the memory (each pair excludes its own
+    row); the same in every process. Returns the trained model."""
+    from reco.models import RECO, FusionConfig, RECOConfig
+    from reco.train import RECOTask, TrainConfig, Trainer
+
+    g = torch.Generator().manual_seed(8)
+    img = F.normalize(torch.randn(400, 16, generator=g), dim=1)
+    txt = F.normalize(img + 0.5 * torch.randn(400, 16, generator=g), dim=1)
+    torch.manual_seed(9)
+    model = RECO(RECOConfig(k=5, fusion=FusionConfig(dim=16, heads=2)))
+    retrievers = {"image": Retriever(img, txt, k=5), "text": Retriever(txt, img, k=5)}
+    data = EmbeddingDataset({"image": img, "text": txt, "row": torch.arange(400)})
+    cfg = TrainConfig(steps=steps, batch_size=32, warmup_steps=1, grad_clip=None, progress=False)
+    Trainer(model, RECOTask(retrievers, 0.1), data, cfg, device="cpu").fit()
+    return model

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 from dist_workers import ddp_train
-from synthetic import COUNTS, DV, C, D, long_tail_task, train_small_long_tail_model
+from synthetic import COUNTS, DV, C, D, long_tail_task
 from torch.nn import functional as F
 
 from reco.models import (
@@ -99,19 +99,33 @@ def test_resume_is_exact(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 4
 
 
-def test_ddp_with_two_processes_equals_one_process(tmp_path):
+@pytest.mark.parametrize("which", ["long_tail", "reco"])
+def test_ddp_with_two_processes_equals_one_process(tmp_path, which):
+    """The same global batches on 2 ranks or on 1: the same weights. For RECO the contrastive
+    loss gathers the ranks' embeddings, so both runs see the same negatives."""
     ctx = multiprocessing.get_context("spawn")
     init, out = tempfile.mktemp(dir=tmp_path), tmp_path / "ddp.pt"
-    procs = [ctx.Process(target=ddp_train, args=(r, 2, init, str(out))) for r in range(2)]
+    procs = [ctx.Process(target=ddp_train, args=(r, 2, init, str(out), which)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0, 0]
-    model = train_small_long_tail_model()  # one process, the same global batches
+    import synthetic
+
+    model = getattr(synthetic, f"train_small_{which}_model")()  # one process
     ddp = torch.load(out)
     for name, t in model.state_dict().items():
-        torch.testing.assert_close(ddp[name], t, atol=1e-6, rtol=1e-5)
+        if name.endswith("attn.in_proj_bias"):
+            # The key bias has an exactly zero gradient (softmax ignores a per-query constant);
+            # Adam turns the rounding noise of that zero into full-size steps, different in
+            # every summation order. Compare the query and value biases only.
+            dim = t.shape[0] // 3
+            t, ddp[name] = (
+                torch.cat([t[:dim], t[2 * dim :]]),
+                torch.cat([ddp[name][:dim], ddp[name][2 * dim :]]),
+            )
+        torch.testing.assert_close(ddp[name], t, atol=1e-5, rtol=1e-4)
 
 
 def test_reco_training_raises_zero_shot_accuracy():

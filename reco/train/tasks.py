@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -46,4 +48,18 @@ class RECOTask:
         exclude = batch["row"].unsqueeze(1) if "row" in batch else None
         v_ref = model.refine("image", v, self.retrievers["image"], exclude)
         t_ref = model.refine("text", t, self.retrievers["text"], exclude)
+        v_ref, t_ref, v, t = (gather_batch(x) for x in (v_ref, t_ref, v, t))
         return reco_loss(v_ref, t_ref, v, t, self.temperature)
+
+
+def gather_batch(x: Tensor) -> Tensor:
+    """Under torch.distributed, every rank's rows concatenated (the global batch), with
+    gradients flowing back to each rank's own rows: the contrastive loss then sees the same
+    negatives as one process with the global batch. Each rank computes that same global loss and
+    the gather's backward sums the ranks' gradients, so after DDP's average every rank holds the
+    single-process gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()))
