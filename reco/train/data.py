@@ -7,17 +7,17 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..memory import Memory
+from ..memory import EmbeddingTable, Memory
 
 
 class EmbeddingDataset:
     """Named tensors sharing their first dimension (e.g. {"image": [n, d], "label": [n]}), which
     may be memory-mapped: a batch reads only its rows."""
 
-    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+    def __init__(self, tensors: Mapping[str, Tensor | EmbeddingTable]) -> None:
         if not tensors:
             raise ValueError("an EmbeddingDataset needs at least one tensor")
-        sizes = {name: t.shape[0] for name, t in tensors.items()}
+        sizes = {name: len(t) for name, t in tensors.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"tensors must share their first dimension, got {sizes}")
         self.tensors = dict(tensors)
@@ -27,10 +27,10 @@ class EmbeddingDataset:
     def from_memory(
         cls, memory: Memory, modalities: tuple[str, ...] = ("image", "text"), rows: bool = True
     ) -> EmbeddingDataset:
-        """A memory's embeddings (one tensor per modality, materialised lazily per batch),
+        """A memory's embeddings (memory-mapped: a batch reads only its rows, across shards),
         labels when it has them, and "row": each item's row id, so that training can exclude an
         item from its own retrieval."""
-        t: dict[str, Tensor] = {m: memory.keys(m).materialize() for m in modalities}
+        t: dict[str, Tensor | EmbeddingTable] = {m: memory.keys(m) for m in modalities}
         if memory.labels is not None:
             t["label"] = memory.labels
         if rows:
@@ -44,7 +44,7 @@ class EmbeddingDataset:
         """The rows `index` of every tensor, as float32 (embeddings) or int64, on device."""
         out = {}
         for name, t in self.tensors.items():
-            x = t[index]
+            x = t[index]  # an EmbeddingTable gathers across its shards
             out[name] = (x.float() if x.is_floating_point() else x.long()).to(device)
         return out
 

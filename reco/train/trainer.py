@@ -149,7 +149,7 @@ class Trainer:
         """Trains until `steps` (default: cfg.steps); returns the logged metrics."""
         cfg = self.cfg
         stop = cfg.steps if steps is None else min(steps, cfg.steps)
-        if not self.maybe_resume():
+        if not self.maybe_resume() and self.step == 0:
             torch.manual_seed(cfg.seed + self.rank)
         out = Path(cfg.out_dir) if cfg.out_dir is not None and self.rank == 0 else None
         writer = _tensorboard(out)
