@@ -160,10 +160,10 @@ class Index:
         # Re-score the candidates exactly and order them as every backend does.
         rows = torch.where(valid, found, 0)
         exact = torch.einsum("bd,bkd->bk", query.double(), self.keys[rows].double())
-        # Invalid slots get NaN and a row id past every real one: they rank after all valid rows.
+        # Invalid slots become padding (NaN, PAD_ROW): they rank after all valid rows.
         scores = torch.where(valid, exact, torch.nan)
         rows_sorted, scores_sorted = reference.merge_topk(
-            scores, torch.where(valid, found, 2**62), k
+            scores, torch.where(valid, found, PAD_ROW), k
         )
         return SearchResult(rows_sorted, scores_sorted.float())
 
@@ -225,12 +225,6 @@ class Index:
         self._check_query(query, min(k, self.rows), exclude)
         query = query.to(self.keys.device)
         exclude = None if exclude is None else exclude.to(self.keys.device)
-        extra = 0 if exclude is None else exclude.shape[1]
-        if len(self.keys.shards) == 1 and self.backend != "faiss":
-            shard = self.keys.shards[0]
-            ks = min(k + extra, shard.shape[0])
-            r = fused_retrieve_attend(query, shard, shard[:, :1], ks)
-            return mask_excluded(r.scores.float(), r.indices, exclude)
         return self._shard_candidates(query, k, exclude)
 
     def retrieve_attend(

@@ -47,3 +47,27 @@ def image_tree(tmp_path):
             pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "tree" / c / f"{i}.png")
     return tmp_path / "tree"
+
+
+def tiny_clip_args(tiny_clip) -> list[str]:
+    """`reco` CLI arguments selecting the tiny open_clip model and its checkpoint."""
+    name, weights = tiny_clip
+    return [
+        "--model",
+        name,
+        "--pretrained",
+        str(weights),
+        "--model-config",
+        str(DATA / "reco-tiny-clip.json"),
+    ]
+
+
+@pytest.fixture
+def tiny_memory(tmp_path, image_tree, tiny_clip):
+    """A memory built by `reco build-memory` from image_tree with the tiny open_clip model."""
+    from reco.cli import main
+
+    out = tmp_path / "mem"
+    build = ["build-memory", str(out), "--image-folder", str(image_tree), "--no-progress"]
+    assert main([*build, *tiny_clip_args(tiny_clip)]) == 0
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DATA
+from conftest import DATA, tiny_clip_args
 
 from reco.cli import main
 
@@ -13,22 +13,10 @@ PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("open_clip")
 
 
-def _model_args(tiny_clip):
-    name, weights = tiny_clip
-    return [
-        "--model",
-        name,
-        "--pretrained",
-        str(weights),
-        "--model-config",
-        str(DATA / "reco-tiny-clip.json"),
-    ]
-
-
 def test_build_info_search(tmp_path, image_tree, tiny_clip, capsys):
     out = tmp_path / "mem"
     args = ["build-memory", str(out), "--image-folder", str(image_tree), "--no-progress"]
-    assert main(args + _model_args(tiny_clip) + ["--shard-rows", "5", "--batch-size", "4"]) == 0
+    assert main(args + tiny_clip_args(tiny_clip) + ["--shard-rows", "5", "--batch-size", "4"]) == 0
     assert "12 rows" in capsys.readouterr().out
     assert main(["memory", "info", str(out), "--verify"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -141,34 +141,13 @@ def test_config_errors_are_clear(tmp_path, capsys):
     assert "train.stpes" in err and "steps" in err
 
 
-def test_explain_writes_a_grid(tmp_path, image_tree, tiny_clip, capsys):
+def test_explain_writes_a_grid(tmp_path, image_tree, tiny_memory, capsys):
     PIL = pytest.importorskip("PIL.Image")
-    model_args = [
-        "--model",
-        tiny_clip[0],
-        "--pretrained",
-        str(tiny_clip[1]),
-        "--model-config",
-        str(DATA / "reco-tiny-clip.json"),
-    ]
-    assert (
-        main(
-            [
-                "build-memory",
-                str(tmp_path / "mem"),
-                "--image-folder",
-                str(image_tree),
-                "--no-progress",
-                *model_args,
-            ]
-        )
-        == 0
-    )
     cfg = tmp_path / "x.yaml"
     cfg.write_text(
         f"""
 method: longtail
-data: {{train: {tmp_path / "mem"}, memory: {tmp_path / "mem"}, train_in_memory: true}}
+data: {{train: {tiny_memory}, memory: {tiny_memory}, train_in_memory: true}}
 longtail: {{k: 4, heads: 2}}
 train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, progress: false}}
 """
@@ -192,25 +171,15 @@ train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, 
     assert im.format == "PNG" and im.size[0] > 300
 
 
-def test_zero_shot_prompts_from_class_names(tmp_path, image_tree, tiny_clip, capsys):
+def test_zero_shot_prompts_from_class_names(tmp_path, tiny_memory, capsys):
     """RECO eval without precomputed prompts: the test memory's label names and the templates are
     encoded with the memory's own text encoder (its recorded checkpoint)."""
     config_json = str(DATA / "reco-tiny-clip.json")
-    model_args = [
-        "--model",
-        tiny_clip[0],
-        "--pretrained",
-        str(tiny_clip[1]),
-        "--model-config",
-        config_json,
-    ]
-    build = ["build-memory", str(tmp_path / "mem"), "--image-folder", str(image_tree)]
-    assert main([*build, "--no-progress", *model_args]) == 0
     cfg = tmp_path / "zs.yaml"
     cfg.write_text(
         f"""
 method: reco
-data: {{train: {tmp_path / "mem"}, memory: {tmp_path / "mem"}, test: {tmp_path / "mem"},
+data: {{train: {tiny_memory}, memory: {tiny_memory}, test: {tiny_memory},
         train_in_memory: true}}
 reco: {{k: 3, fusion: {{dim: 32, heads: 2}}}}
 zero_shot:
