@@ -412,6 +412,48 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from reco.experiments import Demo, DemoConfig, LongTailParams, ZeroShotParams
+
+    lt, zs = LongTailParams(), ZeroShotParams()
+    if args.quick:  # the reduced demo the tests run: fewer images, one seed, shorter training
+        lt = dataclasses.replace(lt, steps=500)
+        zs = dataclasses.replace(
+            zs, pretrain=4000, fusion_train=2000, clip_steps=300, reco_steps=300, ablations=False
+        )
+    cfg = DemoConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        seeds=args.seeds if args.seeds is not None else (1 if args.quick else 3),
+        head=args.head,
+        imbalance=args.imbalance,
+        noise=args.noise,
+        k=args.k,
+        out=args.out,
+        cache=args.cache,
+        device=args.device,
+        resolution=args.resolution,
+        train_limit=args.train_limit or (12000 if args.quick else None),
+        test_limit=args.test_limit or (2000 if args.quick else None),
+        keep_memories=args.keep_memories,
+        longtail=lt,
+        zeroshot=zs,
+    )
+    if args.steps is not None:
+        cfg.longtail.steps = args.steps
+    report = Demo(cfg).run()
+    from reco.experiments.report import longtail_table, zeroshot_tables
+
+    print(longtail_table(report["longtail"]))
+    print()
+    print(zeroshot_tables(report["zeroshot"])[0])
+    print(f"\nreport: {Path(cfg.out) / 'report.md'} ({report['timings_s']['total']:.0f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reco", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -493,6 +535,29 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--model-config", action="append", default=[])
     x.add_argument("--allow-random-weights", action="store_true")
     x.set_defaults(func=_explain)
+
+    d = sub.add_parser(
+        "demo",
+        help="both papers' experiments on real data from installed packages; writes a report",
+    )
+    d.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "mnist"])
+    d.add_argument("--data-dir", help="folder with the four IDX files (default: installed data)")
+    d.add_argument("--seed", type=int, default=0, help="first seed")
+    d.add_argument("--seeds", type=int, help="number of seeds (default 3; 1 with --quick)")
+    d.add_argument("--imbalance", type=float, default=200.0, help="head / tail images")
+    d.add_argument("--head", type=int, help="head-class images (default 1000; mnist: 300)")
+    d.add_argument("--noise", type=float, default=0.25, help="memory caption noise in [0, 1]")
+    d.add_argument("-k", "--k", type=int, default=10, help="retrieved items")
+    d.add_argument("--out", default="reco-demo", help="report folder")
+    d.add_argument("--cache", help="encoder feature cache (default: <out>/cache)")
+    d.add_argument("--device", help="default: cuda when available")
+    d.add_argument("--resolution", type=int, default=64, help="image encoder input size")
+    d.add_argument("--train-limit", type=int, help="at most this many training images")
+    d.add_argument("--test-limit", type=int, help="at most this many test images")
+    d.add_argument("--steps", type=int, help="training steps of the long-tail models")
+    d.add_argument("--quick", action="store_true", help="a reduced demo (minutes)")
+    d.add_argument("--keep-memories", action="store_true", help="keep every memory built")
+    d.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

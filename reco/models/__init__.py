@@ -3,6 +3,7 @@
 from .attention import MemoryAttention, MemoryAttentionConfig
 from .fusion import RECO, FusionConfig, FusionTransformer, RECOConfig
 from .heads import LinearHead, MeanKNN, MLPHead, RetrievalClassifier
+from .lit import ProjectionCLIP
 from .retrieval import Retrieved, Retriever
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "MeanKNN",
     "MemoryAttention",
     "MemoryAttentionConfig",
+    "ProjectionCLIP",
     "RECOConfig",
     "RetrievalClassifier",
     "Retrieved",

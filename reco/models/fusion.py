@@ -26,6 +26,10 @@ class FusionConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    # Zero-initialised output projections (attention and MLP): the layer starts as the identity,
+    # so the refined embedding starts as the frozen one. Not stated in the paper; without it the
+    # random branches swamp a unit-norm embedding at the start of training.
+    zero_init: bool = True
 
     def validate(self) -> None:
         if self.dim % self.heads:
@@ -50,6 +54,10 @@ class FusionTransformer(nn.Module):
             nn.Dropout(cfg.dropout),
             nn.Linear(hidden, cfg.dim),
         )
+        if cfg.zero_init:
+            for layer in (self.attn.out_proj, self.mlp[-1]):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def _attend(self, query: Tensor, retrieved: Tensor, keep: Tensor | None, weights: bool):
         tokens = torch.cat([query.unsqueeze(1), retrieved.to(query.dtype)], 1)  # [B, 1 + k, dim]
@@ -115,8 +123,13 @@ class RECO(nn.Module):
         emb: Tensor,
         retriever: Retriever,
         exclude: Tensor | None = None,
+        neighbours: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """Refined embeddings [B, dim] of image or text embeddings emb [B, dim]."""
-        r = retriever(emb, exclude)
+        """Refined embeddings [B, dim] of image or text embeddings emb [B, dim]. neighbours:
+        (indices, scores) found earlier (Retriever.precompute) instead of a search."""
+        if neighbours is not None:
+            r = retriever.lookup(*neighbours, emb.device)
+        else:
+            r = retriever(emb, exclude)
         fusion = self.image_fusion if modality == "image" else self.text_fusion
         return fusion(emb, r.values, r.keep)

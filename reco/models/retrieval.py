@@ -69,11 +69,55 @@ class Retriever:
         return self.index.values.dim
 
     @torch.no_grad()
+    def search(
+        self, query: Tensor, exclude: Tensor | None = None, k: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(indices [B, k] int64, scores [B, k] float32) of the exact top-k of query [B, d]."""
+        hit = self.index.search(query.detach().float(), k or self.k, exclude=exclude)
+        return hit.indices, hit.scores
+
+    @torch.no_grad()
+    def precompute(
+        self,
+        queries: Tensor,
+        k: int | None = None,
+        exclude: Tensor | None = None,
+        chunk: int = 4096,
+    ) -> tuple[Tensor, Tensor]:
+        """search() over many queries [n, d], chunk by chunk. With frozen encoders and a frozen
+        memory the neighbours of a training item never change, so they can be searched once and
+        looked up every epoch (`lookup`): training then costs only the model."""
+        k = k or self.k
+        idx, sc = [], []
+        for i in range(0, len(queries), chunk):
+            ex = exclude[i : i + chunk] if exclude is not None else None
+            a, b = self.search(queries[i : i + chunk], ex, k)
+            idx.append(a)
+            sc.append(b)
+        if not idx:
+            return torch.empty(0, k, dtype=torch.int64), torch.empty(0, k)
+        return torch.cat(idx), torch.cat(sc)
+
+    @torch.no_grad()
+    def lookup(
+        self, indices: Tensor, scores: Tensor, device: torch.device | str | None = None
+    ) -> Retrieved:
+        """Retrieved from neighbours found earlier (`precompute`), sorted best first and at least
+        k per query: the first k are used, exactly what a search with this k returns."""
+        if indices.dim() != 2 or indices.shape != scores.shape or indices.shape[1] < self.k:
+            raise ValueError(
+                f"indices and scores must be [B, >= k={self.k}] and alike, got "
+                f"{tuple(indices.shape)} and {tuple(scores.shape)}"
+            )
+        indices, scores = indices[:, : self.k], scores[:, : self.k].float()
+        device = device if device is not None else indices.device
+        values = self.index.values[indices.cpu()].float().to(device)
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        if self.near_duplicate is not None:
+            keep = scores < self.near_duplicate
+        return Retrieved(values, indices.to(device), scores.to(device), keep.to(device))
+
     def __call__(self, query: Tensor, exclude: Tensor | None = None) -> Retrieved:
         """query [B, d] (no gradient flows into the search) -> Retrieved."""
-        hit = self.index.search(query.detach().float(), self.k, exclude=exclude)
-        values = self.index.values[hit.indices].float().to(query.device)
-        keep = torch.ones_like(hit.scores, dtype=torch.bool)
-        if self.near_duplicate is not None:
-            keep = hit.scores < self.near_duplicate
-        return Retrieved(values, hit.indices, hit.scores.to(query.device), keep.to(query.device))
+        indices, scores = self.search(query, exclude)
+        return self.lookup(indices, scores, query.device)

@@ -7,14 +7,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..models import RECO, RetrievalClassifier, Retriever
-from .losses import reco_loss
+from ..models import RECO, ProjectionCLIP, RetrievalClassifier, Retriever
+from .losses import info_nce, reco_loss
 
 
 class LongTailTask:
     """Classification with retrieval: z = batch[query_key] retrieves from the memory (excluding
     batch["row"] when the training items are themselves in the memory), the classifier
-    aggregates and predicts; cross-entropy against batch["label"]."""
+    aggregates and predicts; cross-entropy against batch["label"]. A batch holding
+    "neighbours" and "neighbour_scores" (from Retriever.precompute) looks them up instead of
+    searching."""
 
     def __init__(self, retriever: Retriever | None, query_key: str = "image") -> None:
         self.retriever = retriever
@@ -26,8 +28,11 @@ class LongTailTask:
             return model(z)
         if self.retriever is None:
             raise ValueError("this classifier aggregates retrieved values: give a retriever")
-        exclude = batch["row"].unsqueeze(1) if "row" in batch else None
-        r = self.retriever(z, exclude)
+        if "neighbours" in batch:
+            r = self.retriever.lookup(batch["neighbours"], batch["neighbour_scores"], z.device)
+        else:
+            exclude = batch["row"].unsqueeze(1) if "row" in batch else None
+            r = self.retriever(z, exclude)
         return model(z, r.values, r.keep)
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -37,7 +42,8 @@ class LongTailTask:
 class RECOTask:
     """RECO's loss on image-text pairs (batch["image"], batch["text"]): refined image and text
     embeddings aligned with each other and with the frozen ones. Items exclude their own memory
-    row (batch["row"]) from retrieval."""
+    row (batch["row"]) from retrieval. Precomputed neighbours (Retriever.precompute) are used
+    where the batch holds "<modality>_neighbours" and "<modality>_neighbour_scores"."""
 
     def __init__(self, retrievers: dict[str, Retriever], temperature: float = 0.07) -> None:
         self.retrievers = retrievers
@@ -46,10 +52,27 @@ class RECOTask:
     def __call__(self, model: RECO, batch: dict[str, Tensor]) -> Tensor:
         v, t = batch["image"], batch["text"]
         exclude = batch["row"].unsqueeze(1) if "row" in batch else None
-        v_ref = model.refine("image", v, self.retrievers["image"], exclude)
-        t_ref = model.refine("text", t, self.retrievers["text"], exclude)
+        v_ref = model.refine("image", v, self.retrievers["image"], exclude, _found(batch, "image"))
+        t_ref = model.refine("text", t, self.retrievers["text"], exclude, _found(batch, "text"))
         v_ref, t_ref, v, t = (gather_batch(x) for x in (v_ref, t_ref, v, t))
         return reco_loss(v_ref, t_ref, v, t, self.temperature)
+
+
+class ContrastiveTask:
+    """CLIP's objective on image-text pairs (batch["image"], batch["text"]): symmetric InfoNCE
+    of the projected embeddings, over the global batch under torch.distributed."""
+
+    def __init__(self, temperature: float = 0.07) -> None:
+        self.temperature = temperature
+
+    def __call__(self, model: ProjectionCLIP, batch: dict[str, Tensor]) -> Tensor:
+        v, t = model(batch["image"], batch["text"])
+        return info_nce(gather_batch(v), gather_batch(t), self.temperature)
+
+
+def _found(batch: dict[str, Tensor], modality: str) -> tuple[Tensor, Tensor] | None:
+    key = f"{modality}_neighbours"
+    return (batch[key], batch[f"{modality}_neighbour_scores"]) if key in batch else None
 
 
 def gather_batch(x: Tensor) -> Tensor:
