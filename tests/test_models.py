@@ -26,7 +26,7 @@ def _unit(*shape, seed=0):
 def test_fusion_layer_equals_a_torch_pre_norm_encoder_layer():
     """At the query token, FusionTransformer is exactly nn.TransformerEncoderLayer(norm_first)."""
     torch.manual_seed(0)
-    cfg = FusionConfig(dim=64, heads=4, mlp_ratio=4.0)
+    cfg = FusionConfig(dim=64, heads=4, mlp_ratio=4.0, zero_init=False)
     fusion = FusionTransformer(cfg).eval()
     ref = nn.TransformerEncoderLayer(
         64, 4, 256, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
@@ -41,6 +41,27 @@ def test_fusion_layer_equals_a_torch_pre_norm_encoder_layer():
     torch.testing.assert_close(fusion(q, r), want, atol=1e-5, rtol=1e-5)
 
 
+def test_zero_init_fusion_starts_as_the_identity_and_learns():
+    torch.manual_seed(0)
+    q, r = torch.randn(4, 32), torch.randn(4, 5, 32)
+    fusion = FusionTransformer(FusionConfig(dim=32, heads=4))
+    torch.testing.assert_close(fusion(q, r), nn.functional.normalize(q, dim=-1))
+    random = FusionTransformer(FusionConfig(dim=32, heads=4, zero_init=False))
+    assert (random(q, r) - nn.functional.normalize(q, dim=-1)).abs().max() > 1e-2
+    # The zeroed projections still get gradients, so the retrieved items come into play.
+    target = nn.functional.normalize(r.mean(1), dim=-1)
+    opt = torch.optim.SGD(fusion.parameters(), lr=0.5)
+    for _ in range(20):
+        loss = -(fusion(q, r) * target).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert fusion.attn.out_proj.weight.abs().max() > 0
+    assert (fusion(q, r) * target).sum(1).mean() > (
+        nn.functional.normalize(q, dim=-1) * target
+    ).sum(1).mean() + 0.1
+
+
 def test_fusion_size_matches_the_paper():
     n = sum(p.numel() for p in FusionTransformer(FusionConfig(dim=512)).parameters())
     assert 3.1e6 < n < 3.3e6, n  # "about 3.2M parameters for CLIP-B/32"
@@ -52,7 +73,7 @@ def test_masked_items_do_not_matter():
     keep = torch.tensor([[1, 1, 0, 1, 0, 1]] * 3, dtype=torch.bool)
     r2 = r.clone()
     r2[~keep] = 100.0
-    fusion = FusionTransformer(FusionConfig(dim=32, heads=4)).eval()
+    fusion = FusionTransformer(FusionConfig(dim=32, heads=4, zero_init=False)).eval()
     torch.testing.assert_close(fusion(q, r, keep), fusion(q, r2, keep))
     att = MemoryAttention(MemoryAttentionConfig(32, 32, heads=4)).eval()
     torch.testing.assert_close(att(q, r, keep), att(q, r2, keep))

@@ -245,7 +245,7 @@ def write_memory(
     image_encoder: EncoderInfo,
     text_encoder: EncoderInfo,
     source: dict,
-    shard_rows: int = 32768,
+    shard_rows: int = 1 << 17,
 ) -> Memory:
     """Writes items as a reco memory (or resumes one an interrupted run left) and opens it;
     the encoders are named in its manifest."""

@@ -51,7 +51,7 @@ class LongTailData:
 class LongTailParams:
     k: int = 10
     steps: int = 1000
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 1e-2
     attention_dim: int = 256  # not stated in the paper: the light-weight choice
     heads: int = 8

@@ -31,7 +31,7 @@ class ZeroShotParams:
     dim: int = 256
     clip_steps: int = 600
     reco_steps: int = 300
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 1e-3
     k: int = 10
     k_sweep: tuple[int, ...] = (1, 5, 10, 20)

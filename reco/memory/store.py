@@ -378,9 +378,8 @@ class EmbeddingTable:
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.rows):
             raise IndexError(f"row ids must be in [0, {self.rows})")
         out = torch.empty(flat.numel(), self.dim, dtype=self.dtype, device=self.device)
-        which = torch.as_tensor(
-            [bisect.bisect_right(self.offsets, int(r)) - 1 for r in flat], dtype=torch.int64
-        )
+        bounds = torch.tensor(self.offsets[1:-1], dtype=torch.int64)
+        which = torch.searchsorted(bounds, flat, right=True)  # the shard holding each row
         for s in torch.unique(which).tolist():
             sel = (which == s).nonzero().squeeze(1)
             out[sel.to(self.device)] = self.shards[s][(flat[sel] - self.offsets[s]).to(self.device)]
