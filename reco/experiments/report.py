@@ -106,7 +106,7 @@ distractors); keys are image features, values the captions' text embeddings. Mem
 {longtail_table(lt)}
 
 The fused op (one retrieve-attend call per query chunk) predicts the same class as the ordinary
-forward for at least {100 * min(agree):.2f}% of the test images (every seed).
+forward for {_agreement(min(agree))} (every seed).
 
 Memory noise sweep (few-shot / all):
 
@@ -129,6 +129,12 @@ what remains of its gain on unseen classes was learnt by the fusion layers, not 
 {_ablations(zgrid, zks, cfg["k"])}
 Figure: `zeroshot.png`.
 """
+
+
+def _agreement(fraction: float) -> str:
+    if fraction == 1.0:
+        return "every test image"
+    return f"at least {100 * fraction:.2f}% of the test images"
 
 
 def _ablations(grid: str | None, ks: str | None, k: int) -> str:
