@@ -127,6 +127,9 @@ class Demo:
         if project_fn is not None:
             items = project_fn(items)
         path = self.out / "memories" / name
+        # A memory is this run's output, not a cache: one left by an earlier run (perhaps of other
+        # code) is replaced.
+        shutil.rmtree(path, ignore_errors=True)
         source = {"demo": name, "noise": noise, "seed": seed, "dataset": self.cfg.dataset}
         mem = write_memory(path, items, *infos, source=source)
         self.memories.append(path)
@@ -340,6 +343,7 @@ class Demo:
                 source=[c for c, k in zip(items.source, keep) if k],
             )
             cpath = self.out / "memories" / (name + "-seen-only")
+            shutil.rmtree(cpath, ignore_errors=True)
             cmem = write_memory(cpath, control, *infos, source={"demo": name + "-seen-only"})
             v, t = reco.with_memory(cmem).refined(main_model)
             res["RECO, memory without unseen classes"] = zero_shot_accuracy(v, t, test_y, seen)
