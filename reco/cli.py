@@ -444,6 +444,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     if args.steps is not None:
         cfg.longtail.steps = args.steps
+    cfg.longtail.fusion_modality = args.values
     report = Demo(cfg).run()
     from reco.experiments.report import longtail_table, zeroshot_tables
 
@@ -555,6 +556,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--train-limit", type=int, help="at most this many training images")
     d.add_argument("--test-limit", type=int, help="at most this many test images")
     d.add_argument("--steps", type=int, help="training steps of the long-tail models")
+    d.add_argument(
+        "--values",
+        default="text",
+        choices=["text", "image"],
+        help="experiment 1's memory values: caption embeddings or the items' image features",
+    )
     d.add_argument("--quick", action="store_true", help="a reduced demo (minutes)")
     d.add_argument("--keep-memories", action="store_true", help="keep every memory built")
     d.set_defaults(func=_demo)

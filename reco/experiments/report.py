@@ -100,7 +100,7 @@ torch {m["torch"]}. Total time {report["timings_s"]["total"]:.0f} s.
 Long-tailed training set: {lt["train_size"]} images, per class {lt["profile"]} (class order
 shuffled by seed); buckets many > 100, medium 20..100, few < 20 training images. Memory:
 {lt["memory_size"]} captioned images (the training images not in the long-tailed set, plus the
-distractors); keys are image features, values the captions' text embeddings. Memory noise
+distractors); keys are image features, values {_values(cfg)}. Memory noise
 {cfg["noise"]:.0%} (half wrong-class, half irrelevant captions); k = {cfg["k"]}.
 
 {longtail_table(lt)}
@@ -129,6 +129,12 @@ what remains of its gain on unseen classes was learnt by the fusion layers, not 
 {_ablations(zgrid, zks, cfg["k"])}
 Figure: `zeroshot.png`.
 """
+
+
+def _values(cfg: dict) -> str:
+    if cfg["longtail"]["fusion_modality"] == "image":
+        return "the items' image features (captions unused)"
+    return "the captions' text embeddings"
 
 
 def _agreement(fraction: float) -> str:
