@@ -225,6 +225,8 @@ def reco_backend(device: str) -> str:
     """Which implementation of reco's op runs on `device`."""
     if device == "cpu" and reco_ops._C is not None:
         return f"compiled cpu kernel ({reco_ops._C.default_cpu_level()})"
+    if device == "cuda" and reco_ops.cuda_kernel_enabled():
+        return "compiled CUDA kernel (first version: CUDA cores, RECO_CUDA_KERNEL=1)"
     return f"pure-torch reference (no compiled reco kernel for {device})"
 
 

@@ -9,6 +9,9 @@
 
 #include "cpu/retrieve_attend.h"
 #include "reco/dlpack.h"
+#if defined(RECO_WITH_CUDA)
+#include "cuda/retrieve_attend.h"
+#endif
 
 namespace py = pybind11;
 using reco::DType;
@@ -106,6 +109,45 @@ void retrieve_attend(py::handle query, py::handle keys, py::handle values, py::h
   reco::cpu::retrieve_attend(a, lv);
 }
 
+#if defined(RECO_WITH_CUDA)
+void retrieve_attend_cuda(py::handle query, py::handle keys, py::handle values,
+                          py::handle attn_query, py::handle exclude, int64_t k, double temperature,
+                          py::handle output, py::handle weights, py::handle indices,
+                          py::handle scores, py::handle part_scores, py::handle part_rows,
+                          int splits, int pow2, int queries, uintptr_t stream) {
+  Imported owners[11];
+  reco::cuda::Args a;
+  a.query = import_array(query, "query", owners[0]);
+  a.keys = import_array(keys, "keys", owners[1]);
+  a.values = import_array(values, "values", owners[2]);
+  a.attn_query = import_array(attn_query, "attn_query", owners[3]);
+  a.exclude = import_array(exclude, "exclude", owners[4]);
+  a.output = import_array(output, "output", owners[5]);
+  a.weights = import_array(weights, "weights", owners[6]);
+  a.indices = import_array(indices, "indices", owners[7]);
+  a.scores = import_array(scores, "scores", owners[8]);
+  a.part_scores = import_array(part_scores, "part_scores", owners[9]);
+  a.part_rows = import_array(part_rows, "part_rows", owners[10]);
+  for (const TensorView* v : {&a.query, &a.keys, &a.values, &a.output, &a.weights, &a.indices,
+                              &a.scores, &a.part_scores, &a.part_rows})
+    if (v->device_type != 2 || v->device_id != a.query.device_id)
+      throw py::value_error("retrieve_attend_cuda: every array must be on the query's CUDA device");
+  if (a.query.dtype != DType::f32 || a.query.strides[1] != 1 || a.query.strides[0] != a.query.shape[1])
+    throw py::type_error("retrieve_attend_cuda: query must be contiguous float32");
+  if (a.keys.strides[1] != 1 || a.values.strides[1] != 1)
+    throw py::value_error("retrieve_attend_cuda: keys and values need unit inner stride");
+  a.k = k;
+  a.temperature = temperature;
+  a.plan.splits = splits;
+  a.plan.pow2 = pow2;
+  a.plan.queries = queries;
+  a.plan.ok = true;
+  a.stream = stream;
+  py::gil_scoped_release release;
+  reco::cuda::retrieve_attend(a);
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -131,6 +173,20 @@ PYBIND11_MODULE(_C, m) {
       "The level used when none is given (RECO_CPU_LEVEL overrides).");
 #if defined(RECO_WITH_CUDA)
   m.attr("with_cuda") = true;
+  m.def(
+      "cuda_plan",
+      [](int64_t batch, int64_t rows, int64_t k, int device) {
+        const reco::cuda::Plan p = reco::cuda::plan(batch, rows, k, device);
+        return py::make_tuple(p.ok, p.splits, p.pow2, p.queries);
+      },
+      py::arg("batch"), py::arg("rows"), py::arg("k"), py::arg("device"),
+      "(ok, splits, pow2, queries): how a CUDA call is split (ok False: k too large).");
+  m.def("retrieve_attend_cuda", &retrieve_attend_cuda, py::arg("query"), py::arg("keys"),
+        py::arg("values"), py::arg("attn_query"), py::arg("exclude"), py::arg("k"),
+        py::arg("temperature"), py::arg("output"), py::arg("weights"), py::arg("indices"),
+        py::arg("scores"), py::arg("part_scores"), py::arg("part_rows"), py::arg("splits"),
+        py::arg("pow2"), py::arg("queries"), py::arg("stream"),
+        "CUDA fused top-k retrieval + attention on the given stream (workspace from the caller).");
 #else
   m.attr("with_cuda") = false;
 #endif

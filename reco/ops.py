@@ -6,6 +6,7 @@ reco._C, which takes the arrays through DLPack and links no libtorch.
 """
 
 import math
+import os
 import warnings
 from typing import Optional
 
@@ -125,12 +126,16 @@ def _fused_retrieve_attend(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # Default body: devices without a compiled kernel run the reference.
     check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
+
+
+def _reference_body(query, keys, values, k, attn_query, temperature, exclude):
     if query.device.type not in _warned_devices:
         _warned_devices.add(query.device.type)
         warnings.warn(
             f"reco: no compiled fused_retrieve_attend kernel for device '{query.device.type}'; "
             "using the pure-torch reference (slower, same results)",
-            stacklevel=3,
+            stacklevel=4,
         )
     r = reference.fused_retrieve_attend(
         query, keys, values, k, attn_query=attn_query, temperature=temperature, exclude=exclude
@@ -179,6 +184,64 @@ if _C is not None:
             scores,
             torch.get_num_threads(),
         )
+        return output, weights, indices, scores
+
+
+def cuda_kernel_enabled() -> bool:
+    """The CUDA kernel is compiled in but has not yet been validated on a GPU, so CUDA tensors
+    run the reference unless RECO_CUDA_KERNEL=1 opts in."""
+    return bool(getattr(_C, "with_cuda", False)) and os.environ.get("RECO_CUDA_KERNEL") == "1"
+
+
+if _C is not None and getattr(_C, "with_cuda", False):
+
+    @_fused_retrieve_attend.register_kernel("cuda")
+    def _fused_retrieve_attend_cuda(
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        k: int,
+        attn_query: Optional[Tensor],
+        temperature: float,
+        exclude: Optional[Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+        ct = _out_dtype(query, keys, values, attn_query)
+        B, N, dv = query.shape[0], keys.shape[0], values.shape[1]
+        plan = _C.cuda_plan(B, N, k, query.device.index or 0) if B else (True, 1, 1, 1)
+        if not cuda_kernel_enabled() or ct != torch.float32 or not plan[0]:
+            return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
+        _, splits, pow2, queries = plan
+        H = 1 if attn_query is None else attn_query.shape[1]
+        output = query.new_empty((B, H, dv), dtype=ct)
+        weights = query.new_empty((B, H, k), dtype=ct)
+        indices = query.new_empty((B, k), dtype=torch.int64)
+        scores = query.new_empty((B, k), dtype=ct)
+        if B == 0:
+            return output, weights, indices, scores
+        # Workspace from torch's caching allocator (stream-ordered, CUDA-graph safe).
+        part_scores = query.new_empty((B, splits, k), dtype=torch.float32)
+        part_rows = query.new_empty((B, splits, k), dtype=torch.int64)
+        with torch.cuda.device(query.device):
+            _C.retrieve_attend_cuda(
+                query.detach().float().contiguous(),
+                _unit_inner_stride(keys.detach()),
+                _unit_inner_stride(values.detach()),
+                None if attn_query is None else attn_query.detach().float().contiguous(),
+                None if exclude is None else exclude.contiguous(),
+                k,
+                float(temperature),
+                output,
+                weights,
+                indices,
+                scores,
+                part_scores,
+                part_rows,
+                splits,
+                pow2,
+                queries,
+                torch.cuda.current_stream(query.device).cuda_stream,
+            )
         return output, weights, indices, scores
 
 

@@ -1,0 +1,376 @@
+// The CUDA fused retrieve-attend, first version: exact search on CUDA cores.
+//
+// Kernel 1 (search): a thread block takes up to 8 queries and one split of the rows. Each warp
+// scores rows (lanes stride over d, fp32 accumulation, warp reduction), and a candidate that
+// beats its query's current k-th best is appended to a staging area in shared memory. Before the
+// staging area can overflow, the block merges it into the running top list with a bitonic sort
+// (best first: higher score, then lower row; NaN below every number; empty slots last). The
+// B x N score matrix never leaves the chip; each split writes its top-k to a workspace.
+// Kernel 2 (merge + attend): one block per query merges the splits' lists, re-scores the k
+// winners in float64 and re-sorts them, then computes the softmax and the weighted sum of values
+// in float64 (as the CPU kernel does) and writes float32 results.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "retrieve_attend.h"
+
+namespace reco::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTile = kWarps * 32;  // rows a block scores between two merges (32 per warp)
+constexpr int kMaxQueries = 8;
+constexpr size_t kDefaultSmem = 48 * 1024;
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("reco CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+
+__device__ __forceinline__ float load(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float load(const __half* p) {
+  return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
+__device__ __forceinline__ float load(const __nv_bfloat16* p) {
+  return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
+
+// The selection order: a before b. Empty slots (row < 0) come last; NaN ranks below every
+// number, NaNs by ascending row; otherwise higher score first, ties to the lower row.
+template <typename S>
+__device__ __forceinline__ bool better(S sa, int64_t ra, S sb, int64_t rb) {
+  if (ra < 0) return false;
+  if (rb < 0) return true;
+  const bool na = isnan(sa), nb = isnan(sb);
+  if (na || nb) return na && nb ? ra < rb : nb;
+  return sa > sb || (sa == sb && ra < rb);
+}
+
+// Sorts n (a power of two) entries of shared memory best first; every thread of the block calls.
+template <typename S>
+__device__ void bitonic_sort(S* s, int64_t* r, int n) {
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int j = i ^ stride;
+        if (j > i) {
+          const bool best_first = (i & size) == 0;
+          const bool swap = best_first ? better(s[j], r[j], s[i], r[i])
+                                       : better(s[i], r[i], s[j], r[j]);
+          if (swap) {
+            const S ts = s[i];
+            s[i] = s[j];
+            s[j] = ts;
+            const int64_t tr = r[i];
+            r[i] = r[j];
+            r[j] = tr;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+__device__ __forceinline__ bool excluded(const int64_t* __restrict__ ex, int64_t E, int64_t r) {
+  for (int64_t i = 0; i < E; ++i)
+    if (__ldg(ex + i) == r) return true;
+  return false;
+}
+
+template <typename TK>
+__global__ void __launch_bounds__(kThreads)
+    search_kernel(const float* __restrict__ query, int64_t B, int64_t d,
+                  const TK* __restrict__ keys, int64_t N, int64_t key_stride,
+                  const int64_t* __restrict__ exclude, int64_t E, int64_t k, int P, int QB,
+                  int64_t rows_per_split, float* __restrict__ part_scores,
+                  int64_t* __restrict__ part_rows, int S) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t* rows = reinterpret_cast<int64_t*>(smem);                  // [QB][2P]
+  float* scs = reinterpret_cast<float*>(rows + size_t(QB) * 2 * P);  // [QB][2P]
+  int* count = reinterpret_cast<int*>(scs + size_t(QB) * 2 * P);     // [QB] staged candidates
+  __shared__ float thr_s[kMaxQueries];  // each query's current k-th best (the entry to beat)
+  __shared__ int64_t thr_r[kMaxQueries];
+
+  const int64_t q0 = int64_t(blockIdx.x) * QB;
+  const int nq = int(min(int64_t(QB), B - q0));
+  const int split = blockIdx.y;
+  const int64_t n0 = int64_t(split) * rows_per_split;
+  const int64_t n1 = min(N, n0 + rows_per_split);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+  for (int i = threadIdx.x; i < QB * 2 * P; i += blockDim.x) {
+    rows[i] = -1;
+    scs[i] = -INFINITY;
+  }
+  if (threadIdx.x < QB) {
+    count[threadIdx.x] = 0;
+    thr_s[threadIdx.x] = -INFINITY;
+    thr_r[threadIdx.x] = -1;
+  }
+  __syncthreads();
+
+  for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+    for (int i = 0; i < 32; ++i) {
+      const int64_t r = t0 + warp * 32 + i;
+      if (r >= n1) break;  // the same for every lane of the warp
+      float acc[kMaxQueries];
+#pragma unroll
+      for (int q = 0; q < kMaxQueries; ++q) acc[q] = 0.f;
+      const TK* kr = keys + r * key_stride;
+      for (int64_t j = lane; j < d; j += 32) {
+        const float kv = load(kr + j);
+#pragma unroll
+        for (int q = 0; q < kMaxQueries; ++q)
+          if (q < nq) acc[q] = fmaf(__ldg(query + (q0 + q) * d + j), kv, acc[q]);
+      }
+      float mine = 0.f;  // lane q keeps query q's score (no dynamic register indexing)
+#pragma unroll
+      for (int q = 0; q < kMaxQueries; ++q) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], o);
+        if (lane == q) mine = acc[q];
+      }
+      if (lane < nq && better(mine, r, thr_s[lane], thr_r[lane]) &&
+          (exclude == nullptr || !excluded(exclude + (q0 + lane) * E, E, r))) {
+        const int pos = atomicAdd(&count[lane], 1);
+        scs[size_t(lane) * 2 * P + P + pos] = mine;
+        rows[size_t(lane) * 2 * P + P + pos] = r;
+      }
+    }
+    __syncthreads();
+    const bool last = t0 + kTile >= n1;
+    for (int q = 0; q < nq; ++q) {
+      const int c = count[q];
+      if (!last && c <= P - kTile) continue;  // room for one more tile: merge later
+      __syncthreads();
+      const size_t base = size_t(q) * 2 * P;
+      for (int i = threadIdx.x; i < P - c; i += blockDim.x) {
+        rows[base + P + c + i] = -1;
+        scs[base + P + c + i] = -INFINITY;
+      }
+      __syncthreads();
+      bitonic_sort(scs + base, rows + base, 2 * P);
+      if (threadIdx.x == 0) {
+        count[q] = 0;
+        thr_s[q] = scs[base + k - 1];
+        thr_r[q] = rows[base + k - 1];
+      }
+      __syncthreads();
+    }
+  }
+
+  for (int q = 0; q < nq; ++q)
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+      const size_t o = (size_t(q0 + q) * S + split) * k + j;
+      part_scores[o] = scs[size_t(q) * 2 * P + j];
+      part_rows[o] = rows[size_t(q) * 2 * P + j];
+    }
+}
+
+template <typename TK, typename TV>
+__global__ void __launch_bounds__(kThreads)
+    merge_attend_kernel(const float* __restrict__ query, int64_t d, const TK* __restrict__ keys,
+                        int64_t key_stride, const TV* __restrict__ values, int64_t dv,
+                        int64_t value_stride, const float* __restrict__ attn_query, int H,
+                        const float* __restrict__ part_scores,
+                        const int64_t* __restrict__ part_rows, int S, int64_t k, int P,
+                        double inv_t, float* __restrict__ output, float* __restrict__ weights,
+                        int64_t* __restrict__ indices, float* __restrict__ scores) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t* rows = reinterpret_cast<int64_t*>(smem);           // [2P]
+  double* dsc = reinterpret_cast<double*>(rows + 2 * P);      // [P] float64 scores of winners
+  double* w = dsc + P;                                         // [P] logits, then weights
+  float* scs = reinterpret_cast<float*>(w + P);                // [2P]
+  const int64_t b = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+  for (int i = threadIdx.x; i < 2 * P; i += blockDim.x) {
+    rows[i] = -1;
+    scs[i] = -INFINITY;
+  }
+  __syncthreads();
+  const int64_t total = int64_t(S) * k;
+  const float* ps = part_scores + b * total;
+  const int64_t* pr = part_rows + b * total;
+  for (int64_t c0 = 0; c0 < total; c0 += P) {
+    for (int i = threadIdx.x; i < P; i += blockDim.x) {
+      const bool in = c0 + i < total;
+      scs[P + i] = in ? ps[c0 + i] : -INFINITY;
+      rows[P + i] = in ? pr[c0 + i] : -1;
+    }
+    __syncthreads();
+    bitonic_sort(scs, rows, 2 * P);
+  }
+
+  // Re-score the winners in float64 (one warp per row) and re-sort them.
+  const float* q = query + b * d;
+  for (int64_t j = warp; j < P; j += kWarps) {
+    double acc = 0.0;
+    const int64_t r = j < k ? rows[j] : -1;
+    if (r >= 0) {
+      const TK* kr = keys + r * key_stride;
+      for (int64_t c = lane; c < d; c += 32) acc += double(__ldg(q + c)) * double(load(kr + c));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    }
+    if (lane == 0) {
+      dsc[j] = r >= 0 ? acc : -INFINITY;
+      if (j >= k) rows[j] = -1;
+    }
+  }
+  __syncthreads();
+  bitonic_sort(dsc, rows, P);
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+    indices[b * k + j] = rows[j];
+    scores[b * k + j] = float(dsc[j]);
+  }
+
+  for (int h = 0; h < H; ++h) {
+    // Logits: the scores, or the attention query against each retrieved value.
+    if (attn_query == nullptr) {
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) w[j] = dsc[j] * inv_t;
+    } else {
+      const float* a = attn_query + (b * H + h) * dv;
+      for (int64_t j = warp; j < k; j += kWarps) {
+        const TV* vr = values + rows[j] * value_stride;
+        double acc = 0.0;
+        for (int64_t c = lane; c < dv; c += 32) acc += double(__ldg(a + c)) * double(load(vr + c));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) w[j] = acc * inv_t;
+      }
+    }
+    __syncthreads();
+    if (warp == 0) {  // softmax; a NaN logit makes every weight NaN, as torch.softmax does
+      double m = -INFINITY;
+      bool nan = false;
+      for (int64_t j = lane; j < k; j += 32) {
+        nan |= isnan(w[j]);
+        m = fmax(m, w[j]);
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
+      nan = __any_sync(0xffffffffu, nan);
+      double sum = 0.0;
+      for (int64_t j = lane; j < k; j += 32) {
+        w[j] = exp(w[j] - m);
+        sum += w[j];
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      for (int64_t j = lane; j < k; j += 32) w[j] = nan ? NAN : w[j] / sum;
+    }
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x)
+      weights[(b * H + h) * k + j] = float(w[j]);
+    for (int64_t c = threadIdx.x; c < dv; c += blockDim.x) {
+      double acc = 0.0;
+      for (int64_t j = 0; j < k; ++j) acc += w[j] * double(load(values + rows[j] * value_stride + c));
+      output[(b * H + h) * dv + c] = float(acc);
+    }
+    __syncthreads();
+  }
+}
+
+int pow2_at_least(int64_t k) {
+  int p = kTile;
+  while (p < k) p <<= 1;
+  return p;
+}
+
+size_t search_smem(int queries, int P) {
+  return size_t(queries) * 2 * P * (sizeof(int64_t) + sizeof(float)) + queries * sizeof(int);
+}
+
+size_t merge_smem(int P) {
+  return size_t(2) * P * sizeof(int64_t) + size_t(2) * P * sizeof(double) +
+         size_t(2) * P * sizeof(float);
+}
+
+template <typename K>
+void set_smem(K kernel, size_t bytes) {
+  if (bytes > kDefaultSmem)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+          "cudaFuncSetAttribute");
+}
+
+template <typename TK, typename TV>
+void launch(const Args& a) {
+  const auto st = reinterpret_cast<cudaStream_t>(a.stream);
+  const int64_t B = a.query.shape[0], d = a.query.shape[1], N = a.keys.shape[0];
+  const int64_t dv = a.values.shape[1];
+  const Plan& p = a.plan;
+  const int64_t qblocks = (B + p.queries - 1) / p.queries;
+  const int64_t rows_per_split = (N + p.splits - 1) / p.splits;
+  const int64_t E = a.exclude.present() ? a.exclude.shape[1] : 0;
+  const size_t s1 = search_smem(p.queries, p.pow2);
+  set_smem(search_kernel<TK>, s1);
+  search_kernel<TK><<<dim3(unsigned(qblocks), unsigned(p.splits)), kThreads, s1, st>>>(
+      a.query.ptr<float>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0],
+      E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, a.k, p.pow2, p.queries, rows_per_split,
+      a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits);
+  check(cudaGetLastError(), "search kernel launch");
+  const int H = a.attn_query.present() ? int(a.attn_query.shape[1]) : 1;
+  const size_t s2 = merge_smem(p.pow2);
+  set_smem(merge_attend_kernel<TK, TV>, s2);
+  merge_attend_kernel<TK, TV><<<unsigned(B), kThreads, s2, st>>>(
+      a.query.ptr<float>(), d, a.keys.ptr<TK>(), a.keys.strides[0], a.values.ptr<TV>(), dv,
+      a.values.strides[0], a.attn_query.present() ? a.attn_query.ptr<float>() : nullptr, H,
+      a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits, a.k, p.pow2,
+      1.0 / a.temperature, a.output.ptr<float>(), a.weights.ptr<float>(),
+      a.indices.ptr<int64_t>(), a.scores.ptr<float>());
+  check(cudaGetLastError(), "merge kernel launch");
+}
+
+template <typename TK>
+void launch_values(const Args& a) {
+  switch (a.values.dtype) {
+    case DType::f32: return launch<TK, float>(a);
+    case DType::f16: return launch<TK, __half>(a);
+    case DType::bf16: return launch<TK, __nv_bfloat16>(a);
+    default: throw std::invalid_argument("reco CUDA: values must be float32, float16 or bfloat16");
+  }
+}
+
+}  // namespace
+
+Plan plan(int64_t batch, int64_t rows, int64_t k, int device) {
+  Plan p;
+  int optin = 0, sms = 0;
+  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+        "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute");
+  p.pow2 = pow2_at_least(k);
+  const size_t budget = size_t(optin) - 1024;  // static shared memory and slack
+  int queries = kMaxQueries;
+  while (queries > 0 && search_smem(queries, p.pow2) > budget) --queries;
+  if (queries == 0 || merge_smem(p.pow2) > budget) return p;
+  p.queries = int(std::max<int64_t>(1, std::min<int64_t>(queries, batch)));
+  const int64_t qblocks = (batch + p.queries - 1) / p.queries;
+  const int64_t want = std::max<int64_t>(1, (4 * int64_t(sms) + qblocks - 1) / qblocks);
+  const int64_t most = std::max<int64_t>(1, rows / (4 * kTile));  // >= 4 tiles per split
+  p.splits = int(std::min<int64_t>(std::min(want, most), 65535));
+  p.ok = true;
+  return p;
+}
+
+void retrieve_attend(const Args& a) {
+  switch (a.keys.dtype) {
+    case DType::f32: return launch_values<float>(a);
+    case DType::f16: return launch_values<__half>(a);
+    case DType::bf16: return launch_values<__nv_bfloat16>(a);
+    default: throw std::invalid_argument("reco CUDA: keys must be float32, float16 or bfloat16");
+  }
+}
+
+}  // namespace reco::cuda

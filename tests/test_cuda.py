@@ -1,0 +1,180 @@
+"""The CUDA kernel: its build (checked on any machine with a CUDA compiler) and its results
+against the reference (on a CUDA device, with RECO_CUDA_KERNEL=1; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from topk_check import assert_topk_match
+
+import reco
+import reco.ops
+from reco import reference
+
+_C = reco.ops._C
+WITH_CUDA = _C is not None and bool(getattr(_C, "with_cuda", False))
+
+
+def _cuobjdump() -> str | None:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    spec = importlib.util.find_spec("triton")  # torch's CUDA builds bring one along
+    if spec is not None and spec.origin is not None:
+        cand = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if cand.is_file():
+            return str(cand)
+    return None
+
+
+@pytest.mark.skipif(not WITH_CUDA, reason="reco._C was built without CUDA (no CUDA compiler)")
+def test_compiled_core_holds_sm80_and_sm90_code_and_ptx():
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump here")
+    elves = subprocess.run([tool, "--list-elf", _C.__file__], capture_output=True, text=True)
+    ptx = subprocess.run([tool, "--list-ptx", _C.__file__], capture_output=True, text=True)
+    assert elves.returncode == 0, elves.stderr
+    assert "sm_80" in elves.stdout and "sm_90" in elves.stdout, elves.stdout
+    assert "sm_90" in ptx.stdout, ptx.stdout
+
+
+needs_gpu = pytest.mark.skipif(
+    not (WITH_CUDA and torch.cuda.is_available()),
+    reason="needs a CUDA device and reco._C built with CUDA",
+)
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    monkeypatch.setenv("RECO_CUDA_KERNEL", "1")
+    assert reco.ops.cuda_kernel_enabled()
+
+
+def _data(B, N, d, dv, dtype, seed, H=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, d, generator=g)
+    keys = torch.randn(N, d, generator=g).to(dtype)
+    values = torch.randn(N, dv, generator=g).to(dtype)
+    aq = None if H is None else torch.randn(B, H, dv, generator=g)
+    return q, keys, values, aq
+
+
+def _compare(q, keys, values, k, aq=None, exclude=None, temperature=1.0):
+    dev = torch.device("cuda")
+    got = reco.fused_retrieve_attend(
+        q.to(dev),
+        keys.to(dev),
+        values.to(dev),
+        k,
+        attn_query=None if aq is None else aq.to(dev),
+        exclude=None if exclude is None else exclude.to(dev),
+        temperature=temperature,
+    )
+    want = reference.fused_retrieve_attend(
+        q.double(),
+        keys.double(),
+        values.double(),
+        k,
+        attn_query=None if aq is None else aq.double(),
+        exclude=exclude,
+        temperature=temperature,
+    )
+    # Scores are accumulated in float32 in the search: near-ties may swap (tie-aware check).
+    tol = 1e-4 * q.shape[1] ** 0.5
+    assert_topk_match(
+        q, keys, got.indices.cpu(), got.scores.cpu().double(), want.indices, tol, exclude
+    )
+    same = (got.indices.cpu() == want.indices).all(1)  # rows with the same selection
+    torch.testing.assert_close(
+        got.output.cpu()[same].double(), want.output[same], rtol=1e-3, atol=1e-4
+    )
+    torch.testing.assert_close(
+        got.weights.cpu()[same].double(), want.weights[same], rtol=1e-3, atol=1e-5
+    )
+    return got
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B, N, d, dv, k",
+    [
+        (1, 1000, 64, 32, 10),
+        (5, 4099, 77, 13, 16),
+        (37, 20000, 512, 512, 32),
+        (300, 3000, 33, 8, 1),
+    ],
+)
+def test_matches_reference(kernel, dtype, B, N, d, dv, k):
+    q, keys, values, _ = _data(B, N, d, dv, dtype, seed=B + N)
+    _compare(q, keys, values, k)
+
+
+@needs_gpu
+def test_heads_exclude_and_temperature(kernel):
+    q, keys, values, aq = _data(9, 5000, 40, 24, torch.float16, seed=3, H=4)
+    g = torch.Generator().manual_seed(4)
+    exclude = torch.randint(0, 5000, (9, 20), generator=g)
+    exclude[:, ::3] = -1
+    exclude[0, :10] = reference.search(q[:1], keys.float(), 10).indices[0]  # the true top 10
+    got = _compare(q, keys, values, 12, aq=aq, exclude=exclude, temperature=0.3)
+    for b in range(9):
+        assert not set(got.indices[b].tolist()) & set(exclude[b].tolist())
+
+
+@needs_gpu
+@pytest.mark.parametrize("k", [257, 1024])
+def test_large_k(kernel, k):
+    q, keys, values, _ = _data(3, 30000, 48, 16, torch.float32, seed=k)
+    _compare(q, keys, values, k)
+
+
+@needs_gpu
+def test_ties_go_to_the_lower_row(kernel):
+    keys = torch.randint(-2, 3, (3000, 16)).float()
+    keys[1000:2000] = keys[:1000]  # exact duplicates: equal scores
+    values = torch.randn(3000, 8)
+    q = torch.randint(-2, 3, (6, 16)).float()
+    got = reco.fused_retrieve_attend(q.cuda(), keys.cuda(), values.cuda(), 50)
+    want = reference.fused_retrieve_attend(q, keys, values, 50)
+    assert torch.equal(got.indices.cpu(), want.indices)  # small integers: exact arithmetic
+
+
+@needs_gpu
+def test_nan_rows_rank_last(kernel):
+    q, keys, values, _ = _data(4, 2000, 16, 8, torch.float32, seed=9)
+    keys[5] = float("nan")
+    got = reco.fused_retrieve_attend(q.cuda(), keys.cuda(), values.cuda(), 1999)
+    assert int(got.indices[0, -1]) == 5
+    nan_q = reco.fused_retrieve_attend(
+        torch.full((1, 16), float("nan")).cuda(), keys.cuda(), values.cuda(), 7
+    )
+    assert nan_q.indices.cpu().tolist() == [list(range(7))]
+
+
+@needs_gpu
+def test_runs_on_the_current_stream_and_in_a_cuda_graph(kernel):
+    q, keys, values, _ = _data(16, 10000, 64, 32, torch.float16, seed=5)
+    q, keys, values = q.cuda(), keys.cuda(), values.cuda()
+    eager = reco.fused_retrieve_attend(q, keys, values, 8)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        side = reco.fused_retrieve_attend(q, keys, values, 8)
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(side.indices, eager.indices)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = reco.fused_retrieve_attend(q, keys, values, 8)
+    q.copy_(torch.flip(q, [0]))
+    graph.replay()
+    torch.cuda.synchronize()
+    again = reco.fused_retrieve_attend(q, keys, values, 8)
+    assert torch.equal(captured.indices, again.indices)
+    torch.testing.assert_close(captured.output, again.output)
