@@ -208,8 +208,10 @@ if _C is not None and getattr(_C, "with_cuda", False):
         check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
         ct = _out_dtype(query, keys, values, attn_query)
         B, N, dv = query.shape[0], keys.shape[0], values.shape[1]
+        if not cuda_kernel_enabled() or ct != torch.float32:
+            return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
         plan = _C.cuda_plan(B, N, k, query.device.index or 0) if B else (True, 1, 1, 1)
-        if not cuda_kernel_enabled() or ct != torch.float32 or not plan[0]:
+        if not plan[0]:  # k too large for the kernel's shared memory
             return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
         _, splits, pow2, queries = plan
         H = 1 if attn_query is None else attn_query.shape[1]
