@@ -178,3 +178,20 @@ def test_runs_on_the_current_stream_and_in_a_cuda_graph(kernel):
     again = reco.fused_retrieve_attend(q, keys, values, 8)
     assert torch.equal(captured.indices, again.indices)
     torch.testing.assert_close(captured.output, again.output)
+
+
+@needs_gpu
+def test_data_dependent_errors_poison_only_that_query(kernel):
+    """Raising would need a host synchronisation: an exclude row out of range, or k above N minus
+    a query's excluded rows, gives that query index -1 and NaN results; the others are exact."""
+    q, keys, values, _ = _data(3, 40, 8, 4, torch.float32, seed=1)
+    exclude = torch.full((3, 35), -1)
+    exclude[1, 0] = 40  # out of range
+    exclude[2] = torch.arange(35)  # leaves 5 rows for k = 8
+    got = reco.fused_retrieve_attend(
+        q.cuda(), keys.cuda(), values.cuda(), 8, exclude=exclude.cuda()
+    )
+    assert (got.indices[1:] == -1).all() and got.output[1:].isnan().all()
+    assert got.weights[1:].isnan().all() and got.scores[1:].isnan().all()
+    want = reference.fused_retrieve_attend(q[:1], keys, values, 8)
+    assert torch.equal(got.indices[0].cpu(), want.indices[0])

@@ -8,7 +8,9 @@
 // B x N score matrix never leaves the chip; each split writes its top-k to a workspace.
 // Kernel 2 (merge + attend): one block per query merges the splits' lists, re-scores the k
 // winners in float64 and re-sorts them, then computes the softmax and the weighted sum of values
-// in float64 (as the CPU kernel does) and writes float32 results.
+// in float64 (as the CPU kernel does) and writes float32 results. Argument errors that depend on
+// the data (an exclude row out of range, k above N minus a query's excluded rows) cannot raise
+// without a host synchronisation: that query gets index -1 and NaN scores, weights and output.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -177,10 +179,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename TK, typename TV>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     merge_attend_kernel(const float* __restrict__ query, int64_t d, const TK* __restrict__ keys,
                         int64_t key_stride, const TV* __restrict__ values, int64_t dv,
                         int64_t value_stride, const float* __restrict__ attn_query, int H,
+                        const int64_t* __restrict__ exclude, int64_t E, int64_t N,
                         const float* __restrict__ part_scores,
                         const int64_t* __restrict__ part_rows, int S, int64_t k, int P,
                         double inv_t, float* __restrict__ output, float* __restrict__ weights,
@@ -190,14 +193,20 @@ __global__ void __launch_bounds__(kThreads)
   double* dsc = reinterpret_cast<double*>(rows + 2 * P);      // [P] float64 scores of winners
   double* w = dsc + P;                                         // [P] logits, then weights
   float* scs = reinterpret_cast<float*>(w + P);                // [2P]
+  __shared__ int bad;  // this query's data-dependent arguments are invalid
   const int64_t b = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
+  if (threadIdx.x == 0) bad = 0;
   for (int i = threadIdx.x; i < 2 * P; i += blockDim.x) {
     rows[i] = -1;
     scs[i] = -INFINITY;
   }
   __syncthreads();
+  for (int64_t i = threadIdx.x; i < E; i += blockDim.x) {
+    const int64_t e = exclude[b * E + i];
+    if (e < -1 || e >= N) atomicOr(&bad, 1);
+  }
   const int64_t total = int64_t(S) * k;
   const float* ps = part_scores + b * total;
   const int64_t* pr = part_rows + b * total;
@@ -229,6 +238,19 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   bitonic_sort(dsc, rows, P);
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x)
+    if (rows[j] < 0) atomicOr(&bad, 1);  // fewer than k rows were left to select
+  __syncthreads();
+  if (bad) {
+    // Raising would need a host synchronisation: the query's results are made unmistakable.
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+      indices[b * k + j] = -1;
+      scores[b * k + j] = NAN;
+    }
+    for (int64_t i = threadIdx.x; i < int64_t(H) * k; i += blockDim.x) weights[b * H * k + i] = NAN;
+    for (int64_t i = threadIdx.x; i < int64_t(H) * dv; i += blockDim.x) output[b * H * dv + i] = NAN;
+    return;
+  }
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
     indices[b * k + j] = rows[j];
     scores[b * k + j] = float(dsc[j]);
@@ -325,7 +347,7 @@ void launch(const Args& a) {
   merge_attend_kernel<TK, TV><<<unsigned(B), kThreads, s2, st>>>(
       a.query.ptr<float>(), d, a.keys.ptr<TK>(), a.keys.strides[0], a.values.ptr<TV>(), dv,
       a.values.strides[0], a.attn_query.present() ? a.attn_query.ptr<float>() : nullptr, H,
-      a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits, a.k, p.pow2,
+      E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, N, a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits, a.k, p.pow2,
       1.0 / a.temperature, a.output.ptr<float>(), a.weights.ptr<float>(),
       a.indices.ptr<int64_t>(), a.scores.ptr<float>());
   check(cudaGetLastError(), "merge kernel launch");
