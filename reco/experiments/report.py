@@ -243,8 +243,10 @@ def _figures(report: dict, out: Path, demo: Any) -> list[str]:
             for j, nb in enumerate(item["neighbours"], start=1):
                 src, idx = nb["source"].rsplit("/", 1)
                 axes[r, j].imshow(sets[src].images[int(idx)], cmap="gray")
+                cap = nb["caption"]
+                cap = cap if len(cap) <= 36 else cap[:35] + "…"
                 axes[r, j].set_title(
-                    f"w={nb['weight']:.2f}\n{nb['caption'][:18]}",
+                    f"w={nb['weight']:.2f}\n{cap[:18]}\n{cap[18:]}",
                     fontsize=5,
                     color=colour[nb["caption_kind"]],
                 )
