@@ -559,8 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--values",
         default="text",
-        choices=["text", "image"],
-        help="experiment 1's memory values: caption embeddings or the items' image features",
+        choices=["text", "image", "both"],
+        help="experiment 1's memory values: caption embeddings, image features, or both",
     )
     d.add_argument("--quick", action="store_true", help="a reduced demo (minutes)")
     d.add_argument("--keep-memories", action="store_true", help="keep every memory built")

@@ -283,3 +283,40 @@ def test_reduced_demo_reproduces_the_direction_of_both_papers(tmp_path):
     explain = report["longtail"]["explain"]
     assert explain and len(explain[0]["neighbours"]) == 10
     assert abs(sum(n["weight"] for n in explain[0]["neighbours"]) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("values", ["text", "image", "both"])
+def test_longtail_run_fuses_the_chosen_values_and_its_fused_path_agrees(tmp_path, values):
+    from reco.experiments.data import MemoryItems
+    from reco.experiments.longtail import LongTailData, LongTailParams, LongTailRun
+
+    rng = np.random.default_rng(0)
+    n, di, dt = 300, 16, 8
+    labels = rng.integers(0, 4, n)
+    image = F.normalize(torch.randn(n, di, generator=torch.Generator().manual_seed(1)), dim=-1)
+    items = MemoryItems(
+        image.numpy().astype(np.float16),
+        F.normalize(torch.randn(n, dt), dim=-1).numpy(),
+        labels,
+        ["a", "b", "c", "d"],
+        [f"item {i}" for i in range(n)],
+        np.zeros(n, np.int64),
+        [f"set/{i}" for i in range(n)],
+    )
+    enc = _pixel_encoder([]).info()
+    mem = write_memory(tmp_path / "m", items, enc, enc, source={})
+    data = LongTailData(
+        _unit(64, di, seed=2),
+        torch.randint(0, 4, (64,)),
+        torch.tensor([30, 20, 10, 4]),
+        _unit(50, di, seed=3),
+        torch.randint(0, 4, (50,)),
+    )
+    p = LongTailParams(
+        k=5, steps=5, batch_size=32, attention_dim=16, heads=2, fusion_modality=values
+    )
+    run = LongTailRun(data, mem, p, seed=0, device=torch.device("cpu"))
+    assert run.retriever.value_dim == {"text": dt, "image": di, "both": dt + di}[values]
+    model = run.train("attention")
+    torch.testing.assert_close(run.fused_logits(model), run.logits(model), atol=1e-4, rtol=1e-4)
+    assert run.logits(run.train("mean_knn")).shape == (50, 4)

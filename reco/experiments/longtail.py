@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import eval as ev
-from ..memory import Memory
+from ..memory import EmbeddingTable, Memory
 from ..models import (
     LinearHead,
     MeanKNN,
@@ -56,7 +56,18 @@ class LongTailParams:
     attention_dim: int = 256  # not stated in the paper: the light-weight choice
     heads: int = 8
     mlp_hidden: int = 1024
-    fusion_modality: str = "text"  # memory values: caption embeddings, or "image" features
+    # Memory values: caption embeddings ("text"), image features ("image"), or both side by side.
+    fusion_modality: str = "text"
+
+
+def memory_values(memory: Memory, which: str) -> EmbeddingTable | Tensor:
+    """The memory values experiment 1 fuses: one modality's table (memory-mapped), or "both":
+    [text | image] side by side in one float16 tensor."""
+    if which in ("text", "image"):
+        return memory.values(which)
+    if which == "both":
+        return torch.cat([memory.values(m).materialize() for m in ("text", "image")], 1)
+    raise ValueError(f"fusion_modality must be 'text', 'image' or 'both', got {which!r}")
 
 
 def make_model(method: str, qdim: int, vdim: int, classes: int, p: LongTailParams):
@@ -87,7 +98,8 @@ class LongTailRun:
         neighbours: dict[str, tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         self.data, self.memory, self.p, self.seed, self.device = data, memory, params, seed, device
-        self.retriever = Retriever.from_memory(memory, "image", params.fusion_modality, params.k)
+        self.values = memory_values(memory, params.fusion_modality)
+        self.retriever = Retriever(memory.keys("image"), self.values, params.k)
         if neighbours is None:
             neighbours = {
                 "train": self.retriever.precompute(data.train_z),
@@ -145,7 +157,8 @@ class LongTailRun:
         """MemoryAttention's inference through one fused retrieve-attend call per chunk: the
         search over all memory keys and the attention over the retrieved values together."""
         keys = self.memory.keys("image").materialize(self.device)
-        values = self.memory.values(self.p.fusion_modality).materialize(self.device)
+        values = self.values
+        values = values.materialize(self.device) if isinstance(values, EmbeddingTable) else values
         z = self.data.test_z
         out = []
         for i in range(0, len(z), 4096):

@@ -134,6 +134,8 @@ Figure: `zeroshot.png`.
 def _values(cfg: dict) -> str:
     if cfg["longtail"]["fusion_modality"] == "image":
         return "the items' image features (captions unused)"
+    if cfg["longtail"]["fusion_modality"] == "both":
+        return "the captions' text embeddings and the image features side by side"
     return "the captions' text embeddings"
 
 
