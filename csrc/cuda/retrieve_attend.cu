@@ -368,6 +368,7 @@ void launch_values(const Args& a) {
 Plan plan(int64_t batch, int64_t rows, int64_t k, int device) {
   Plan p;
   int optin = 0, sms = 0;
+  check(cudaSetDevice(device), "cudaSetDevice");
   check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
         "cudaDeviceGetAttribute");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
@@ -387,6 +388,8 @@ Plan plan(int64_t batch, int64_t rows, int64_t k, int device) {
 }
 
 void retrieve_attend(const Args& a) {
+  // This runtime (linked statically) is told the device itself rather than trusting the caller's.
+  check(cudaSetDevice(a.query.device_id), "cudaSetDevice");
   switch (a.keys.dtype) {
     case DType::f32: return launch_values<float>(a);
     case DType::f16: return launch_values<__half>(a);
