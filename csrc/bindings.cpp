@@ -74,6 +74,24 @@ TensorView import_array(const py::handle& obj, const std::string& name, Imported
   return v;
 }
 
+// The op's inputs and outputs, the same for every device's argument struct; owners[0..8] keep
+// the imported tensors alive.
+template <typename Args>
+void import_op_arrays(Args& a, Imported* owners, py::handle query, py::handle keys,
+                      py::handle values, py::handle attn_query, py::handle exclude,
+                      py::handle output, py::handle weights, py::handle indices,
+                      py::handle scores) {
+  a.query = import_array(query, "query", owners[0]);
+  a.keys = import_array(keys, "keys", owners[1]);
+  a.values = import_array(values, "values", owners[2]);
+  a.attn_query = import_array(attn_query, "attn_query", owners[3]);
+  a.exclude = import_array(exclude, "exclude", owners[4]);
+  a.output = import_array(output, "output", owners[5]);
+  a.weights = import_array(weights, "weights", owners[6]);
+  a.indices = import_array(indices, "indices", owners[7]);
+  a.scores = import_array(scores, "scores", owners[8]);
+}
+
 reco::cpu::Level parse_level(const std::optional<std::string>& level) {
   if (!level) return reco::cpu::default_level();
   reco::cpu::Level levels[4];
@@ -92,15 +110,8 @@ void retrieve_attend(py::handle query, py::handle keys, py::handle values, py::h
                      const std::optional<std::string>& level) {
   Imported owners[9];
   reco::cpu::RetrieveAttendArgs a;
-  a.query = import_array(query, "query", owners[0]);
-  a.keys = import_array(keys, "keys", owners[1]);
-  a.values = import_array(values, "values", owners[2]);
-  a.attn_query = import_array(attn_query, "attn_query", owners[3]);
-  a.exclude = import_array(exclude, "exclude", owners[4]);
-  a.output = import_array(output, "output", owners[5]);
-  a.weights = import_array(weights, "weights", owners[6]);
-  a.indices = import_array(indices, "indices", owners[7]);
-  a.scores = import_array(scores, "scores", owners[8]);
+  import_op_arrays(a, owners, query, keys, values, attn_query, exclude, output, weights, indices,
+                   scores);
   a.k = k;
   a.temperature = temperature;
   a.num_threads = num_threads;
@@ -117,22 +128,16 @@ void retrieve_attend_cuda(py::handle query, py::handle keys, py::handle values,
                           int splits, int pow2, int queries, uintptr_t stream) {
   Imported owners[11];
   reco::cuda::Args a;
-  a.query = import_array(query, "query", owners[0]);
-  a.keys = import_array(keys, "keys", owners[1]);
-  a.values = import_array(values, "values", owners[2]);
-  a.attn_query = import_array(attn_query, "attn_query", owners[3]);
-  a.exclude = import_array(exclude, "exclude", owners[4]);
-  a.output = import_array(output, "output", owners[5]);
-  a.weights = import_array(weights, "weights", owners[6]);
-  a.indices = import_array(indices, "indices", owners[7]);
-  a.scores = import_array(scores, "scores", owners[8]);
+  import_op_arrays(a, owners, query, keys, values, attn_query, exclude, output, weights, indices,
+                   scores);
   a.part_scores = import_array(part_scores, "part_scores", owners[9]);
   a.part_rows = import_array(part_rows, "part_rows", owners[10]);
   for (const TensorView* v : {&a.query, &a.keys, &a.values, &a.output, &a.weights, &a.indices,
                               &a.scores, &a.part_scores, &a.part_rows})
     if (v->device_type != 2 || v->device_id != a.query.device_id)
       throw py::value_error("retrieve_attend_cuda: every array must be on the query's CUDA device");
-  if (a.query.dtype != DType::f32 || a.query.strides[1] != 1 || a.query.strides[0] != a.query.shape[1])
+  if (a.query.dtype != DType::f32 || a.query.strides[1] != 1 ||
+      a.query.strides[0] != a.query.shape[1])
     throw py::type_error("retrieve_attend_cuda: query must be contiguous float32");
   if (a.keys.strides[1] != 1 || a.values.strides[1] != 1)
     throw py::value_error("retrieve_attend_cuda: keys and values need unit inner stride");

@@ -143,6 +143,19 @@ def _reference_body(query, keys, values, k, attn_query, temperature, exclude):
     return r.output.clone(), r.weights.clone(), r.indices.clone(), r.scores.clone()
 
 
+def _empty_outputs(query, keys, values, k, attn_query) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Uninitialised (output [B, H, dv], weights [B, H, k], indices [B, k], scores [B, k])."""
+    ct = _out_dtype(query, keys, values, attn_query)
+    B, dv = query.shape[0], values.shape[1]
+    H = 1 if attn_query is None else attn_query.shape[1]
+    return (
+        query.new_empty((B, H, dv), dtype=ct),
+        query.new_empty((B, H, k), dtype=ct),
+        query.new_empty((B, k), dtype=torch.int64),
+        query.new_empty((B, k), dtype=ct),
+    )
+
+
 def _unit_inner_stride(t: Tensor) -> Tensor:
     # The kernel accepts any row stride (even 0, for expanded memories) but needs unit inner stride.
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
@@ -161,15 +174,10 @@ if _C is not None:
         exclude: Optional[Tensor],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
-        ct = _out_dtype(query, keys, values, attn_query)
-        B, dv = query.shape[0], values.shape[1]
-        H = 1 if attn_query is None else attn_query.shape[1]
-        output = query.new_empty((B, H, dv), dtype=ct)
-        weights = query.new_empty((B, H, k), dtype=ct)
-        indices = query.new_empty((B, k), dtype=torch.int64)
-        scores = query.new_empty((B, k), dtype=ct)
-        if B == 0:
-            return output, weights, indices, scores
+        outputs = _empty_outputs(query, keys, values, k, attn_query)
+        if query.shape[0] == 0:
+            return outputs
+        ct = outputs[0].dtype
         _C.retrieve_attend(
             query.detach().to(ct).contiguous(),
             _unit_inner_stride(keys.detach()),
@@ -178,13 +186,10 @@ if _C is not None:
             None if exclude is None else exclude.contiguous(),
             k,
             float(temperature),
-            output,
-            weights,
-            indices,
-            scores,
+            *outputs,
             torch.get_num_threads(),
         )
-        return output, weights, indices, scores
+        return outputs
 
 
 def cuda_kernel_enabled() -> bool:
@@ -206,21 +211,18 @@ if _C is not None and getattr(_C, "with_cuda", False):
         exclude: Optional[Tensor],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
-        ct = _out_dtype(query, keys, values, attn_query)
-        B, N, dv = query.shape[0], keys.shape[0], values.shape[1]
-        if not cuda_kernel_enabled() or ct != torch.float32:
+        if (
+            not cuda_kernel_enabled()
+            or _out_dtype(query, keys, values, attn_query) != torch.float32
+        ):
             return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
-        plan = _C.cuda_plan(B, N, k, query.device.index or 0) if B else (True, 1, 1, 1)
-        if not plan[0]:  # k too large for the kernel's shared memory
-            return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
-        _, splits, pow2, queries = plan
-        H = 1 if attn_query is None else attn_query.shape[1]
-        output = query.new_empty((B, H, dv), dtype=ct)
-        weights = query.new_empty((B, H, k), dtype=ct)
-        indices = query.new_empty((B, k), dtype=torch.int64)
-        scores = query.new_empty((B, k), dtype=ct)
+        outputs = _empty_outputs(query, keys, values, k, attn_query)
+        B = query.shape[0]
         if B == 0:
-            return output, weights, indices, scores
+            return outputs
+        ok, splits, pow2, queries = _C.cuda_plan(B, keys.shape[0], k, query.device.index or 0)
+        if not ok:  # k too large for the kernel's shared memory
+            return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
         # Workspace from torch's caching allocator (stream-ordered, CUDA-graph safe).
         part_scores = query.new_empty((B, splits, k), dtype=torch.float32)
         part_rows = query.new_empty((B, splits, k), dtype=torch.int64)
@@ -233,10 +235,7 @@ if _C is not None and getattr(_C, "with_cuda", False):
                 None if exclude is None else exclude.contiguous(),
                 k,
                 float(temperature),
-                output,
-                weights,
-                indices,
-                scores,
+                *outputs,
                 part_scores,
                 part_rows,
                 splits,
@@ -244,21 +243,13 @@ if _C is not None and getattr(_C, "with_cuda", False):
                 queries,
                 torch.cuda.current_stream(query.device).cuda_stream,
             )
-        return output, weights, indices, scores
+        return outputs
 
 
 @_fused_retrieve_attend.register_fake
 def _fused_retrieve_attend_fake(query, keys, values, k, attn_query, temperature, exclude):
     check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
-    ct = _out_dtype(query, keys, values, attn_query)
-    B, dv = query.shape[0], values.shape[1]
-    H = 1 if attn_query is None else attn_query.shape[1]
-    return (
-        query.new_empty((B, H, dv), dtype=ct),
-        query.new_empty((B, H, k), dtype=ct),
-        query.new_empty((B, k), dtype=torch.int64),
-        query.new_empty((B, k), dtype=ct),
-    )
+    return _empty_outputs(query, keys, values, k, attn_query)
 
 
 def _setup_context(ctx, inputs, output):
