@@ -65,8 +65,8 @@ __device__ void bitonic_sort(S* s, int64_t* r, int n) {
         const int j = i ^ stride;
         if (j > i) {
           const bool best_first = (i & size) == 0;
-          const bool swap = best_first ? better(s[j], r[j], s[i], r[i])
-                                       : better(s[i], r[i], s[j], r[j]);
+          const bool swap =
+              best_first ? better(s[j], r[j], s[i], r[i]) : better(s[i], r[i], s[j], r[j]);
           if (swap) {
             const S ts = s[i];
             s[i] = s[j];
@@ -189,10 +189,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                         double inv_t, float* __restrict__ output, float* __restrict__ weights,
                         int64_t* __restrict__ indices, float* __restrict__ scores) {
   extern __shared__ __align__(16) unsigned char smem[];
-  int64_t* rows = reinterpret_cast<int64_t*>(smem);           // [2P]
-  double* dsc = reinterpret_cast<double*>(rows + 2 * P);      // [P] float64 scores of winners
-  double* w = dsc + P;                                         // [P] logits, then weights
-  float* scs = reinterpret_cast<float*>(w + P);                // [2P]
+  int64_t* rows = reinterpret_cast<int64_t*>(smem);       // [2P]
+  double* dsc = reinterpret_cast<double*>(rows + 2 * P);  // [P] float64 scores of winners
+  double* w = dsc + P;                                    // [P] logits, then weights
+  float* scs = reinterpret_cast<float*>(w + P);           // [2P]
   __shared__ int bad;  // this query's data-dependent arguments are invalid
   const int64_t b = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -248,7 +248,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       scores[b * k + j] = NAN;
     }
     for (int64_t i = threadIdx.x; i < int64_t(H) * k; i += blockDim.x) weights[b * H * k + i] = NAN;
-    for (int64_t i = threadIdx.x; i < int64_t(H) * dv; i += blockDim.x) output[b * H * dv + i] = NAN;
+    for (int64_t i = threadIdx.x; i < int64_t(H) * dv; i += blockDim.x)
+      output[b * H * dv + i] = NAN;
     return;
   }
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
@@ -296,7 +297,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       weights[(b * H + h) * k + j] = float(w[j]);
     for (int64_t c = threadIdx.x; c < dv; c += blockDim.x) {
       double acc = 0.0;
-      for (int64_t j = 0; j < k; ++j) acc += w[j] * double(load(values + rows[j] * value_stride + c));
+      for (int64_t j = 0; j < k; ++j)
+        acc += w[j] * double(load(values + rows[j] * value_stride + c));
       output[(b * H + h) * dv + c] = float(acc);
     }
     __syncthreads();
@@ -347,9 +349,9 @@ void launch(const Args& a) {
   merge_attend_kernel<TK, TV><<<unsigned(B), kThreads, s2, st>>>(
       a.query.ptr<float>(), d, a.keys.ptr<TK>(), a.keys.strides[0], a.values.ptr<TV>(), dv,
       a.values.strides[0], a.attn_query.present() ? a.attn_query.ptr<float>() : nullptr, H,
-      E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, N, a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits, a.k, p.pow2,
-      1.0 / a.temperature, a.output.ptr<float>(), a.weights.ptr<float>(),
-      a.indices.ptr<int64_t>(), a.scores.ptr<float>());
+      E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, N, a.part_scores.ptr<float>(),
+      a.part_rows.ptr<int64_t>(), p.splits, a.k, p.pow2, 1.0 / a.temperature, a.output.ptr<float>(),
+      a.weights.ptr<float>(), a.indices.ptr<int64_t>(), a.scores.ptr<float>());
   check(cudaGetLastError(), "merge kernel launch");
 }
 

@@ -9,10 +9,10 @@
 namespace reco::cuda {
 
 struct Plan {
-  int splits = 1;      // thread blocks along N per query block (partial top-k lists)
-  int pow2 = 256;      // candidate buffer length: a power of two >= k and >= one tile of rows
-  int queries = 1;     // queries per thread block in the search
-  bool ok = false;     // false: k too large for shared memory (callers fall back)
+  int splits = 1;   // thread blocks along N per query block (partial top-k lists)
+  int pow2 = 256;   // candidate buffer length: a power of two >= k and >= one tile of rows
+  int queries = 1;  // queries per thread block in the search
+  bool ok = false;  // false: k too large for shared memory (callers fall back)
 };
 
 // How a call is split; the caller allocates the partial lists [B, splits, k] (float32 scores and
@@ -20,21 +20,21 @@ struct Plan {
 Plan plan(int64_t batch, int64_t rows, int64_t k, int device);
 
 struct Args {
-  TensorView query;       // [B, d] float32, contiguous
-  TensorView keys;        // [N, d] float32/float16/bfloat16, unit inner stride, any row stride
-  TensorView values;      // [N, dv] likewise
-  TensorView attn_query;  // [B, H, dv] float32 contiguous, or absent
-  TensorView exclude;     // [B, E] int64 contiguous, or absent
-  TensorView output;      // [B, H, dv] float32
-  TensorView weights;     // [B, H, k] float32
-  TensorView indices;     // [B, k] int64
-  TensorView scores;      // [B, k] float32
-  TensorView part_scores; // [B, splits, k] float32 workspace
-  TensorView part_rows;   // [B, splits, k] int64 workspace
+  TensorView query;        // [B, d] float32, contiguous
+  TensorView keys;         // [N, d] float32/float16/bfloat16, unit inner stride, any row stride
+  TensorView values;       // [N, dv] likewise
+  TensorView attn_query;   // [B, H, dv] float32 contiguous, or absent
+  TensorView exclude;      // [B, E] int64 contiguous, or absent
+  TensorView output;       // [B, H, dv] float32
+  TensorView weights;      // [B, H, k] float32
+  TensorView indices;      // [B, k] int64
+  TensorView scores;       // [B, k] float32
+  TensorView part_scores;  // [B, splits, k] float32 workspace
+  TensorView part_rows;    // [B, splits, k] int64 workspace
   int64_t k = 0;
   double temperature = 1.0;
   Plan plan;
-  uintptr_t stream = 0;   // cudaStream_t of the caller
+  uintptr_t stream = 0;  // cudaStream_t of the caller
 };
 
 // Launches the search and the merge + attention kernels on args.stream (no host synchronisation).
