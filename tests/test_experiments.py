@@ -163,6 +163,12 @@ def test_memory_items_caption_every_part_and_write_a_reco_memory(tmp_path):
         assert items.captions[8 * i : 8 * i + 8] == want
         np.testing.assert_array_equal(items.caption_kind[8 * i : 8 * i + 8], kind)
     assert items.source[0] == "animals/train/3" and items.source[8] == "digits/0"
+    mask = items.labels >= 3  # the distractors
+    part = items.take(mask)
+    assert part.source == items.source[8:] and part.captions == items.captions[8:]
+    np.testing.assert_array_equal(part.image, items.image[8:])
+    np.testing.assert_array_equal(part.caption_kind, items.caption_kind[8:])
+    assert items.take(np.array([9, 0])).source == ["digits/1", "animals/train/3"]
 
     mem = write_memory(
         tmp_path / "mem", items, enc.info(), enc.info(), source={"test": 1}, shard_rows=5

@@ -202,6 +202,19 @@ class MemoryItems:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, index: np.ndarray) -> MemoryItems:
+        """The items at index (integer positions or a boolean mask), in that order."""
+        index = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index)
+        return MemoryItems(
+            self.image[index],
+            self.text[index],
+            self.labels[index],
+            self.label_names,
+            [self.captions[i] for i in index],
+            self.caption_kind[index],
+            [self.source[i] for i in index],
+        )
+
 
 def memory_items(
     parts: list[tuple[ImageSet, np.ndarray, np.ndarray]],

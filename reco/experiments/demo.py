@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..datasets import exponential_profile, long_tail_split
-from ..memory import EncoderInfo
+from ..memory import EncoderInfo, Memory
 from .data import (
     FeatureCache,
     ImageSet,
+    MemoryItems,
     as_tensor,
     load_dataset,
     load_distractors,
@@ -103,7 +105,6 @@ class Demo:
         dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(dev)
         self.timings: dict[str, float] = {}
-        self.memories: list[Path] = []
 
     # -- data and features ---------------------------------------------------------------------
     def load(self) -> None:
@@ -132,14 +133,15 @@ class Demo:
         items = memory_items(parts, self.text_encoder, self.cache, noise, seed)
         if project_fn is not None:
             items = project_fn(items)
+        source = {"demo": name, "noise": noise, "seed": seed, "dataset": self.cfg.dataset}
+        return self._write(name, items, infos, source), items
+
+    def _write(self, name: str, items: MemoryItems, infos, source: dict) -> Memory:
         path = self.out / "memories" / name
         # A memory is this run's output, not a cache: one left by an earlier run (perhaps of other
         # code) is replaced.
         shutil.rmtree(path, ignore_errors=True)
-        source = {"demo": name, "noise": noise, "seed": seed, "dataset": self.cfg.dataset}
-        mem = write_memory(path, items, *infos, source=source)
-        self.memories.append(path)
-        return mem, items
+        return write_memory(path, items, *infos, source=source)
 
     def _drop_memory(self, path: Path) -> None:
         if not self.cfg.keep_memories:
@@ -186,15 +188,16 @@ class Demo:
                 main = noise == cfg.noise
                 for method in METHODS if main else ("mean_knn", "attention"):
                     model = run.train(method)
-                    res[method] = run.metrics(run.logits(model))
+                    logits = run.logits(model)
+                    res[method] = run.metrics(logits)
                     if method == "attention" and main:
                         fused = run.fused_logits(model)
                         res["attention_fused"] = run.metrics(fused)
                         res["attention_fused"]["agreement"] = float(
-                            (fused.argmax(1) == run.logits(model).argmax(1)).double().mean()
+                            (fused.argmax(1) == logits.argmax(1)).double().mean()
                         )
                         if s == cfg.seed:
-                            explain = self._explain(run, model, items)
+                            explain = self._explain(run, model, logits, items)
                     bar.update(1)
                 runs.setdefault(str(s), {})[f"{noise:g}"] = res
                 if not (main and s == cfg.seed):
@@ -225,17 +228,14 @@ class Demo:
         return {m: {b: _stats(v) for b, v in row.items()} for m, row in table.items()}
 
     @torch.no_grad()
-    def _explain(self, run: LongTailRun, model, items) -> list[dict]:
-        """A few few-shot test images with their retrieved memory items and attention weights."""
-        few = torch.nonzero(run.data.counts < 20).flatten()
+    def _explain(self, run: LongTailRun, model, logits: Tensor, items) -> list[dict]:
+        """A few few-shot test images with their retrieved memory items and attention weights
+        (logits: the model's on the test set)."""
+        few = torch.nonzero(run.data.counts < 20).flatten().tolist()
         test_y = run.data.test_y
-        chosen = [
-            int(i)
-            for c in few.tolist()
-            for i in torch.nonzero(test_y == c).flatten()[
-                : max(1, self.cfg.explain // max(len(few), 1))
-            ]
-        ][: self.cfg.explain]
+        per = max(1, self.cfg.explain // max(len(few), 1))
+        chosen = [int(i) for c in few for i in torch.nonzero(test_y == c).flatten()[:per]]
+        chosen = chosen[: self.cfg.explain]
         if not chosen:
             return []
         rows = torch.tensor(chosen)
@@ -243,7 +243,7 @@ class Demo:
         r = run.retriever.lookup(idx[rows], sc[rows])
         z = run.data.test_z[rows].to(self.device)
         w = model.aggregator.attention_weights(z, r.values.to(self.device), r.keep.to(self.device))
-        pred = run.logits(model)[rows].argmax(1)
+        pred = logits[rows].argmax(1)
         out = []
         for j, t in enumerate(chosen):
             out.append(
@@ -339,21 +339,11 @@ class Demo:
             # Control: the same model with the unseen classes' items taken out of the memory.
             fashion = items.labels < self.classes
             keep = ~(fashion & np.isin(items.labels, np.setdiff1d(np.arange(self.classes), seen)))
-            control = dataclasses.replace(
-                items,
-                image=items.image[keep],
-                text=items.text[keep],
-                labels=items.labels[keep],
-                captions=[c for c, k in zip(items.captions, keep) if k],
-                caption_kind=items.caption_kind[keep],
-                source=[c for c, k in zip(items.source, keep) if k],
-            )
-            cpath = self.out / "memories" / (name + "-seen-only")
-            shutil.rmtree(cpath, ignore_errors=True)
-            cmem = write_memory(cpath, control, *infos, source={"demo": name + "-seen-only"})
+            cname = name + "-seen-only"
+            cmem = self._write(cname, items.take(keep), infos, {"demo": cname})
             v, t = reco.with_memory(cmem).refined(main_model)
             res["RECO, memory without unseen classes"] = zero_shot_accuracy(v, t, test_y, seen)
-            self._drop_memory(cpath)
+            self._drop_memory(cmem.root)
             combos = []
             if s == cfg.seed and p.ablations:
                 combos = [("uni", "uni"), ("cross", "cross"), ("cross", "uni")]

@@ -165,6 +165,13 @@ def _figures(report: dict, out: Path, demo: Any) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
+
+    def save(fig, name: str, dpi: int) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=dpi)
+        plt.close(fig)
+        made.append(name)
+
     lt, zs = report["longtail"], report["zeroshot"]
     methods = [m for m in METHOD_NAMES if m in lt["table"]]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -177,10 +184,7 @@ def _figures(report: dict, out: Path, demo: Any) -> list[str]:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Long-tailed recognition by shot bucket")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "longtail_buckets.png", dpi=120)
-    plt.close(fig)
-    made.append("longtail_buckets.png")
+    save(fig, "longtail_buckets.png", 120)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     noises = [float(n) for n in lt["noise_sweep"]]
@@ -199,10 +203,7 @@ def _figures(report: dict, out: Path, demo: Any) -> list[str]:
         ax.set_ylabel(f"{b} accuracy (%)")
     axes[0].legend(fontsize=8)
     fig.suptitle("Robustness to a noisy memory")
-    fig.tight_layout()
-    fig.savefig(out / "noise_sweep.png", dpi=120)
-    plt.close(fig)
-    made.append("noise_sweep.png")
+    save(fig, "noise_sweep.png", 120)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     names = list(zs["table"])
@@ -227,10 +228,7 @@ def _figures(report: dict, out: Path, demo: Any) -> list[str]:
     if ks:
         axes[1].legend(fontsize=8)
     fig.suptitle("RECO zero-shot")
-    fig.tight_layout()
-    fig.savefig(out / "zeroshot.png", dpi=120)
-    plt.close(fig)
-    made.append("zeroshot.png")
+    save(fig, "zeroshot.png", 120)
 
     ex = lt.get("explain") or []
     if ex and demo is not None:
@@ -259,10 +257,7 @@ def _figures(report: dict, out: Path, demo: Any) -> list[str]:
             "attention weights and captions (red: wrong, orange: irrelevant)",
             fontsize=7,
         )
-        fig.tight_layout()
-        fig.savefig(out / "explain.png", dpi=150)
-        plt.close(fig)
-        made.append("explain.png")
+        save(fig, "explain.png", 150)
     return made
 
 
