@@ -89,8 +89,9 @@ def project(model: ProjectionCLIP, x: Tensor, which: str) -> Tensor:
 
 class RECORuns:
     """Trains and evaluates RECO variants over one memory. Neighbours of the fusion split and
-    of the test queries are searched once per (query modality, searched modality) with the
-    largest k, then looked up (the first k of an exact top-K are the exact top-k)."""
+    of the test queries are searched once per (query modality, searched modality), when first
+    needed, with the largest k, then looked up (the first k of an exact top-K are the exact
+    top-k)."""
 
     def __init__(
         self,
@@ -105,13 +106,18 @@ class RECORuns:
         self.memory, self.p, self.seed, self.device = memory, p, seed, device
         self.pairs = {"image": fusion_pairs[0], "text": fusion_pairs[1]}
         self.test = {"image": test_image, "text": class_text}
-        kmax = max(max(p.k_sweep), p.k)
-        self.nb: dict[tuple[str, str, str], tuple[Tensor, Tensor]] = {}
-        for sm in ("image", "text"):
-            r = Retriever(memory.keys(sm), memory.values(sm), kmax)
-            for split, q in (("train", self.pairs), ("test", self.test)):
-                for qm in ("image", "text"):
-                    self.nb[(split, qm, sm)] = r.precompute(q[qm])
+        self.kmax = max(max(p.k_sweep), p.k)
+        self._nb: dict[tuple[str, str, str], tuple[Tensor, Tensor]] = {}
+
+    def neighbours(self, split: str, query: str, searched: str) -> tuple[Tensor, Tensor]:
+        """The top-kmax of the split's `query`-modality embeddings among the memory's
+        `searched` embeddings, searched on first use only."""
+        key = (split, query, searched)
+        if key not in self._nb:
+            q = (self.pairs if split == "train" else self.test)[query]
+            r = Retriever(self.memory.keys(searched), self.memory.values(searched), self.kmax)
+            self._nb[key] = r.precompute(q)
+        return self._nb[key]
 
     def train(self, search: str, fusion: str, k: int) -> RECO:
         cfg = reco_config(search, fusion, k, self.p)
@@ -120,9 +126,8 @@ class RECORuns:
         retrievers = model.retrievers(self.memory)
         tensors = dict(self.pairs)
         for qm, sm in (("image", cfg.image_search), ("text", cfg.text_search)):
-            tensors[f"{qm}_neighbours"], tensors[f"{qm}_neighbour_scores"] = self.nb[
-                ("train", qm, sm)
-            ]
+            nb = self.neighbours("train", qm, sm)
+            tensors[f"{qm}_neighbours"], tensors[f"{qm}_neighbour_scores"] = nb
         n = len(self.pairs["image"])
         Trainer(
             model,
@@ -147,7 +152,7 @@ class RECORuns:
         retrievers = model.retrievers(self.memory)
         out = []
         for qm, sm in (("image", cfg.image_search), ("text", cfg.text_search)):
-            q, (idx, sc) = self.test[qm], self.nb[("test", qm, sm)]
+            q, (idx, sc) = self.test[qm], self.neighbours("test", qm, sm)
             parts = [
                 model.refine(
                     qm,
