@@ -140,7 +140,7 @@ class LongTailRun:
         return model.eval()
 
     @torch.no_grad()
-    def logits(self, model: RetrievalClassifier, rows: slice | None = None) -> Tensor:
+    def logits(self, model: RetrievalClassifier) -> Tensor:
         task = LongTailTask(self.retriever)
         z, (idx, sc) = self.data.test_z, self.neighbours["test"]
         out = []
