@@ -125,7 +125,7 @@ void retrieve_attend_cuda(py::handle query, py::handle keys, py::handle values,
                           py::handle attn_query, py::handle exclude, int64_t k, double temperature,
                           py::handle output, py::handle weights, py::handle indices,
                           py::handle scores, py::handle part_scores, py::handle part_rows,
-                          int splits, int pow2, int queries, uintptr_t stream) {
+                          int splits, int pow2, int queries, bool mma, uintptr_t stream) {
   Imported owners[11];
   reco::cuda::Args a;
   import_op_arrays(a, owners, query, keys, values, attn_query, exclude, output, weights, indices,
@@ -136,9 +136,10 @@ void retrieve_attend_cuda(py::handle query, py::handle keys, py::handle values,
                               &a.scores, &a.part_scores, &a.part_rows})
     if (v->device_type != 2 || v->device_id != a.query.device_id)
       throw py::value_error("retrieve_attend_cuda: every array must be on the query's CUDA device");
-  if (a.query.dtype != DType::f32 || a.query.strides[1] != 1 ||
+  if ((a.query.dtype != DType::f32 && a.query.dtype != a.keys.dtype) || a.query.strides[1] != 1 ||
       a.query.strides[0] != a.query.shape[1])
-    throw py::type_error("retrieve_attend_cuda: query must be contiguous float32");
+    throw py::type_error(
+        "retrieve_attend_cuda: query must be contiguous, float32 or of the keys' dtype");
   if (a.keys.strides[1] != 1 || a.values.strides[1] != 1)
     throw py::value_error("retrieve_attend_cuda: keys and values need unit inner stride");
   a.k = k;
@@ -146,6 +147,7 @@ void retrieve_attend_cuda(py::handle query, py::handle keys, py::handle values,
   a.plan.splits = splits;
   a.plan.pow2 = pow2;
   a.plan.queries = queries;
+  a.plan.mma = mma;
   a.plan.ok = true;
   a.stream = stream;
   py::gil_scoped_release release;
@@ -180,17 +182,19 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = true;
   m.def(
       "cuda_plan",
-      [](int64_t batch, int64_t rows, int64_t k, int device) {
-        const reco::cuda::Plan p = reco::cuda::plan(batch, rows, k, device);
-        return py::make_tuple(p.ok, p.splits, p.pow2, p.queries);
+      [](int64_t batch, int64_t rows, int64_t dim, int64_t k, bool half_query, int device) {
+        const reco::cuda::Plan p = reco::cuda::plan(batch, rows, dim, k, half_query, device);
+        return py::make_tuple(p.ok, p.splits, p.pow2, p.queries, p.mma);
       },
-      py::arg("batch"), py::arg("rows"), py::arg("k"), py::arg("device"),
-      "(ok, splits, pow2, queries): how a CUDA call is split (ok False: k too large).");
+      py::arg("batch"), py::arg("rows"), py::arg("dim"), py::arg("k"), py::arg("half_query"),
+      py::arg("device"),
+      "(ok, splits, pow2, queries, mma): how a CUDA call is split (ok False: k too large for the "
+      "kernel; mma: the tensor-core search applies).");
   m.def("retrieve_attend_cuda", &retrieve_attend_cuda, py::arg("query"), py::arg("keys"),
         py::arg("values"), py::arg("attn_query"), py::arg("exclude"), py::arg("k"),
         py::arg("temperature"), py::arg("output"), py::arg("weights"), py::arg("indices"),
         py::arg("scores"), py::arg("part_scores"), py::arg("part_rows"), py::arg("splits"),
-        py::arg("pow2"), py::arg("queries"), py::arg("stream"),
+        py::arg("pow2"), py::arg("queries"), py::arg("mma"), py::arg("stream"),
         "CUDA fused top-k retrieval + attention on the given stream (workspace from the caller).");
 #else
   m.attr("with_cuda") = false;

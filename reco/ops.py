@@ -220,7 +220,12 @@ if _C is not None and getattr(_C, "with_cuda", False):
         B = query.shape[0]
         if B == 0:
             return outputs
-        ok, splits, pow2, queries = _C.cuda_plan(B, keys.shape[0], k, query.device.index or 0)
+        # A 16-bit query of the keys' dtype runs the tensor-core search (fp32 accumulation of
+        # exact products); any other query is searched in float32 on CUDA cores.
+        half_query = query.dtype == keys.dtype and query.dtype in (torch.float16, torch.bfloat16)
+        ok, splits, pow2, queries, mma = _C.cuda_plan(
+            B, keys.shape[0], query.shape[1], k, half_query, query.device.index or 0
+        )
         if not ok:  # k too large for the kernel's shared memory
             return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
         # Workspace from torch's caching allocator (stream-ordered, CUDA-graph safe).
@@ -228,7 +233,7 @@ if _C is not None and getattr(_C, "with_cuda", False):
         part_rows = query.new_empty((B, splits, k), dtype=torch.int64)
         with torch.cuda.device(query.device):
             _C.retrieve_attend_cuda(
-                query.detach().float().contiguous(),
+                (query.detach() if half_query else query.detach().float()).contiguous(),
                 _unit_inner_stride(keys.detach()),
                 _unit_inner_stride(values.detach()),
                 None if attn_query is None else attn_query.detach().float().contiguous(),
@@ -241,6 +246,7 @@ if _C is not None and getattr(_C, "with_cuda", False):
                 splits,
                 pow2,
                 queries,
+                mma,
                 torch.cuda.current_stream(query.device).cuda_stream,
             )
         return outputs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,26 @@ def test_compiled_core_holds_sm80_and_sm90_code_and_ptx():
     assert "sm_90" in ptx.stdout, ptx.stdout
 
 
+def test_tensor_core_tile_layout_against_an_emulated_mma(tmp_path):
+    """ldmatrix.x4 and mma.m16n8k16 emulated on the host from the PTX ISA's fragment rules, fed
+    through the kernel's offset functions (csrc/cuda/mma_layout.h), must reproduce the product of
+    the shared-memory tiles; ldmatrix rows must be aligned and free of bank conflicts."""
+    cxx = shutil.which((sysconfig.get_config_var("CXX") or "c++").split()[0]) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler here")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "mma_layout_check"
+    build = subprocess.run(
+        [cxx, "-std=c++17", "-O1", f"-I{root / 'csrc'}", "-o", str(exe),
+         str(root / "tests" / "native" / "mma_layout_check.cpp")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("ok"), run.stdout
+
+
 needs_gpu = pytest.mark.skipif(
     not (WITH_CUDA and torch.cuda.is_available()),
     reason="needs a CUDA device and reco._C built with CUDA",
@@ -56,9 +77,9 @@ def kernel(monkeypatch):
     assert reco.ops.cuda_kernel_enabled()
 
 
-def _data(B, N, d, dv, dtype, seed, H=None):
+def _data(B, N, d, dv, dtype, seed, H=None, query_dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, d, generator=g)
+    q = torch.randn(B, d, generator=g).to(query_dtype)
     keys = torch.randn(N, d, generator=g).to(dtype)
     values = torch.randn(N, dv, generator=g).to(dtype)
     aq = None if H is None else torch.randn(B, H, dv, generator=g)
@@ -85,7 +106,8 @@ def _compare(q, keys, values, k, aq=None, exclude=None, temperature=1.0):
         exclude=exclude,
         temperature=temperature,
     )
-    # Scores are accumulated in float32 in the search: near-ties may swap (tie-aware check).
+    # Scores are accumulated in float32 in the search (exact products of the inputs, as given):
+    # near-ties may swap (tie-aware check).
     tol = 1e-4 * q.shape[1] ** 0.5
     assert_topk_match(
         q, keys, got.indices.cpu(), got.scores.cpu().double(), want.indices, tol, exclude
@@ -195,3 +217,87 @@ def test_data_dependent_errors_poison_only_that_query(kernel):
     assert got.weights[1:].isnan().all() and got.scores[1:].isnan().all()
     want = reference.fused_retrieve_attend(q[:1], keys, values, 8)
     assert torch.equal(got.indices[0].cpu(), want.indices[0])
+
+
+def _plan(B, N, d, k, half_query):
+    plan = _C.cuda_plan(B, N, d, k, half_query, 0)
+    assert plan[0]  # ok
+    return plan[4]  # the tensor-core search applies
+
+
+half_dtypes = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+
+
+@needs_gpu
+@half_dtypes
+@pytest.mark.parametrize(
+    "B, N, d, dv, k",
+    [
+        (1, 1000, 64, 32, 10),  # one query, a few tiles
+        (3, 300, 8, 8, 5),  # fewer rows than one tile, d = 8
+        (70, 5003, 512, 64, 16),  # two query blocks, the second nearly empty
+        (130, 20000, 200, 16, 64),  # d not a multiple of the 32-element chunk; k at its limit
+        (64, 100000, 768, 32, 32),
+    ],
+)
+def test_tensor_core_search_matches_reference(kernel, dtype, B, N, d, dv, k):
+    """A query of the keys' 16-bit dtype takes the tensor-core search: products of 16-bit inputs
+    are exact in fp32, so the result is the reference's on the same inputs up to float32
+    accumulation order."""
+    assert _plan(B, N, d, k, True)
+    q, keys, values, _ = _data(B, N, d, dv, dtype, seed=B + N + d, query_dtype=dtype)
+    _compare(q, keys, values, k)
+
+
+@needs_gpu
+def test_tensor_core_plan_falls_back_where_it_cannot_apply():
+    assert not _plan(8, 10000, 512, 16, False)  # float32 query
+    assert not _plan(8, 10000, 100, 16, True)  # d not a multiple of 8
+    assert not _plan(8, 10000, 512, 65, True)  # k above the tensor-core list
+
+
+@needs_gpu
+@half_dtypes
+def test_tensor_core_search_with_heads_exclude_and_temperature(kernel, dtype):
+    q, keys, values, aq = _data(75, 9000, 96, 24, dtype, seed=3, H=3, query_dtype=dtype)
+    g = torch.Generator().manual_seed(4)
+    exclude = torch.randint(0, 9000, (75, 30), generator=g)
+    exclude[:, ::4] = -1
+    true_top = reference.search(q.float(), keys.float(), 20).indices
+    exclude[:, :20] = true_top  # the true top 20 are all excluded
+    got = _compare(q, keys, values, 24, aq=aq, exclude=exclude, temperature=0.5)
+    for b in range(75):
+        assert not set(got.indices[b].tolist()) & set(exclude[b].tolist())
+
+
+@needs_gpu
+def test_tensor_core_search_when_every_row_beats_the_last(kernel):
+    """Scores rising with the row index: every row enters the running top list, so the staging
+    area fills on every step and is merged again and again."""
+    d, N = 64, 40000
+    direction = torch.nn.functional.normalize(torch.randn(d), dim=0)
+    keys = (torch.linspace(0.01, 4.0, N)[:, None] * direction).half()
+    q = direction.half()[None].repeat(3, 1)
+    values = torch.randn(N, 8).half()
+    _compare(q, keys, values, 40)
+
+
+@needs_gpu
+def test_tensor_core_ties_go_to_the_lower_row(kernel):
+    keys = torch.randint(-2, 3, (7000, 16)).half()
+    keys[3000:6000] = keys[:3000]  # exact duplicates, across tiles and splits
+    values = torch.randn(7000, 8).half()
+    q = torch.randint(-2, 3, (66, 16)).half()
+    got = reco.fused_retrieve_attend(q.cuda(), keys.cuda(), values.cuda(), 50)
+    want = reference.fused_retrieve_attend(q.double(), keys.double(), values.double(), 50)
+    assert torch.equal(got.indices.cpu(), want.indices)  # small integers: exact arithmetic
+
+
+@needs_gpu
+def test_unaligned_keys_take_the_cuda_core_search(kernel):
+    """Rows whose stride is not a multiple of 16 bytes cannot be copied with 16-byte cp.async:
+    the same call runs the CUDA-core search, with the same results."""
+    q, keys, values, _ = _data(10, 3000, 16, 8, torch.float16, seed=2, query_dtype=torch.float16)
+    padded = torch.zeros(3000, 20, dtype=torch.float16)
+    padded[:, :16] = keys
+    _compare(q, padded[:, :16], values, 9)

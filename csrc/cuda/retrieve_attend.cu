@@ -1,6 +1,8 @@
-// The CUDA fused retrieve-attend, first version: exact search on CUDA cores.
+// The CUDA fused retrieve-attend: a search kernel, then a merge + attention kernel.
 //
-// Kernel 1 (search): a thread block takes up to 8 queries and one split of the rows. Each warp
+// Kernel 1 (search): with a 16-bit query of the keys' type, the tensor-core search of
+// search_mma.cu. Otherwise (float32 query or keys, k > 64, unaligned rows) the CUDA-core search
+// below, exact in fp32: a thread block takes up to 8 queries and one split of the rows. Each warp
 // scores rows (lanes stride over d, fp32 accumulation, warp reduction), and a candidate that
 // beats its query's current k-th best is appended to a staging area in shared memory. Before the
 // staging area can overflow, the block merges it into the running top list with a bitonic sort
@@ -11,16 +13,12 @@
 // in float64 (as the CPU kernel does) and writes float32 results. Argument errors that depend on
 // the data (an exclude row out of range, k above N minus a query's excluded rows) cannot raise
 // without a host synchronisation: that query gets index -1 and NaN scores, weights and output.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <stdexcept>
-#include <string>
+#include <type_traits>
 
+#include "common.cuh"
+#include "mma_layout.h"
 #include "retrieve_attend.h"
 
 namespace reco::cuda {
@@ -32,68 +30,11 @@ constexpr int kTile = kWarps * 32;  // rows a block scores between two merges (3
 constexpr int kMaxQueries = 8;
 constexpr size_t kDefaultSmem = 48 * 1024;
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("reco CUDA: ") + what + ": " + cudaGetErrorString(e));
-}
-
-__device__ __forceinline__ float load(const float* p) { return __ldg(p); }
-__device__ __forceinline__ float load(const __half* p) {
-  return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
-}
-__device__ __forceinline__ float load(const __nv_bfloat16* p) {
-  return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
-}
-
-// The selection order: a before b. Empty slots (row < 0) come last; NaN ranks below every
-// number, NaNs by ascending row; otherwise higher score first, ties to the lower row.
-template <typename S>
-__device__ __forceinline__ bool better(S sa, int64_t ra, S sb, int64_t rb) {
-  if (ra < 0) return false;
-  if (rb < 0) return true;
-  const bool na = isnan(sa), nb = isnan(sb);
-  if (na || nb) return na && nb ? ra < rb : nb;
-  return sa > sb || (sa == sb && ra < rb);
-}
-
-// Sorts n (a power of two) entries of shared memory best first; every thread of the block calls.
-template <typename S>
-__device__ void bitonic_sort(S* s, int64_t* r, int n) {
-  for (int size = 2; size <= n; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const int j = i ^ stride;
-        if (j > i) {
-          const bool best_first = (i & size) == 0;
-          const bool swap =
-              best_first ? better(s[j], r[j], s[i], r[i]) : better(s[i], r[i], s[j], r[j]);
-          if (swap) {
-            const S ts = s[i];
-            s[i] = s[j];
-            s[j] = ts;
-            const int64_t tr = r[i];
-            r[i] = r[j];
-            r[j] = tr;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
-}
-
-__device__ __forceinline__ bool excluded(const int64_t* __restrict__ ex, int64_t E, int64_t r) {
-  for (int64_t i = 0; i < E; ++i)
-    if (__ldg(ex + i) == r) return true;
-  return false;
-}
-
-template <typename TK>
+template <typename TQ, typename TK>
 __global__ void __launch_bounds__(kThreads)
-    search_kernel(const float* __restrict__ query, int64_t B, int64_t d,
-                  const TK* __restrict__ keys, int64_t N, int64_t key_stride,
-                  const int64_t* __restrict__ exclude, int64_t E, int64_t k, int P, int QB,
-                  int64_t rows_per_split, float* __restrict__ part_scores,
+    search_kernel(const TQ* __restrict__ query, int64_t B, int64_t d, const TK* __restrict__ keys,
+                  int64_t N, int64_t key_stride, const int64_t* __restrict__ exclude, int64_t E,
+                  int64_t k, int P, int QB, int64_t rows_per_split, float* __restrict__ part_scores,
                   int64_t* __restrict__ part_rows, int S) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* rows = reinterpret_cast<int64_t*>(smem);                  // [QB][2P]
@@ -132,7 +73,7 @@ __global__ void __launch_bounds__(kThreads)
         const float kv = load(kr + j);
 #pragma unroll
         for (int q = 0; q < kMaxQueries; ++q)
-          if (q < nq) acc[q] = fmaf(__ldg(query + (q0 + q) * d + j), kv, acc[q]);
+          if (q < nq) acc[q] = fmaf(load(query + (q0 + q) * d + j), kv, acc[q]);
       }
       float mine = 0.f;  // lane q keeps query q's score (no dynamic register indexing)
 #pragma unroll
@@ -178,9 +119,9 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
-template <typename TK, typename TV>
+template <typename TQ, typename TK, typename TV>
 __global__ void __launch_bounds__(kThreads, 1)
-    merge_attend_kernel(const float* __restrict__ query, int64_t d, const TK* __restrict__ keys,
+    merge_attend_kernel(const TQ* __restrict__ query, int64_t d, const TK* __restrict__ keys,
                         int64_t key_stride, const TV* __restrict__ values, int64_t dv,
                         int64_t value_stride, const float* __restrict__ attn_query, int H,
                         const int64_t* __restrict__ exclude, int64_t E, int64_t N,
@@ -221,13 +162,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // Re-score the winners in float64 (one warp per row) and re-sort them.
-  const float* q = query + b * d;
+  const TQ* q = query + b * d;
   for (int64_t j = warp; j < P; j += kWarps) {
     double acc = 0.0;
     const int64_t r = j < k ? rows[j] : -1;
     if (r >= 0) {
       const TK* kr = keys + r * key_stride;
-      for (int64_t c = lane; c < d; c += 32) acc += double(__ldg(q + c)) * double(load(kr + c));
+      for (int64_t c = lane; c < d; c += 32) acc += double(load(q + c)) * double(load(kr + c));
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     }
@@ -327,47 +268,82 @@ void set_smem(K kernel, size_t bytes) {
           "cudaFuncSetAttribute");
 }
 
-template <typename TK, typename TV>
-void launch(const Args& a) {
-  const auto st = reinterpret_cast<cudaStream_t>(a.stream);
+template <typename TQ, typename TK, typename TV>
+void merge(const Args& a) {
   const int64_t B = a.query.shape[0], d = a.query.shape[1], N = a.keys.shape[0];
-  const int64_t dv = a.values.shape[1];
-  const Plan& p = a.plan;
-  const int64_t qblocks = (B + p.queries - 1) / p.queries;
-  const int64_t rows_per_split = (N + p.splits - 1) / p.splits;
   const int64_t E = a.exclude.present() ? a.exclude.shape[1] : 0;
-  const size_t s1 = search_smem(p.queries, p.pow2);
-  set_smem(search_kernel<TK>, s1);
-  search_kernel<TK><<<dim3(unsigned(qblocks), unsigned(p.splits)), kThreads, s1, st>>>(
-      a.query.ptr<float>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0],
-      E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, a.k, p.pow2, p.queries, rows_per_split,
-      a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits);
-  check(cudaGetLastError(), "search kernel launch");
   const int H = a.attn_query.present() ? int(a.attn_query.shape[1]) : 1;
-  const size_t s2 = merge_smem(p.pow2);
-  set_smem(merge_attend_kernel<TK, TV>, s2);
-  merge_attend_kernel<TK, TV><<<unsigned(B), kThreads, s2, st>>>(
-      a.query.ptr<float>(), d, a.keys.ptr<TK>(), a.keys.strides[0], a.values.ptr<TV>(), dv,
-      a.values.strides[0], a.attn_query.present() ? a.attn_query.ptr<float>() : nullptr, H,
-      E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, N, a.part_scores.ptr<float>(),
-      a.part_rows.ptr<int64_t>(), p.splits, a.k, p.pow2, 1.0 / a.temperature, a.output.ptr<float>(),
-      a.weights.ptr<float>(), a.indices.ptr<int64_t>(), a.scores.ptr<float>());
+  const size_t smem = merge_smem(a.plan.pow2);
+  set_smem(merge_attend_kernel<TQ, TK, TV>, smem);
+  merge_attend_kernel<TQ, TK, TV>
+      <<<unsigned(B), kThreads, smem, reinterpret_cast<cudaStream_t>(a.stream)>>>(
+          a.query.ptr<TQ>(), d, a.keys.ptr<TK>(), a.keys.strides[0], a.values.ptr<TV>(),
+          a.values.shape[1], a.values.strides[0],
+          a.attn_query.present() ? a.attn_query.ptr<float>() : nullptr, H,
+          E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, N, a.part_scores.ptr<float>(),
+          a.part_rows.ptr<int64_t>(), a.plan.splits, a.k, a.plan.pow2, 1.0 / a.temperature,
+          a.output.ptr<float>(), a.weights.ptr<float>(), a.indices.ptr<int64_t>(),
+          a.scores.ptr<float>());
   check(cudaGetLastError(), "merge kernel launch");
 }
 
-template <typename TK>
+// The tensor-core search applies: 16-bit query and keys of one type, 16-byte aligned rows.
+bool use_mma(const Args& a) {
+  const auto aligned = [](const TensorView& v) {
+    return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.strides[0] % 8 == 0;
+  };
+  return a.plan.mma && a.query.dtype == a.keys.dtype && a.query.shape[1] % 8 == 0 &&
+         aligned(a.query) && aligned(a.keys);
+}
+
+template <typename TQ, typename TK, typename TV>
+void launch(const Args& a) {
+  const auto st = reinterpret_cast<cudaStream_t>(a.stream);
+  const int64_t B = a.query.shape[0], d = a.query.shape[1], N = a.keys.shape[0];
+  const Plan& p = a.plan;
+  const int64_t rows_per_split = (N + p.splits - 1) / p.splits;
+  const int64_t E = a.exclude.present() ? a.exclude.shape[1] : 0;
+  const int64_t* exclude = E > 0 ? a.exclude.ptr<int64_t>() : nullptr;
+  if constexpr (std::is_same_v<TQ, TK> && sizeof(TK) == 2) {
+    if (use_mma(a)) {
+      search_mma<TK>({a.query.data, B, d, a.keys.data, N, a.keys.strides[0], exclude, E, a.k,
+                      rows_per_split, a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(),
+                      p.splits, st});
+      return merge<TQ, TK, TV>(a);
+    }
+  }
+  const int64_t qblocks = (B + p.queries - 1) / p.queries;
+  const size_t s1 = search_smem(p.queries, p.pow2);
+  set_smem(search_kernel<TQ, TK>, s1);
+  search_kernel<TQ, TK><<<dim3(unsigned(qblocks), unsigned(p.splits)), kThreads, s1, st>>>(
+      a.query.ptr<TQ>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0], exclude, E, a.k, p.pow2,
+      p.queries, rows_per_split, a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits);
+  check(cudaGetLastError(), "search kernel launch");
+  merge<TQ, TK, TV>(a);
+}
+
+template <typename TQ, typename TK>
 void launch_values(const Args& a) {
   switch (a.values.dtype) {
-    case DType::f32: return launch<TK, float>(a);
-    case DType::f16: return launch<TK, __half>(a);
-    case DType::bf16: return launch<TK, __nv_bfloat16>(a);
+    case DType::f32: return launch<TQ, TK, float>(a);
+    case DType::f16: return launch<TQ, TK, __half>(a);
+    case DType::bf16: return launch<TQ, TK, __nv_bfloat16>(a);
     default: throw std::invalid_argument("reco CUDA: values must be float32, float16 or bfloat16");
   }
 }
 
+// The query is float32, or of the keys' 16-bit type.
+template <typename TK>
+void launch_keys(const Args& a) {
+  if (a.query.dtype == DType::f32) return launch_values<float, TK>(a);
+  if constexpr (!std::is_same_v<TK, float>)
+    if (a.query.dtype == a.keys.dtype) return launch_values<TK, TK>(a);
+  throw std::invalid_argument("reco CUDA: query must be float32 or of the keys' dtype");
+}
+
 }  // namespace
 
-Plan plan(int64_t batch, int64_t rows, int64_t k, int device) {
+Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, bool half_query, int device) {
   Plan p;
   int optin = 0, sms = 0;
   check(cudaSetDevice(device), "cudaSetDevice");
@@ -381,10 +357,17 @@ Plan plan(int64_t batch, int64_t rows, int64_t k, int device) {
   while (queries > 0 && search_smem(queries, p.pow2) > budget) --queries;
   if (queries == 0 || merge_smem(p.pow2) > budget) return p;
   p.queries = int(std::max<int64_t>(1, std::min<int64_t>(queries, batch)));
-  const int64_t qblocks = (batch + p.queries - 1) / p.queries;
-  const int64_t want = std::max<int64_t>(1, (4 * int64_t(sms) + qblocks - 1) / qblocks);
-  const int64_t most = std::max<int64_t>(1, rows / (4 * kTile));  // >= 4 tiles per split
-  p.splits = int(std::min<int64_t>(std::min(want, most), 65535));
+  p.mma = half_query && dim % 8 == 0 && k <= mma::kMaxK && search_mma_smem() <= budget;
+  // Enough splits along N to fill the GPU (the tensor-core search runs one block per SM), each of
+  // at least 4 tiles, fewer than 2^30 rows (the tensor-core search keeps int32 row offsets).
+  const int64_t per_block = p.mma ? mma::kQueries : p.queries;
+  const int64_t tile = p.mma ? mma::kRows : kTile;
+  const int64_t qblocks = (batch + per_block - 1) / per_block;
+  const int64_t want = p.mma ? std::max<int64_t>(1, sms / qblocks)
+                             : std::max<int64_t>(1, (4 * int64_t(sms) + qblocks - 1) / qblocks);
+  const int64_t most = std::max<int64_t>(1, rows / (4 * tile));
+  const int64_t least = (rows >> 30) + 1;
+  p.splits = int(std::min<int64_t>(std::max(std::min(want, most), least), 65535));
   p.ok = true;
   return p;
 }
@@ -393,9 +376,9 @@ void retrieve_attend(const Args& a) {
   // This runtime (linked statically) is told the device itself rather than trusting the caller's.
   check(cudaSetDevice(a.query.device_id), "cudaSetDevice");
   switch (a.keys.dtype) {
-    case DType::f32: return launch_values<float>(a);
-    case DType::f16: return launch_values<__half>(a);
-    case DType::bf16: return launch_values<__nv_bfloat16>(a);
+    case DType::f32: return launch_keys<float>(a);
+    case DType::f16: return launch_keys<__half>(a);
+    case DType::bf16: return launch_keys<__nv_bfloat16>(a);
     default: throw std::invalid_argument("reco CUDA: keys must be float32, float16 or bfloat16");
   }
 }

@@ -1,4 +1,5 @@
-// The CUDA fused retrieve-attend (first version: exact, CUDA cores; tensor-core tiles to come).
+// The CUDA fused retrieve-attend: exact top-k search (tensor cores for 16-bit query and keys,
+// CUDA cores otherwise), then merge + attention.
 // Host API, included by the bindings (compiled without nvcc).
 #pragma once
 #include <cstdint>
@@ -9,18 +10,20 @@
 namespace reco::cuda {
 
 struct Plan {
-  int splits = 1;   // thread blocks along N per query block (partial top-k lists)
-  int pow2 = 256;   // candidate buffer length: a power of two >= k and >= one tile of rows
-  int queries = 1;  // queries per thread block in the search
-  bool ok = false;  // false: k too large for shared memory (callers fall back)
+  int splits = 1;    // thread blocks along N per query block (partial top-k lists)
+  int pow2 = 256;    // candidate buffer length: a power of two >= k and >= one tile of rows
+  int queries = 1;   // queries per thread block in the CUDA-core search
+  bool mma = false;  // the tensor-core search applies (16-bit query of the keys' type, k <= 64)
+  bool ok = false;   // false: k too large for shared memory (callers fall back)
 };
 
 // How a call is split; the caller allocates the partial lists [B, splits, k] (float32 scores and
 // int64 rows) from its own allocator and passes them in.
-Plan plan(int64_t batch, int64_t rows, int64_t k, int device);
+// half_query: the query is passed in the keys' 16-bit dtype (the tensor-core search).
+Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, bool half_query, int device);
 
 struct Args {
-  TensorView query;        // [B, d] float32, contiguous
+  TensorView query;        // [B, d] contiguous, float32 or the keys' dtype
   TensorView keys;         // [N, d] float32/float16/bfloat16, unit inner stride, any row stride
   TensorView values;       // [N, dv] likewise
   TensorView attn_query;   // [B, H, dv] float32 contiguous, or absent

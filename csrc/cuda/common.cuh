@@ -1,0 +1,103 @@
+// Device helpers shared by the CUDA search and merge kernels (included by .cu files only).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace reco::cuda {
+
+inline void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("reco CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+
+__device__ __forceinline__ float load(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float load(const __half* p) {
+  return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
+__device__ __forceinline__ float load(const __nv_bfloat16* p) {
+  return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
+
+// The selection order: a before b. Empty slots (row < 0) come last; NaN ranks below every
+// number, NaNs by ascending row; otherwise higher score first, ties to the lower row.
+template <typename S, typename R>
+__device__ __forceinline__ bool better(S sa, R ra, S sb, R rb) {
+  if (ra < 0) return false;
+  if (rb < 0) return true;
+  const bool na = isnan(sa), nb = isnan(sb);
+  if (na || nb) return na && nb ? ra < rb : nb;
+  return sa > sb || (sa == sb && ra < rb);
+}
+
+template <typename S, typename R>
+__device__ __forceinline__ void order_pair(S* s, R* r, int i, int j, bool best_first) {
+  const bool swap = best_first ? better(s[j], r[j], s[i], r[i]) : better(s[i], r[i], s[j], r[j]);
+  if (swap) {
+    const S ts = s[i];
+    s[i] = s[j];
+    s[j] = ts;
+    const R tr = r[i];
+    r[i] = r[j];
+    r[j] = tr;
+  }
+}
+
+// Sorts n (a power of two) entries of shared memory best first; every thread of the block calls.
+template <typename S, typename R>
+__device__ void bitonic_sort(S* s, R* r, int n) {
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int j = i ^ stride;
+        if (j > i) order_pair(s, r, i, j, (i & size) == 0);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// The same sort by one warp (every lane of the warp calls; other warps sort other lists).
+template <typename S, typename R>
+__device__ void warp_bitonic_sort(S* s, R* r, int n) {
+  const int lane = threadIdx.x & 31;
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = lane; i < n; i += 32) {
+        const int j = i ^ stride;
+        if (j > i) order_pair(s, r, i, j, (i & size) == 0);
+      }
+      __syncwarp();
+    }
+  }
+}
+
+__device__ __forceinline__ bool excluded(const int64_t* __restrict__ ex, int64_t E, int64_t r) {
+  for (int64_t i = 0; i < E; ++i)
+    if (__ldg(ex + i) == r) return true;
+  return false;
+}
+
+// The tensor-core search (search_mma.cu): for query and keys of one 16-bit type T, writes each
+// split's top-k (k <= mma::kMaxK) to the workspace, as the CUDA-core search does.
+struct SearchArgs {
+  const void* query;  // [B, d] contiguous
+  int64_t B, d;
+  const void* keys;  // [N, d], row stride key_stride (elements)
+  int64_t N, key_stride;
+  const int64_t* exclude;  // [B, E] or null
+  int64_t E, k, rows_per_split;
+  float* part_scores;  // [B, S, k]
+  int64_t* part_rows;
+  int S;
+  cudaStream_t stream;
+};
+template <typename T>
+void search_mma(const SearchArgs& a);
+size_t search_mma_smem();
+
+}  // namespace reco::cuda

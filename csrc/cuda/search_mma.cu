@@ -1,0 +1,242 @@
+// The tensor-core search: query and keys of one 16-bit type, fp32 accumulation (mma.sync
+// m16n8k16, sm_80 and later), exact for that input precision.
+//
+// A block takes 64 queries and one split of the rows, and walks the split in tiles of 256 rows.
+// Query and key chunks of 32 elements of d stream through a 3-stage cp.async pipeline (16-byte
+// copies; rows past the split and elements past d are zero-filled). Each of the 8 warps keeps a
+// 32 x 64 tile of scores in registers; when a tile is complete, each score that beats its
+// query's current k-th best is staged in shared memory, one n8 tile at a time, and a query whose
+// staging area could overflow on the next step has it merged into its running top list (a warp
+// bitonic sort). The score matrix never leaves the chip. Rows are kept as int32 offsets from the
+// split's first row (so N may exceed 2^31); each split writes its top-k to the workspace.
+#include <cmath>
+
+#include "common.cuh"
+#include "mma_layout.h"
+
+namespace reco::cuda {
+namespace {
+
+using namespace mma;
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int n>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(n));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                 uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                        uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+constexpr size_t kStageElems = size_t(kQueries + kRows) * kPitch;
+constexpr size_t kSmem = kStages * kStageElems * 2 + size_t(kQueries) * kEntries * 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    search_mma_kernel(const T* __restrict__ query, int64_t B, int64_t d, const T* __restrict__ keys,
+                      int64_t N, int64_t key_stride, const int64_t* __restrict__ exclude, int64_t E,
+                      int64_t k, int64_t rows_per_split, float* __restrict__ part_scores,
+                      int64_t* __restrict__ part_rows, int S) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* tiles = reinterpret_cast<T*>(smem);  // [kStages][query tile kQueries, key tile kRows][kPitch]
+  float* cs = reinterpret_cast<float*>(tiles + kStages * kStageElems);  // [kQueries][kEntries]
+  int* cr = reinterpret_cast<int*>(cs + kQueries * kEntries);           // row offsets, -1 = empty
+  __shared__ float thr_s[kQueries];  // each query's current k-th best: the entry to beat
+  __shared__ int thr_r[kQueries];
+  __shared__ int count[kQueries];  // staged candidates
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wq = warp / kWarpsN, wn = warp % kWarpsN;
+  const int64_t q0 = int64_t(blockIdx.x) * kQueries;
+  const int nq = int(min(int64_t(kQueries), B - q0));
+  const int split = blockIdx.y;
+  const int64_t n0 = int64_t(split) * rows_per_split;
+  const int64_t n1 = min(N, n0 + rows_per_split);
+  const int chunks = int((d + kChunk - 1) / kChunk);
+  const int64_t steps = n1 > n0 ? (n1 - n0 + kRows - 1) / kRows * chunks : 0;
+
+  for (int i = tid; i < kQueries * kEntries; i += kThreads) {
+    cs[i] = -INFINITY;
+    cr[i] = -1;
+  }
+  if (tid < kQueries) {
+    thr_s[tid] = -INFINITY;
+    thr_r[tid] = -1;
+    count[tid] = 0;
+  }
+
+  // Issues the copies of pipeline step it (tile it / chunks, chunk it % chunks).
+  auto load = [&](int64_t it) {
+    T* qt = tiles + (it % kStages) * kStageElems;
+    T* kt = qt + kQueries * kPitch;
+    const int64_t col0 = (it % chunks) * kChunk;
+    const int64_t r0 = n0 + (it / chunks) * kRows;
+    constexpr int kSegs = kChunk / 8;  // 16-byte segments per row
+    for (int i = tid; i < (kQueries + kRows) * kSegs; i += kThreads) {
+      const int row = i / kSegs, seg = i % kSegs;
+      const int64_t col = col0 + seg * 8;
+      const T* src;
+      bool in;
+      if (row < kQueries) {
+        in = q0 + row < B && col < d;
+        src = query + (q0 + row) * d + col;
+      } else {
+        in = r0 + row - kQueries < n1 && col < d;
+        src = keys + (r0 + row - kQueries) * key_stride + col;
+      }
+      // d is a multiple of 8, so a segment is wholly inside or outside the row.
+      cp_async16(qt + row * kPitch + seg * 8, in ? src : keys, in ? 16 : 0);
+    }
+  };
+
+  // Merges each staged query's candidates into its list; warp w takes queries w, w + 8, ...
+  auto merge = [&]() {
+    for (int q = warp; q < kQueries; q += kThreads / 32) {
+      const int c = count[q];
+      if (c == 0) continue;
+      float* s = cs + q * kEntries;
+      int* r = cr + q * kEntries;
+      for (int i = kList + c + lane; i < kEntries; i += 32) {
+        s[i] = -INFINITY;
+        r[i] = -1;
+      }
+      __syncwarp();
+      warp_bitonic_sort(s, r, kEntries);
+      if (lane == 0) {
+        thr_s[q] = s[k - 1];
+        thr_r[q] = r[k - 1];
+        count[q] = 0;
+      }
+      __syncwarp();
+    }
+  };
+
+  float acc[kMT][kNT][4];
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load(s);
+    cp_async_commit();
+  }
+  for (int64_t it = 0; it < steps; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // step it has landed for every thread; step it - 1's stage is free
+    if (it + kStages - 1 < steps) load(it + kStages - 1);
+    cp_async_commit();
+
+    const int chunk = int(it % chunks);
+    if (chunk == 0) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+    }
+    const T* qt = tiles + (it % kStages) * kStageElems;
+    const T* kt = qt + kQueries * kPitch;
+#pragma unroll
+    for (int ks = 0; ks < kChunk / 16; ++ks) {
+      uint32_t a[kMT][4], b[kNT / 2][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], qt + a_offset(wq, mt, ks, lane));
+#pragma unroll
+      for (int p = 0; p < kNT / 2; ++p) ldmatrix_x4(b[p], kt + b_offset(wn, p, ks, lane));
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+          mma16816<T>(acc[mt][nt], a[mt], b[nt / 2][(nt & 1) * 2], b[nt / 2][(nt & 1) * 2 + 1]);
+    }
+    if (chunk != chunks - 1) continue;
+
+    // The tile's scores are complete: stage those that beat their query's k-th best.
+    const int64_t tile0 = (it / chunks) * kRows;  // offset of the tile's first row in the split
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+      bool full = false;
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int q = c_query(wq, mt, lane, i);
+          const int off = int(tile0) + c_row(wn, nt, lane, i);
+          const float sc = acc[mt][nt][i];
+          if (q < nq && n0 + off < n1 && better(sc, off, thr_s[q], thr_r[q]) &&
+              (exclude == nullptr || !excluded(exclude + (q0 + q) * E, E, n0 + off))) {
+            const int pos = atomicAdd(&count[q], 1);
+            cs[q * kEntries + kList + pos] = sc;
+            cr[q * kEntries + kList + pos] = off;
+            full |= pos + 1 > kStaging - kPerStep;
+          }
+        }
+      if (__syncthreads_or(full)) {
+        merge();
+        __syncthreads();
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  merge();
+  __syncthreads();
+
+  for (int i = tid; i < nq * k; i += kThreads) {
+    const int q = int(i / k), j = int(i % k);
+    const size_t o = (size_t(q0 + q) * S + split) * k + j;
+    const int off = cr[q * kEntries + j];
+    part_scores[o] = cs[q * kEntries + j];
+    part_rows[o] = off < 0 ? -1 : n0 + off;
+  }
+}
+
+}  // namespace
+
+size_t search_mma_smem() { return kSmem; }
+
+template <typename T>
+void search_mma(const SearchArgs& a) {
+  static_assert(sizeof(T) == 2, "16-bit inputs only");
+  if (kSmem > 48 * 1024)
+    check(cudaFuncSetAttribute(search_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(kSmem)),
+          "cudaFuncSetAttribute");
+  const int64_t qblocks = (a.B + kQueries - 1) / kQueries;
+  search_mma_kernel<T><<<dim3(unsigned(qblocks), unsigned(a.S)), kThreads, kSmem, a.stream>>>(
+      static_cast<const T*>(a.query), a.B, a.d, static_cast<const T*>(a.keys), a.N, a.key_stride,
+      a.exclude, a.E, a.k, a.rows_per_split, a.part_scores, a.part_rows, a.S);
+  check(cudaGetLastError(), "tensor-core search kernel launch");
+}
+
+template void search_mma<__half>(const SearchArgs&);
+template void search_mma<__nv_bfloat16>(const SearchArgs&);
+
+}  // namespace reco::cuda
