@@ -2,8 +2,10 @@
 //
 // Kernel 1 (search): with a 16-bit query of the keys' type, the tensor-core search of
 // search_mma.cu. Otherwise (float32 query or keys, k > 64, unaligned rows) the CUDA-core search
-// below, exact in fp32: a thread block takes up to 8 queries and one split of the rows. Each warp
-// scores rows (lanes stride over d, fp32 accumulation, warp reduction), and a candidate that
+// below, exact in fp32: a thread block takes up to 8 queries (copied to shared memory as float32)
+// and one split of the rows. Each warp scores rows (lanes take 16-byte segments of the row where
+// rows are 16-byte aligned, single elements otherwise; fp32 accumulation, warp reduction), and a
+// candidate that
 // beats its query's current k-th best is appended to a staging area in shared memory. Before the
 // staging area can overflow, the block merges it into the running top list with a bitonic sort
 // (best first: higher score, then lower row; NaN below every number; empty slots last). The
@@ -30,16 +32,46 @@ constexpr int kTile = kWarps * 32;  // rows a block scores between two merges (3
 constexpr int kMaxQueries = 8;
 constexpr size_t kDefaultSmem = 48 * 1024;
 
+// The 16 / sizeof(T) elements of 16 bytes of keys, as floats.
+template <typename T>
+__device__ __forceinline__ void unpack(uint4 u, float* f);
+template <>
+__device__ __forceinline__ void unpack<float>(uint4 u, float* f) {
+  f[0] = __uint_as_float(u.x);
+  f[1] = __uint_as_float(u.y);
+  f[2] = __uint_as_float(u.z);
+  f[3] = __uint_as_float(u.w);
+}
+template <>
+__device__ __forceinline__ void unpack<__half>(uint4 u, float* f) {
+  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+    f[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+  }
+}
+template <>
+__device__ __forceinline__ void unpack<__nv_bfloat16>(uint4 u, float* f) {
+  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // a bfloat16 is the top half of a float32
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
 template <typename TQ, typename TK>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     search_kernel(const TQ* __restrict__ query, int64_t B, int64_t d, const TK* __restrict__ keys,
                   int64_t N, int64_t key_stride, const int64_t* __restrict__ exclude, int64_t E,
                   int64_t k, int P, int QB, int64_t rows_per_split, float* __restrict__ part_scores,
-                  int64_t* __restrict__ part_rows, int S) {
+                  int64_t* __restrict__ part_rows, int S, bool vec) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* rows = reinterpret_cast<int64_t*>(smem);                  // [QB][2P]
   float* scs = reinterpret_cast<float*>(rows + size_t(QB) * 2 * P);  // [QB][2P]
-  int* count = reinterpret_cast<int*>(scs + size_t(QB) * 2 * P);     // [QB] staged candidates
+  float* qs = scs + size_t(QB) * 2 * P;                              // [QB][d] the queries
+  int* count = reinterpret_cast<int*>(qs + size_t(QB) * d);          // [QB] staged candidates
   __shared__ float thr_s[kMaxQueries];  // each query's current k-th best (the entry to beat)
   __shared__ int64_t thr_r[kMaxQueries];
 
@@ -54,6 +86,8 @@ __global__ void __launch_bounds__(kThreads)
     rows[i] = -1;
     scs[i] = -INFINITY;
   }
+  for (int64_t i = threadIdx.x; i < QB * d; i += blockDim.x)
+    qs[i] = i < nq * d ? load(query + q0 * d + i) : 0.f;
   if (threadIdx.x < QB) {
     count[threadIdx.x] = 0;
     thr_s[threadIdx.x] = -INFINITY;
@@ -69,11 +103,33 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < kMaxQueries; ++q) acc[q] = 0.f;
       const TK* kr = keys + r * key_stride;
-      for (int64_t j = lane; j < d; j += 32) {
-        const float kv = load(kr + j);
+      if (vec) {  // 16-byte loads: each lane takes V consecutive elements, the warp 32 V
+        constexpr int V = 16 / sizeof(TK);
+#pragma unroll 2
+        for (int64_t j = lane * V; j < d; j += 32 * V) {
+          float kv[V];
+          unpack<TK>(__ldg(reinterpret_cast<const uint4*>(kr + j)), kv);
 #pragma unroll
-        for (int q = 0; q < kMaxQueries; ++q)
-          if (q < nq) acc[q] = fmaf(load(query + (q0 + q) * d + j), kv, acc[q]);
+          for (int q = 0; q < kMaxQueries; ++q)
+            if (q < nq) {
+              const float4* qv = reinterpret_cast<const float4*>(qs + q * d + j);
+#pragma unroll
+              for (int v = 0; v < V / 4; ++v) {
+                const float4 x = qv[v];
+                acc[q] = fmaf(x.x, kv[4 * v], acc[q]);
+                acc[q] = fmaf(x.y, kv[4 * v + 1], acc[q]);
+                acc[q] = fmaf(x.z, kv[4 * v + 2], acc[q]);
+                acc[q] = fmaf(x.w, kv[4 * v + 3], acc[q]);
+              }
+            }
+        }
+      } else {
+        for (int64_t j = lane; j < d; j += 32) {
+          const float kv = load(kr + j);
+#pragma unroll
+          for (int q = 0; q < kMaxQueries; ++q)
+            if (q < nq) acc[q] = fmaf(qs[q * d + j], kv, acc[q]);
+        }
       }
       float mine = 0.f;  // lane q keeps query q's score (no dynamic register indexing)
 #pragma unroll
@@ -252,8 +308,9 @@ int pow2_at_least(int64_t k) {
   return p;
 }
 
-size_t search_smem(int queries, int P) {
-  return size_t(queries) * 2 * P * (sizeof(int64_t) + sizeof(float)) + queries * sizeof(int);
+size_t search_smem(int queries, int P, int64_t d) {
+  return size_t(queries) * 2 * P * (sizeof(int64_t) + sizeof(float)) +
+         size_t(queries) * d * sizeof(float) + queries * sizeof(int);
 }
 
 size_t merge_smem(int P) {
@@ -313,11 +370,15 @@ void launch(const Args& a) {
     }
   }
   const int64_t qblocks = (B + p.queries - 1) / p.queries;
-  const size_t s1 = search_smem(p.queries, p.pow2);
+  const size_t s1 = search_smem(p.queries, p.pow2, d);
+  constexpr int V = 16 / sizeof(TK);  // elements per 16-byte load
+  const bool vec = reinterpret_cast<uintptr_t>(a.keys.data) % 16 == 0 &&
+                   a.keys.strides[0] % V == 0 && d % V == 0;
   set_smem(search_kernel<TQ, TK>, s1);
   search_kernel<TQ, TK><<<dim3(unsigned(qblocks), unsigned(p.splits)), kThreads, s1, st>>>(
       a.query.ptr<TQ>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0], exclude, E, a.k, p.pow2,
-      p.queries, rows_per_split, a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits);
+      p.queries, rows_per_split, a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits,
+      vec);
   check(cudaGetLastError(), "search kernel launch");
   merge<TQ, TK, TV>(a);
 }
@@ -354,7 +415,7 @@ Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, bool half_query, 
   p.pow2 = pow2_at_least(k);
   const size_t budget = size_t(optin) - 1024;  // static shared memory and slack
   int queries = kMaxQueries;
-  while (queries > 0 && search_smem(queries, p.pow2) > budget) --queries;
+  while (queries > 0 && search_smem(queries, p.pow2, dim) > budget) --queries;
   if (queries == 0 || merge_smem(p.pow2) > budget) return p;
   p.queries = int(std::max<int64_t>(1, std::min<int64_t>(queries, batch)));
   p.mma = half_query && dim % 8 == 0 && k <= mma::kMaxK && search_mma_smem() <= budget;
