@@ -86,6 +86,8 @@ SHAPE_SETS: dict[str, ShapeSet] = {
     "default": ShapeSet(N=1_000_000, d=512, dv=512, k=16, batches=(1, 64, 1024)),
     "medium": ShapeSet(N=250_000, d=256, dv=256, k=16, batches=(1, 64, 256)),
     "quick": ShapeSet(N=100_000, d=128, dv=128, k=16, batches=(1, 64)),
+    # For a GPU with room for 10 GB of 16-bit keys and as much again of values.
+    "large": ShapeSet(N=10_000_000, d=512, dv=512, k=16, batches=(1, 16, 256, 1024)),
 }
 
 
@@ -226,7 +228,10 @@ def reco_backend(device: str) -> str:
     if device == "cpu" and reco_ops._C is not None:
         return f"compiled cpu kernel ({reco_ops._C.default_cpu_level()})"
     if device == "cuda" and reco_ops.cuda_kernel_enabled():
-        return "compiled CUDA kernel (first version: CUDA cores, RECO_CUDA_KERNEL=1)"
+        return (
+            "compiled CUDA kernel (RECO_CUDA_KERNEL=1): tensor-core search for a 16-bit query of "
+            "the keys' dtype, CUDA cores otherwise"
+        )
     return f"pure-torch reference (no compiled reco kernel for {device})"
 
 

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# compute-sanitizer memcheck and racecheck of the CUDA kernel on small cases (needs a GPU and
-# compute-sanitizer on PATH). Logs go to ${OUT:-.}/sanitize-*.log; exits non-zero on any error.
+# compute-sanitizer memcheck, racecheck and synccheck of the CUDA kernels on small cases: the
+# tensor-core search (16-bit query of the keys' dtype), the CUDA-core search (float32 query,
+# unaligned rows, large k), with heads and exclude lists. Needs a GPU and compute-sanitizer on
+# PATH. Logs go to ${OUT:-.}/sanitize-*.log; exits non-zero on any error.
 set -euo pipefail
 OUT=$(realpath "${OUT:-.}")
 cd "$(mktemp -d)"  # not the checkout: its reco/ (without the compiled core) would shadow the install
 export RECO_CUDA_KERNEL=1
 CASES='
 import torch, reco
-for B, N, d, dv, k, dt in [(1, 700, 33, 7, 5, torch.float16), (9, 3000, 64, 16, 40, torch.bfloat16),
-                           (20, 2500, 17, 5, 300, torch.float32)]:
+cases = [  # B, N, d, dv, k, keys dtype, query in the keys dtype
+    (1, 700, 33, 7, 5, torch.float16, False),
+    (9, 3000, 64, 16, 40, torch.bfloat16, False),
+    (20, 2500, 17, 5, 300, torch.float32, False),
+    (3, 900, 40, 8, 7, torch.float16, True),
+    (70, 1300, 96, 16, 64, torch.bfloat16, True),
+]
+for B, N, d, dv, k, dt, same in cases:
     q = torch.randn(B, d, device="cuda")
+    q = q.to(dt) if same else q
     keys = torch.randn(N, d, device="cuda").to(dt)
     values = torch.randn(N, dv, device="cuda").to(dt)
     ex = torch.randint(-1, N, (B, 6), device="cuda")
@@ -19,7 +28,7 @@ for B, N, d, dv, k, dt in [(1, 700, 33, 7, 5, torch.float16), (9, 3000, 64, 16, 
 torch.cuda.synchronize()
 print("ok")
 '
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 1 python -c "$CASES" \
         > "$OUT/sanitize-$tool.log" 2>&1 || { tail -40 "$OUT/sanitize-$tool.log"; exit 1; }
     tail -2 "$OUT/sanitize-$tool.log"
