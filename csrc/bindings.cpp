@@ -121,17 +121,28 @@ void retrieve_attend(py::handle query, py::handle keys, py::handle values, py::h
 }
 
 #if defined(RECO_WITH_CUDA)
-void retrieve_attend_cuda(py::handle query, py::handle keys, py::handle values,
-                          py::handle attn_query, py::handle exclude, int64_t k, double temperature,
-                          py::handle output, py::handle weights, py::handle indices,
-                          py::handle scores, py::handle part_scores, py::handle part_rows,
-                          int splits, int pow2, int queries, bool mma, uintptr_t stream) {
-  Imported owners[11];
+void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle keys,
+                          py::handle values, py::handle attn_query, py::handle exclude, int64_t k,
+                          double temperature, py::handle output, py::handle weights,
+                          py::handle indices, py::handle scores, py::handle part_scores,
+                          py::handle part_rows, int splits, int pow2, int queries, bool mma,
+                          uintptr_t stream) {
+  Imported owners[12];
   reco::cuda::Args a;
   import_op_arrays(a, owners, query, keys, values, attn_query, exclude, output, weights, indices,
                    scores);
   a.part_scores = import_array(part_scores, "part_scores", owners[9]);
   a.part_rows = import_array(part_rows, "part_rows", owners[10]);
+  a.query_terms = import_array(query_terms, "query_terms", owners[11]);
+  if (a.query_terms.present() &&
+      (a.query_terms.ndim != 3 || a.query_terms.dtype != a.keys.dtype ||
+       a.query_terms.shape[1] != a.query.shape[0] || a.query_terms.shape[2] != a.query.shape[1] ||
+       a.query_terms.strides[2] != 1 || a.query_terms.strides[1] != a.query.shape[1] ||
+       a.query_terms.strides[0] != a.query.shape[0] * a.query.shape[1] ||
+       a.query_terms.device_type != 2 || a.query_terms.device_id != a.query.device_id))
+    throw py::value_error(
+        "retrieve_attend_cuda: query_terms must be contiguous [terms, B, d] of the keys' dtype, "
+        "on the query's device");
   for (const TensorView* v : {&a.query, &a.keys, &a.values, &a.output, &a.weights, &a.indices,
                               &a.scores, &a.part_scores, &a.part_rows})
     if (v->device_type != 2 || v->device_id != a.query.device_id)
@@ -182,16 +193,17 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = true;
   m.def(
       "cuda_plan",
-      [](int64_t batch, int64_t rows, int64_t dim, int64_t k, bool half_query, int device) {
-        const reco::cuda::Plan p = reco::cuda::plan(batch, rows, dim, k, half_query, device);
+      [](int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int device) {
+        const reco::cuda::Plan p = reco::cuda::plan(batch, rows, dim, k, terms, device);
         return py::make_tuple(p.ok, p.splits, p.pow2, p.queries, p.mma);
       },
-      py::arg("batch"), py::arg("rows"), py::arg("dim"), py::arg("k"), py::arg("half_query"),
+      py::arg("batch"), py::arg("rows"), py::arg("dim"), py::arg("k"), py::arg("terms"),
       py::arg("device"),
       "(ok, splits, pow2, queries, mma): how a CUDA call is split (ok False: k too large for the "
-      "kernel; mma: the tensor-core search applies).");
-  m.def("retrieve_attend_cuda", &retrieve_attend_cuda, py::arg("query"), py::arg("keys"),
-        py::arg("values"), py::arg("attn_query"), py::arg("exclude"), py::arg("k"),
+      "kernel; mma: the tensor-core search applies, given the query as `terms` 16-bit terms of "
+      "the keys' dtype, 0 for none).");
+  m.def("retrieve_attend_cuda", &retrieve_attend_cuda, py::arg("query"), py::arg("query_terms"),
+        py::arg("keys"), py::arg("values"), py::arg("attn_query"), py::arg("exclude"), py::arg("k"),
         py::arg("temperature"), py::arg("output"), py::arg("weights"), py::arg("indices"),
         py::arg("scores"), py::arg("part_scores"), py::arg("part_rows"), py::arg("splits"),
         py::arg("pow2"), py::arg("queries"), py::arg("mma"), py::arg("stream"),

@@ -192,6 +192,35 @@ if _C is not None:
         return outputs
 
 
+def query_terms(query: Tensor, dtype: torch.dtype) -> Tensor:
+    """The query as [T, B, d] terms of the 16-bit `dtype` whose sum is the query scaled per row by
+    a power of two, to about float32 precision: the tensor-core search multiplies each term by
+    16-bit keys exactly and accumulates in float32.
+
+    float16 (T = 2): each row is scaled so that its largest magnitude lies in [2^14, 2^15), which
+    keeps the second term clear of float16's subnormals; the error of a row is at most 2^-22 of
+    its largest element. bfloat16 (T = 3, no scaling): the error is at most 2^-24 of each element.
+    A term that would be inf - inf is 0, so infinite elements score as they do in float32.
+    """
+    q = query.detach().float()
+    if dtype == torch.float16:
+        amax = q.abs().amax(dim=1, keepdim=True)
+        exponent = torch.frexp(torch.where(torch.isfinite(amax) & (amax > 0), amax, 1.0)).exponent
+        q = torch.ldexp(q, (15 - exponent).clamp(max=126))
+        count = 2
+    elif dtype == torch.bfloat16:
+        count = 3
+    else:
+        raise ValueError(f"query_terms: dtype must be float16 or bfloat16, got {dtype}")
+    terms = []
+    rest = q
+    for _ in range(count):
+        t = rest.to(dtype)
+        terms.append(t)
+        rest = torch.where(torch.isfinite(t), rest - t.float(), 0.0)
+    return torch.stack(terms)
+
+
 def cuda_kernel_enabled() -> bool:
     """The CUDA kernel is compiled in but has not yet been validated on a GPU, so CUDA tensors
     run the reference unless RECO_CUDA_KERNEL=1 opts in."""
@@ -220,20 +249,24 @@ if _C is not None and getattr(_C, "with_cuda", False):
         B = query.shape[0]
         if B == 0:
             return outputs
-        # A 16-bit query of the keys' dtype runs the tensor-core search (fp32 accumulation of
-        # exact products); any other query is searched in float32 on CUDA cores.
+        # 16-bit keys: the tensor-core search takes the query as 16-bit terms of their dtype
+        # (the query itself when it has that dtype), fp32 accumulation of exact products.
         half_query = query.dtype == keys.dtype and query.dtype in (torch.float16, torch.bfloat16)
+        terms = {torch.float16: 2, torch.bfloat16: 3}.get(keys.dtype, 0)
         ok, splits, pow2, queries, mma = _C.cuda_plan(
-            B, keys.shape[0], query.shape[1], k, half_query, query.device.index or 0
+            B, keys.shape[0], query.shape[1], k, 1 if half_query else terms, query.device.index or 0
         )
         if not ok:  # k too large for the kernel's shared memory
             return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
+        q = (query.detach() if half_query else query.detach().float()).contiguous()
+        terms_in = None if not mma else q[None] if half_query else query_terms(q, keys.dtype)
         # Workspace from torch's caching allocator (stream-ordered, CUDA-graph safe).
         part_scores = query.new_empty((B, splits, k), dtype=torch.float32)
         part_rows = query.new_empty((B, splits, k), dtype=torch.int64)
         with torch.cuda.device(query.device):
             _C.retrieve_attend_cuda(
-                (query.detach() if half_query else query.detach().float()).contiguous(),
+                q,
+                terms_in,
                 _unit_inner_stride(keys.detach()),
                 _unit_inner_stride(values.detach()),
                 None if attn_query is None else attn_query.detach().float().contiguous(),

@@ -4,6 +4,7 @@ against the reference (on a CUDA device, with RECO_CUDA_KERNEL=1; skipped elsewh
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 import subprocess
 import sysconfig
@@ -63,6 +64,52 @@ def test_tensor_core_tile_layout_against_an_emulated_mma(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("ok"), run.stdout
+
+
+@pytest.mark.parametrize("dtype, count", [(torch.float16, 2), (torch.bfloat16, 3)])
+def test_query_terms_sum_to_the_query_to_float32_precision(dtype, count):
+    """The terms the tensor-core search multiplies by 16-bit keys: their sum is the query scaled
+    per row by a power of two (1 for bfloat16), and scores from them are the exact scores in that
+    scale to about float32 precision, over rows of very different magnitudes."""
+    g = torch.Generator().manual_seed(count)
+    B, d, N = 12, 96, 50
+    q = torch.randn(B, d, generator=g) * torch.logspace(-20, 20, B)[:, None]
+    q[3, :5] = 0.0  # zeros among the elements
+    q[4] = 0.0  # an all-zero row
+    keys = torch.randn(N, d, generator=g).to(dtype)
+    terms = reco.ops.query_terms(q, dtype)
+    assert terms.shape == (count, B, d) and terms.dtype == dtype
+    total = terms.double().sum(0)
+    exact = q.double() @ keys.double().T
+    scaled = total @ keys.double().T
+    bound = 2.0 ** (-22 if dtype == torch.float16 else -24)
+    for b in range(B):
+        if b == 4:
+            assert (total[b] == 0).all()
+            continue
+        j = int(exact[b].abs().argmax())
+        ratio = float(scaled[b, j] / exact[b, j])
+        assert ratio > 0 and abs(ratio - 2.0 ** round(math.log2(ratio))) < 1e-6 * ratio
+        scale = 2.0 ** round(math.log2(ratio))
+        if dtype == torch.bfloat16:
+            assert scale == 1.0
+        else:  # the largest scaled element lies in [2^14, 2^15)
+            assert 2.0**14 <= float(q[b].abs().max()) * scale < 2.0**15
+        err = (scaled[b] - scale * exact[b]).abs()
+        budget = bound * scale * (q[b].double().abs() @ keys.double().abs().T)
+        if dtype == torch.float16:  # relative to the row's largest element
+            budget = bound * scale * float(q[b].abs().max()) * keys.double().abs().sum(1)
+        assert bool((err <= budget).all()), float((err / budget).max())
+
+
+def test_query_terms_keep_infinities_and_nans():
+    q = torch.randn(3, 16)
+    q[0, 2] = float("inf")
+    q[1, 5] = float("nan")
+    for dtype in (torch.float16, torch.bfloat16):
+        total = reco.ops.query_terms(q, dtype).float().sum(0)
+        assert total[0, 2] == float("inf") and torch.isfinite(total[0, [0, 1, 3]]).all()
+        assert total[1, 5].isnan() and torch.isfinite(total[2]).all()
 
 
 needs_gpu = pytest.mark.skipif(
@@ -219,8 +266,8 @@ def test_data_dependent_errors_poison_only_that_query(kernel):
     assert torch.equal(got.indices[0].cpu(), want.indices[0])
 
 
-def _plan(B, N, d, k, half_query):
-    plan = _C.cuda_plan(B, N, d, k, half_query, 0)
+def _plan(B, N, d, k, terms):
+    plan = _C.cuda_plan(B, N, d, k, terms, 0)
     assert plan[0]  # ok
     return plan[4]  # the tensor-core search applies
 
@@ -244,16 +291,36 @@ def test_tensor_core_search_matches_reference(kernel, dtype, B, N, d, dv, k):
     """A query of the keys' 16-bit dtype takes the tensor-core search: products of 16-bit inputs
     are exact in fp32, so the result is the reference's on the same inputs up to float32
     accumulation order."""
-    assert _plan(B, N, d, k, True)
+    assert _plan(B, N, d, k, 1)
     q, keys, values, _ = _data(B, N, d, dv, dtype, seed=B + N + d, query_dtype=dtype)
     _compare(q, keys, values, k)
 
 
 @needs_gpu
 def test_tensor_core_plan_falls_back_where_it_cannot_apply():
-    assert not _plan(8, 10000, 512, 16, False)  # float32 query
-    assert not _plan(8, 10000, 100, 16, True)  # d not a multiple of 8
-    assert not _plan(8, 10000, 512, 65, True)  # k above the tensor-core list
+    assert _plan(8, 10000, 512, 16, 1)  # a query of the keys' dtype
+    assert _plan(9, 10000, 512, 16, 2) and _plan(9, 10000, 512, 16, 3)  # split float32 queries
+    assert not _plan(8, 10000, 512, 16, 2)  # few float32 queries: memory-bound, CUDA cores
+    assert not _plan(8, 10000, 512, 16, 0)  # float32 keys
+    assert not _plan(8, 10000, 100, 16, 1)  # d not a multiple of 8
+    assert not _plan(8, 10000, 512, 65, 1)  # k above the tensor-core list
+
+
+@needs_gpu
+@half_dtypes
+def test_float32_query_is_split_into_terms_for_tensor_cores(kernel, dtype):
+    """More than 8 float32 queries against 16-bit keys take the tensor-core search through
+    query_terms: scores to about float32 precision, rows of very different magnitudes."""
+    B, N, d, k = 100, 30000, 256, 16
+    assert _plan(B, N, d, k, 2 if dtype == torch.float16 else 3)
+    q, keys, values, _ = _data(B, N, d, 32, dtype, seed=11)
+    q = q * torch.logspace(-3, 3, B)[:, None]
+    got = reco.fused_retrieve_attend(q.cuda(), keys.cuda(), values.cuda(), k)
+    want = reference.fused_retrieve_attend(q.double(), keys.double(), values.double(), k)
+    tol = 1e-5 * (q.abs().double() @ keys.abs().double().T).amax(1, keepdim=True)
+    exact = (q.double() @ keys.double().T).gather(1, got.indices.cpu())
+    assert bool(((exact - want.scores).abs() <= tol).all())  # the same scores: ties aside
+    assert bool(((got.scores.cpu().double() - exact).abs() <= tol).all())
 
 
 @needs_gpu

@@ -82,10 +82,12 @@ __device__ __forceinline__ bool excluded(const int64_t* __restrict__ ex, int64_t
   return false;
 }
 
-// The tensor-core search (search_mma.cu): for query and keys of one 16-bit type T, writes each
-// split's top-k (k <= mma::kMaxK) to the workspace, as the CUDA-core search does.
+// The tensor-core search (search_mma.cu): for keys of a 16-bit type T and the query as terms of
+// that type, writes each split's top-k (k <= mma::kMaxK) to the workspace, as the CUDA-core
+// search does (scores in the terms' scale).
 struct SearchArgs {
-  const void* query;  // [B, d] contiguous
+  const void* query;  // [terms, B, d] contiguous, of the keys' type
+  int terms;          // 1 or 2 (float16 keys), 1 or 3 (bfloat16 keys)
   int64_t B, d;
   const void* keys;  // [N, d], row stride key_stride (elements)
   int64_t N, key_stride;
@@ -98,6 +100,6 @@ struct SearchArgs {
 };
 template <typename T>
 void search_mma(const SearchArgs& a);
-size_t search_mma_smem();
+size_t search_mma_smem(int terms);
 
 }  // namespace reco::cuda

@@ -1,11 +1,12 @@
 // The CUDA fused retrieve-attend: a search kernel, then a merge + attention kernel.
 //
-// Kernel 1 (search): with a 16-bit query of the keys' type, the tensor-core search of
-// search_mma.cu. Otherwise (float32 query or keys, k > 64, unaligned rows) the CUDA-core search
-// below, exact in fp32: a thread block takes up to 8 queries (copied to shared memory as float32)
-// and one split of the rows. Each warp scores rows (lanes take 16-byte segments of the row where
-// rows are 16-byte aligned, single elements otherwise; fp32 accumulation, warp reduction), and a
-// candidate that
+// Kernel 1 (search): for 16-bit keys, the tensor-core search of search_mma.cu, given the query
+// as 16-bit terms (the query itself when it has the keys' type; a float32 query split in two or
+// three terms when more than 8 queries make the search compute-bound). Otherwise (float32 keys,
+// k > 64, unaligned rows, a few float32 queries) the CUDA-core search below, exact in fp32: a
+// thread block takes up to 8 queries (copied to shared memory as float32) and one split of the
+// rows. Each warp scores rows (lanes take 16-byte segments of the row where rows are 16-byte
+// aligned, single elements otherwise; fp32 accumulation, warp reduction), and a candidate that
 // beats its query's current k-th best is appended to a staging area in shared memory. Before the
 // staging area can overflow, the block merges it into the running top list with a bitonic sort
 // (best first: higher score, then lower row; NaN below every number; empty slots last). The
@@ -344,13 +345,12 @@ void merge(const Args& a) {
   check(cudaGetLastError(), "merge kernel launch");
 }
 
-// The tensor-core search applies: 16-bit query and keys of one type, 16-byte aligned rows.
+// The tensor-core search applies: query terms of the keys' type, 16-byte aligned rows.
 bool use_mma(const Args& a) {
-  const auto aligned = [](const TensorView& v) {
-    return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.strides[0] % 8 == 0;
-  };
-  return a.plan.mma && a.query.dtype == a.keys.dtype && a.query.shape[1] % 8 == 0 &&
-         aligned(a.query) && aligned(a.keys);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return a.plan.mma && a.query_terms.present() && a.query_terms.dtype == a.keys.dtype &&
+         a.query.shape[1] % 8 == 0 && aligned(a.query_terms.data) && aligned(a.keys.data) &&
+         a.keys.strides[0] % 8 == 0;
 }
 
 template <typename TQ, typename TK, typename TV>
@@ -361,11 +361,11 @@ void launch(const Args& a) {
   const int64_t rows_per_split = (N + p.splits - 1) / p.splits;
   const int64_t E = a.exclude.present() ? a.exclude.shape[1] : 0;
   const int64_t* exclude = E > 0 ? a.exclude.ptr<int64_t>() : nullptr;
-  if constexpr (std::is_same_v<TQ, TK> && sizeof(TK) == 2) {
+  if constexpr (sizeof(TK) == 2) {
     if (use_mma(a)) {
-      search_mma<TK>({a.query.data, B, d, a.keys.data, N, a.keys.strides[0], exclude, E, a.k,
-                      rows_per_split, a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(),
-                      p.splits, st});
+      search_mma<TK>({a.query_terms.data, int(a.query_terms.shape[0]), B, d, a.keys.data, N,
+                      a.keys.strides[0], exclude, E, a.k, rows_per_split,
+                      a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits, st});
       return merge<TQ, TK, TV>(a);
     }
   }
@@ -404,7 +404,7 @@ void launch_keys(const Args& a) {
 
 }  // namespace
 
-Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, bool half_query, int device) {
+Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int device) {
   Plan p;
   int optin = 0, sms = 0;
   check(cudaSetDevice(device), "cudaSetDevice");
@@ -418,7 +418,9 @@ Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, bool half_query, 
   while (queries > 0 && search_smem(queries, p.pow2, dim) > budget) --queries;
   if (queries == 0 || merge_smem(p.pow2) > budget) return p;
   p.queries = int(std::max<int64_t>(1, std::min<int64_t>(queries, batch)));
-  p.mma = half_query && dim % 8 == 0 && k <= mma::kMaxK && search_mma_smem() <= budget;
+  // A float32 query on few rows of queries is memory-bound: exact on CUDA cores, no split.
+  p.mma = terms > 0 && dim % 8 == 0 && k <= mma::kMaxK && search_mma_smem(terms) <= budget &&
+          (terms == 1 || batch > kMaxQueries);
   // Enough splits along N to fill the GPU (the tensor-core search runs one block per SM), each of
   // at least 4 tiles, fewer than 2^30 rows (the tensor-core search keeps int32 row offsets).
   const int64_t per_block = p.mma ? mma::kQueries : p.queries;

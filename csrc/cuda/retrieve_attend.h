@@ -13,17 +13,20 @@ struct Plan {
   int splits = 1;    // thread blocks along N per query block (partial top-k lists)
   int pow2 = 256;    // candidate buffer length: a power of two >= k and >= one tile of rows
   int queries = 1;   // queries per thread block in the CUDA-core search
-  bool mma = false;  // the tensor-core search applies (16-bit query of the keys' type, k <= 64)
+  bool mma = false;  // the tensor-core search applies (query given as terms, k <= 64)
   bool ok = false;   // false: k too large for shared memory (callers fall back)
 };
 
 // How a call is split; the caller allocates the partial lists [B, splits, k] (float32 scores and
 // int64 rows) from its own allocator and passes them in.
-// half_query: the query is passed in the keys' 16-bit dtype (the tensor-core search).
-Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, bool half_query, int device);
+// terms: how many 16-bit terms of the keys' dtype the caller can give the query as (1: the query
+// itself, of the keys' dtype; 2 for float16 or 3 for bfloat16 keys: a float32 query split into
+// terms); 0: none (float32 keys), the CUDA-core search.
+Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int device);
 
 struct Args {
   TensorView query;        // [B, d] contiguous, float32 or the keys' dtype
+  TensorView query_terms;  // [terms, B, d] contiguous, the keys' dtype: for plan.mma, or absent
   TensorView keys;         // [N, d] float32/float16/bfloat16, unit inner stride, any row stride
   TensorView values;       // [N, dv] likewise
   TensorView attn_query;   // [B, H, dv] float32 contiguous, or absent

@@ -1,10 +1,12 @@
-// The tensor-core search: query and keys of one 16-bit type, fp32 accumulation (mma.sync
-// m16n8k16, sm_80 and later), exact for that input precision.
+// The tensor-core search: keys of a 16-bit type, fp32 accumulation (mma.sync m16n8k16, sm_80
+// and later). The query arrives as kTerms 16-bit terms of the keys' type whose sum is the query
+// (one term: a query of the keys' type; more: a float32 query split by the caller, scaled per row
+// by a power of two), so every product is exact and a score is the fp32 sum over the terms.
 //
 // A block takes 64 queries and one split of the rows, and walks the split in tiles of 256 rows.
-// Query and key chunks of 32 elements of d stream through a 3-stage cp.async pipeline (16-byte
-// copies; rows past the split and elements past d are zero-filled). Each of the 8 warps keeps a
-// 32 x 64 tile of scores in registers; when a tile is complete, each score that beats its
+// Query-term and key chunks of 32 elements of d stream through a 3-stage cp.async pipeline
+// (16-byte copies; rows past the split and elements past d are zero-filled). Each of the 8 warps
+// keeps a 32 x 64 tile of scores in registers; when a tile is complete, each score that beats its
 // query's current k-th best is staged in shared memory, one n8 tile at a time, and a query whose
 // staging area could overflow on the next step has it merged into its running top list (a warp
 // bitonic sort). The score matrix never leaves the chip. Rows are kept as int32 offsets from the
@@ -58,17 +60,21 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-constexpr size_t kStageElems = size_t(kQueries + kRows) * kPitch;
-constexpr size_t kSmem = kStages * kStageElems * 2 + size_t(kQueries) * kEntries * 8;
+constexpr size_t stage_elems(int terms) { return size_t(terms * kQueries + kRows) * kPitch; }
+constexpr size_t smem_bytes(int terms) {
+  return kStages * stage_elems(terms) * 2 + size_t(kQueries) * kEntries * 8;
+}
 
-template <typename T>
+template <typename T, int kTerms>
 __global__ void __launch_bounds__(kThreads, 1)
     search_mma_kernel(const T* __restrict__ query, int64_t B, int64_t d, const T* __restrict__ keys,
                       int64_t N, int64_t key_stride, const int64_t* __restrict__ exclude, int64_t E,
                       int64_t k, int64_t rows_per_split, float* __restrict__ part_scores,
                       int64_t* __restrict__ part_rows, int S) {
   extern __shared__ __align__(16) unsigned char smem[];
-  T* tiles = reinterpret_cast<T*>(smem);  // [kStages][query tile kQueries, key tile kRows][kPitch]
+  constexpr size_t kStageElems = stage_elems(kTerms);
+  // [kStages][query tiles kTerms x kQueries, key tile kRows][kPitch]
+  T* tiles = reinterpret_cast<T*>(smem);
   float* cs = reinterpret_cast<float*>(tiles + kStages * kStageElems);  // [kQueries][kEntries]
   int* cr = reinterpret_cast<int*>(cs + kQueries * kEntries);           // row offsets, -1 = empty
   __shared__ float thr_s[kQueries];  // each query's current k-th best: the entry to beat
@@ -98,21 +104,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Issues the copies of pipeline step it (tile it / chunks, chunk it % chunks).
   auto load = [&](int64_t it) {
     T* qt = tiles + (it % kStages) * kStageElems;
-    T* kt = qt + kQueries * kPitch;
     const int64_t col0 = (it % chunks) * kChunk;
     const int64_t r0 = n0 + (it / chunks) * kRows;
     constexpr int kSegs = kChunk / 8;  // 16-byte segments per row
-    for (int i = tid; i < (kQueries + kRows) * kSegs; i += kThreads) {
+    for (int i = tid; i < (kTerms * kQueries + kRows) * kSegs; i += kThreads) {
       const int row = i / kSegs, seg = i % kSegs;
       const int64_t col = col0 + seg * 8;
       const T* src;
       bool in;
-      if (row < kQueries) {
-        in = q0 + row < B && col < d;
-        src = query + (q0 + row) * d + col;
+      if (row < kTerms * kQueries) {  // term row / kQueries of query q0 + row % kQueries
+        const int64_t q = q0 + row % kQueries;
+        in = q < B && col < d;
+        src = query + ((row / kQueries) * B + q) * d + col;
       } else {
-        in = r0 + row - kQueries < n1 && col < d;
-        src = keys + (r0 + row - kQueries) * key_stride + col;
+        const int64_t r = r0 + row - kTerms * kQueries;
+        in = r < n1 && col < d;
+        src = keys + r * key_stride + col;
       }
       // d is a multiple of 8, so a segment is wholly inside or outside the row.
       cp_async16(qt + row * kPitch + seg * 8, in ? src : keys, in ? 16 : 0);
@@ -162,19 +169,24 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
     }
     const T* qt = tiles + (it % kStages) * kStageElems;
-    const T* kt = qt + kQueries * kPitch;
+    const T* kt = qt + kTerms * kQueries * kPitch;
 #pragma unroll
     for (int ks = 0; ks < kChunk / 16; ++ks) {
-      uint32_t a[kMT][4], b[kNT / 2][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], qt + a_offset(wq, mt, ks, lane));
+      uint32_t b[kNT / 2][4];
 #pragma unroll
       for (int p = 0; p < kNT / 2; ++p) ldmatrix_x4(b[p], kt + b_offset(wn, p, ks, lane));
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
+      for (int t = 0; t < kTerms; ++t) {  // the key fragments serve every term
+        uint32_t a[kMT][4];
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
-          mma16816<T>(acc[mt][nt], a[mt], b[nt / 2][(nt & 1) * 2], b[nt / 2][(nt & 1) * 2 + 1]);
+        for (int mt = 0; mt < kMT; ++mt)
+          ldmatrix_x4(a[mt], qt + t * kQueries * kPitch + a_offset(wq, mt, ks, lane));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+            mma16816<T>(acc[mt][nt], a[mt], b[nt / 2][(nt & 1) * 2], b[nt / 2][(nt & 1) * 2 + 1]);
+      }
     }
     if (chunk != chunks - 1) continue;
 
@@ -218,25 +230,37 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-}  // namespace
-
-size_t search_mma_smem() { return kSmem; }
-
-template <typename T>
-void search_mma(const SearchArgs& a) {
-  static_assert(sizeof(T) == 2, "16-bit inputs only");
-  if (kSmem > 48 * 1024)
-    check(cudaFuncSetAttribute(search_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               int(kSmem)),
+template <typename T, int kTerms>
+void launch(const SearchArgs& a) {
+  constexpr size_t smem = smem_bytes(kTerms);
+  if (smem > 48 * 1024)
+    check(cudaFuncSetAttribute(search_mma_kernel<T, kTerms>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute");
   const int64_t qblocks = (a.B + kQueries - 1) / kQueries;
-  search_mma_kernel<T><<<dim3(unsigned(qblocks), unsigned(a.S)), kThreads, kSmem, a.stream>>>(
-      static_cast<const T*>(a.query), a.B, a.d, static_cast<const T*>(a.keys), a.N, a.key_stride,
-      a.exclude, a.E, a.k, a.rows_per_split, a.part_scores, a.part_rows, a.S);
+  search_mma_kernel<T, kTerms>
+      <<<dim3(unsigned(qblocks), unsigned(a.S)), kThreads, smem, a.stream>>>(
+          static_cast<const T*>(a.query), a.B, a.d, static_cast<const T*>(a.keys), a.N,
+          a.key_stride, a.exclude, a.E, a.k, a.rows_per_split, a.part_scores, a.part_rows, a.S);
   check(cudaGetLastError(), "tensor-core search kernel launch");
 }
 
-template void search_mma<__half>(const SearchArgs&);
-template void search_mma<__nv_bfloat16>(const SearchArgs&);
+}  // namespace
+
+size_t search_mma_smem(int terms) { return smem_bytes(terms); }
+
+template <>
+void search_mma<__half>(const SearchArgs& a) {
+  if (a.terms == 1) return launch<__half, 1>(a);
+  if (a.terms == 2) return launch<__half, 2>(a);
+  throw std::invalid_argument("reco CUDA: float16 keys take a query of 1 or 2 terms");
+}
+
+template <>
+void search_mma<__nv_bfloat16>(const SearchArgs& a) {
+  if (a.terms == 1) return launch<__nv_bfloat16, 1>(a);
+  if (a.terms == 3) return launch<__nv_bfloat16, 3>(a);
+  throw std::invalid_argument("reco CUDA: bfloat16 keys take a query of 1 or 3 terms");
+}
 
 }  // namespace reco::cuda
