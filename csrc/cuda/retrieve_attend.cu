@@ -421,16 +421,26 @@ Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int de
   // A float32 query on few rows of queries is memory-bound: exact on CUDA cores, no split.
   p.mma = terms > 0 && dim % 8 == 0 && k <= mma::kMaxK && search_mma_smem(terms) <= budget &&
           (terms == 1 || batch > kMaxQueries);
-  // Enough splits along N to fill the GPU (the tensor-core search runs one block per SM), each of
-  // at least 4 tiles, fewer than 2^30 rows (the tensor-core search keeps int32 row offsets).
+  // Splits along N: each of at least 4 tiles and fewer than 2^30 rows (the tensor-core search
+  // keeps int32 row offsets); enough to fill the GPU, the number whose last wave of blocks leaves
+  // the fewest SMs idle (the tensor-core search runs one block per SM, the CUDA-core one ~4).
   const int64_t per_block = p.mma ? mma::kQueries : p.queries;
   const int64_t tile = p.mma ? mma::kRows : kTile;
+  const int64_t slots = int64_t(sms) * (p.mma ? 1 : 4);  // blocks resident at once
   const int64_t qblocks = (batch + per_block - 1) / per_block;
-  const int64_t want = p.mma ? std::max<int64_t>(1, sms / qblocks)
-                             : std::max<int64_t>(1, (4 * int64_t(sms) + qblocks - 1) / qblocks);
-  const int64_t most = std::max<int64_t>(1, rows / (4 * tile));
-  const int64_t least = (rows >> 30) + 1;
-  p.splits = int(std::min<int64_t>(std::max(std::min(want, most), least), 65535));
+  const int64_t most = std::min<int64_t>(65535, std::max<int64_t>(1, rows / (4 * tile)));
+  const int64_t least = std::min(most, std::max<int64_t>(1, slots / qblocks));
+  int64_t best = least;
+  double best_use = 0;
+  for (int64_t s = least; s <= std::min(most, 8 * least); ++s) {
+    const int64_t blocks = qblocks * s;
+    const double use = double(blocks) / double((blocks + slots - 1) / slots * slots);
+    if (use > best_use + 1e-9) {
+      best = s;
+      best_use = use;
+    }
+  }
+  p.splits = int(std::max<int64_t>(best, (rows >> 30) + 1));
   p.ok = true;
   return p;
 }
