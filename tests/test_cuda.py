@@ -191,7 +191,7 @@ def test_heads_exclude_and_temperature(kernel):
     g = torch.Generator().manual_seed(4)
     exclude = torch.randint(0, 5000, (9, 20), generator=g)
     exclude[:, ::3] = -1
-    exclude[0, :10] = reference.search(q[:1], keys.float(), 10).indices[0]  # the true top 10
+    exclude[0, :10] = reference.search(q[:1], keys.float(), 10)[0][0]  # the true top 10
     got = _compare(q, keys, values, 12, aq=aq, exclude=exclude, temperature=0.3)
     for b in range(9):
         assert not set(got.indices[b].tolist()) & set(exclude[b].tolist())
@@ -216,13 +216,16 @@ def test_ties_go_to_the_lower_row(kernel):
 
 
 @needs_gpu
-def test_nan_rows_rank_last(kernel):
-    q, keys, values, _ = _data(4, 2000, 16, 8, torch.float32, seed=9)
+@pytest.mark.parametrize(
+    "N, dtype", [(2000, torch.float32), (64, torch.float16)]
+)  # CUDA-core search; tensor-core search (k = N <= 64)
+def test_nan_rows_rank_last(kernel, N, dtype):
+    q, keys, values, _ = _data(4, N, 16, 8, dtype, seed=9, query_dtype=dtype)
     keys[5] = float("nan")
-    got = reco.fused_retrieve_attend(q.cuda(), keys.cuda(), values.cuda(), 1999)
-    assert int(got.indices[0, -1]) == 5
+    got = reco.fused_retrieve_attend(q.cuda(), keys.cuda(), values.cuda(), N)
+    assert int(got.indices[0, -1]) == 5  # every row selected: the NaN one last
     nan_q = reco.fused_retrieve_attend(
-        torch.full((1, 16), float("nan")).cuda(), keys.cuda(), values.cuda(), 7
+        torch.full((1, 16), float("nan"), dtype=dtype).cuda(), keys.cuda(), values.cuda(), 7
     )
     assert nan_q.indices.cpu().tolist() == [list(range(7))]
 
@@ -330,7 +333,7 @@ def test_tensor_core_search_with_heads_exclude_and_temperature(kernel, dtype):
     g = torch.Generator().manual_seed(4)
     exclude = torch.randint(0, 9000, (75, 30), generator=g)
     exclude[:, ::4] = -1
-    true_top = reference.search(q.float(), keys.float(), 20).indices
+    true_top = reference.search(q.float(), keys.float(), 20)[0]
     exclude[:, :20] = true_top  # the true top 20 are all excluded
     got = _compare(q, keys, values, 24, aq=aq, exclude=exclude, temperature=0.5)
     for b in range(75):
