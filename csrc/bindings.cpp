@@ -147,10 +147,9 @@ void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle k
                               &a.scores, &a.part_scores, &a.part_rows})
     if (v->device_type != 2 || v->device_id != a.query.device_id)
       throw py::value_error("retrieve_attend_cuda: every array must be on the query's CUDA device");
-  if ((a.query.dtype != DType::f32 && a.query.dtype != a.keys.dtype) || a.query.strides[1] != 1 ||
+  if (a.query.dtype != DType::f32 || a.query.strides[1] != 1 ||
       a.query.strides[0] != a.query.shape[1])
-    throw py::type_error(
-        "retrieve_attend_cuda: query must be contiguous, float32 or of the keys' dtype");
+    throw py::type_error("retrieve_attend_cuda: query must be contiguous float32");
   if (a.keys.strides[1] != 1 || a.values.strides[1] != 1)
     throw py::value_error("retrieve_attend_cuda: keys and values need unit inner stride");
   a.k = k;

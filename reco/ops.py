@@ -258,8 +258,14 @@ if _C is not None and getattr(_C, "with_cuda", False):
         )
         if not ok:  # k too large for the kernel's shared memory
             return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
-        q = (query.detach() if half_query else query.detach().float()).contiguous()
-        terms_in = None if not mma else q[None] if half_query else query_terms(q, keys.dtype)
+        # Both searches and the merge take the query as float32 (exact for a 16-bit query).
+        q = query.detach().float().contiguous()
+        if not mma:
+            terms_in = None
+        elif half_query:
+            terms_in = query.detach().contiguous()[None]
+        else:
+            terms_in = query_terms(q, keys.dtype)
         # Workspace from torch's caching allocator (stream-ordered, CUDA-graph safe).
         part_scores = query.new_empty((B, splits, k), dtype=torch.float32)
         part_rows = query.new_empty((B, splits, k), dtype=torch.int64)

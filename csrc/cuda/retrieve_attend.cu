@@ -62,11 +62,12 @@ __device__ __forceinline__ void unpack<__nv_bfloat16>(uint4 u, float* f) {
   }
 }
 
-template <typename TQ, typename TK>
+template <typename TK>
 __global__ void __launch_bounds__(kThreads, 2)
-    search_kernel(const TQ* __restrict__ query, int64_t B, int64_t d, const TK* __restrict__ keys,
-                  int64_t N, int64_t key_stride, const int64_t* __restrict__ exclude, int64_t E,
-                  int64_t k, int P, int QB, int64_t rows_per_split, float* __restrict__ part_scores,
+    search_kernel(const float* __restrict__ query, int64_t B, int64_t d,
+                  const TK* __restrict__ keys, int64_t N, int64_t key_stride,
+                  const int64_t* __restrict__ exclude, int64_t E, int64_t k, int P, int QB,
+                  int64_t rows_per_split, float* __restrict__ part_scores,
                   int64_t* __restrict__ part_rows, int S, bool vec) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* rows = reinterpret_cast<int64_t*>(smem);                  // [QB][2P]
@@ -88,7 +89,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     scs[i] = -INFINITY;
   }
   for (int64_t i = threadIdx.x; i < QB * d; i += blockDim.x)
-    qs[i] = i < nq * d ? load(query + q0 * d + i) : 0.f;
+    qs[i] = i < nq * d ? query[q0 * d + i] : 0.f;
   if (threadIdx.x < QB) {
     count[threadIdx.x] = 0;
     thr_s[threadIdx.x] = -INFINITY;
@@ -176,9 +177,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
 }
 
-template <typename TQ, typename TK, typename TV>
+template <typename TK, typename TV>
 __global__ void __launch_bounds__(kThreads, 1)
-    merge_attend_kernel(const TQ* __restrict__ query, int64_t d, const TK* __restrict__ keys,
+    merge_attend_kernel(const float* __restrict__ query, int64_t d, const TK* __restrict__ keys,
                         int64_t key_stride, const TV* __restrict__ values, int64_t dv,
                         int64_t value_stride, const float* __restrict__ attn_query, int H,
                         const int64_t* __restrict__ exclude, int64_t E, int64_t N,
@@ -219,13 +220,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // Re-score the winners in float64 (one warp per row) and re-sort them.
-  const TQ* q = query + b * d;
+  const float* q = query + b * d;
   for (int64_t j = warp; j < P; j += kWarps) {
     double acc = 0.0;
     const int64_t r = j < k ? rows[j] : -1;
     if (r >= 0) {
       const TK* kr = keys + r * key_stride;
-      for (int64_t c = lane; c < d; c += 32) acc += double(load(q + c)) * double(load(kr + c));
+      for (int64_t c = lane; c < d; c += 32) acc += double(__ldg(q + c)) * double(load(kr + c));
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     }
@@ -326,16 +327,16 @@ void set_smem(K kernel, size_t bytes) {
           "cudaFuncSetAttribute");
 }
 
-template <typename TQ, typename TK, typename TV>
+template <typename TK, typename TV>
 void merge(const Args& a) {
   const int64_t B = a.query.shape[0], d = a.query.shape[1], N = a.keys.shape[0];
   const int64_t E = a.exclude.present() ? a.exclude.shape[1] : 0;
   const int H = a.attn_query.present() ? int(a.attn_query.shape[1]) : 1;
   const size_t smem = merge_smem(a.plan.pow2);
-  set_smem(merge_attend_kernel<TQ, TK, TV>, smem);
-  merge_attend_kernel<TQ, TK, TV>
+  set_smem(merge_attend_kernel<TK, TV>, smem);
+  merge_attend_kernel<TK, TV>
       <<<unsigned(B), kThreads, smem, reinterpret_cast<cudaStream_t>(a.stream)>>>(
-          a.query.ptr<TQ>(), d, a.keys.ptr<TK>(), a.keys.strides[0], a.values.ptr<TV>(),
+          a.query.ptr<float>(), d, a.keys.ptr<TK>(), a.keys.strides[0], a.values.ptr<TV>(),
           a.values.shape[1], a.values.strides[0],
           a.attn_query.present() ? a.attn_query.ptr<float>() : nullptr, H,
           E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, N, a.part_scores.ptr<float>(),
@@ -353,7 +354,7 @@ bool use_mma(const Args& a) {
          a.keys.strides[0] % 8 == 0;
 }
 
-template <typename TQ, typename TK, typename TV>
+template <typename TK, typename TV>
 void launch(const Args& a) {
   const auto st = reinterpret_cast<cudaStream_t>(a.stream);
   const int64_t B = a.query.shape[0], d = a.query.shape[1], N = a.keys.shape[0];
@@ -366,7 +367,7 @@ void launch(const Args& a) {
       search_mma<TK>({a.query_terms.data, int(a.query_terms.shape[0]), B, d, a.keys.data, N,
                       a.keys.strides[0], exclude, E, a.k, rows_per_split,
                       a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits, st});
-      return merge<TQ, TK, TV>(a);
+      return merge<TK, TV>(a);
     }
   }
   const int64_t qblocks = (B + p.queries - 1) / p.queries;
@@ -374,32 +375,23 @@ void launch(const Args& a) {
   constexpr int V = 16 / sizeof(TK);  // elements per 16-byte load
   const bool vec = reinterpret_cast<uintptr_t>(a.keys.data) % 16 == 0 &&
                    a.keys.strides[0] % V == 0 && d % V == 0;
-  set_smem(search_kernel<TQ, TK>, s1);
-  search_kernel<TQ, TK><<<dim3(unsigned(qblocks), unsigned(p.splits)), kThreads, s1, st>>>(
-      a.query.ptr<TQ>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0], exclude, E, a.k, p.pow2,
+  set_smem(search_kernel<TK>, s1);
+  search_kernel<TK><<<dim3(unsigned(qblocks), unsigned(p.splits)), kThreads, s1, st>>>(
+      a.query.ptr<float>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0], exclude, E, a.k, p.pow2,
       p.queries, rows_per_split, a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits,
       vec);
   check(cudaGetLastError(), "search kernel launch");
-  merge<TQ, TK, TV>(a);
+  merge<TK, TV>(a);
 }
 
-template <typename TQ, typename TK>
+template <typename TK>
 void launch_values(const Args& a) {
   switch (a.values.dtype) {
-    case DType::f32: return launch<TQ, TK, float>(a);
-    case DType::f16: return launch<TQ, TK, __half>(a);
-    case DType::bf16: return launch<TQ, TK, __nv_bfloat16>(a);
+    case DType::f32: return launch<TK, float>(a);
+    case DType::f16: return launch<TK, __half>(a);
+    case DType::bf16: return launch<TK, __nv_bfloat16>(a);
     default: throw std::invalid_argument("reco CUDA: values must be float32, float16 or bfloat16");
   }
-}
-
-// The query is float32, or of the keys' 16-bit type.
-template <typename TK>
-void launch_keys(const Args& a) {
-  if (a.query.dtype == DType::f32) return launch_values<float, TK>(a);
-  if constexpr (!std::is_same_v<TK, float>)
-    if (a.query.dtype == a.keys.dtype) return launch_values<TK, TK>(a);
-  throw std::invalid_argument("reco CUDA: query must be float32 or of the keys' dtype");
 }
 
 }  // namespace
@@ -449,9 +441,9 @@ void retrieve_attend(const Args& a) {
   // This runtime (linked statically) is told the device itself rather than trusting the caller's.
   check(cudaSetDevice(a.query.device_id), "cudaSetDevice");
   switch (a.keys.dtype) {
-    case DType::f32: return launch_keys<float>(a);
-    case DType::f16: return launch_keys<__half>(a);
-    case DType::bf16: return launch_keys<__nv_bfloat16>(a);
+    case DType::f32: return launch_values<float>(a);
+    case DType::f16: return launch_values<__half>(a);
+    case DType::bf16: return launch_values<__nv_bfloat16>(a);
     default: throw std::invalid_argument("reco CUDA: keys must be float32, float16 or bfloat16");
   }
 }

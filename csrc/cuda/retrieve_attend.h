@@ -25,7 +25,7 @@ struct Plan {
 Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int device);
 
 struct Args {
-  TensorView query;        // [B, d] contiguous, float32 or the keys' dtype
+  TensorView query;        // [B, d] float32, contiguous
   TensorView query_terms;  // [terms, B, d] contiguous, the keys' dtype: for plan.mma, or absent
   TensorView keys;         // [N, d] float32/float16/bfloat16, unit inner stride, any row stride
   TensorView values;       // [N, dv] likewise
