@@ -63,11 +63,12 @@ NAIVE_SCORING = (
     "weighted sum"
 )
 FAISS_STORAGE = (
-    "faiss.IndexFlatIP stores float32 (faiss has no bfloat16/float16 flat index); for "
-    "low-precision dtypes it is built from the keys rounded to that dtype and converted back to "
-    "float32, so its top-k is the exact top-k of the same rounded keys. The query is passed as "
-    "query.float(); the aggregation (gather values rows, softmax over the scores, weighted sum) "
-    "runs in torch"
+    "on CPU, faiss.IndexFlatIP stores float32 (faiss has no bfloat16/float16 CPU flat index); "
+    "for low-precision dtypes it is built from the keys rounded to that dtype and converted back "
+    "to float32, so its top-k is the exact top-k of the same rounded keys. On CUDA, "
+    "faiss.GpuIndexFlatIP stores float16 (useFloat16; bfloat16 keys converted to float16). The "
+    "query is passed as query.float(); the aggregation (gather values rows, softmax over the "
+    "scores, weighted sum) runs in torch"
 )
 
 
@@ -325,15 +326,22 @@ def naive_retrieve_attend(query: Tensor, keys: Tensor, values: Tensor, k: int) -
 
 
 def build_faiss_index(keys: Tensor, device: str, chunk: int = 1 << 16) -> Any:
-    """A faiss.IndexFlatIP over keys converted to float32 (chunk by chunk), on `device`."""
+    """faiss's exact inner-product index over keys, filled chunk by chunk: on CPU a float32
+    IndexFlatIP, on CUDA a GpuIndexFlatIP with float16 storage (fed CUDA tensors through
+    faiss.contrib.torch_utils, without a round trip through the host)."""
+    if device == "cuda":
+        res = faiss.StandardGpuResources()
+        config = faiss.GpuIndexFlatConfig()
+        config.device = torch.cuda.current_device()
+        config.useFloat16 = True
+        index = faiss.GpuIndexFlatIP(res, keys.shape[1], config)
+        index.referenced_objects = [res]
+        for i in range(0, keys.shape[0], chunk):
+            index.add(keys[i : i + chunk].float().contiguous())
+        return index
     index = faiss.IndexFlatIP(keys.shape[1])
     for i in range(0, keys.shape[0], chunk):
         index.add(np.ascontiguousarray(keys[i : i + chunk].float().cpu().numpy()))
-    if device == "cuda":
-        res = faiss.StandardGpuResources()
-        gpu_index = faiss.index_cpu_to_gpu(res, torch.cuda.current_device(), index)
-        gpu_index.referenced_objects = [res]
-        return gpu_index
     return index
 
 
@@ -353,7 +361,7 @@ def faiss_unavailable_reason(device: str) -> str | None:
     if faiss is None:
         return "faiss is not importable"
     if device == "cuda":
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        if not hasattr(faiss, "GpuIndexFlatIP") or faiss.get_num_gpus() < 1:
             return "this faiss build has no GPU support"
         try:
             importlib.import_module("faiss.contrib.torch_utils")
