@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck, racecheck and synccheck of the CUDA kernels on small cases: the
-# tensor-core search (16-bit query of the keys' dtype), the CUDA-core search (float32 query,
-# unaligned rows, large k), with heads and exclude lists. Needs a GPU and compute-sanitizer on
-# PATH. Logs go to ${OUT:-.}/sanitize-*.log; exits non-zero on any error.
+# tensor-core search (a 16-bit query of the keys' dtype; float32 queries split into terms), the
+# int8 search, the CUDA-core search (few float32 queries, odd d, large k), with heads and exclude
+# lists. Needs a GPU and compute-sanitizer on PATH. Logs go to ${OUT:-.}/sanitize-*.log; exits
+# non-zero on any error.
 set -euo pipefail
 OUT=$(realpath "${OUT:-.}")
 cd "$(mktemp -d)"  # not the checkout: its reco/ (without the compiled core) would shadow the install
@@ -15,6 +16,8 @@ cases = [  # B, N, d, dv, k, keys dtype, query in the keys dtype
     (20, 2500, 17, 5, 300, torch.float32, False),
     (3, 900, 40, 8, 7, torch.float16, True),
     (70, 1300, 96, 16, 64, torch.bfloat16, True),
+    (20, 1700, 64, 8, 16, torch.float16, False),
+    (12, 900, 48, 8, 10, torch.bfloat16, False),
 ]
 for B, N, d, dv, k, dt, same in cases:
     q = torch.randn(B, d, device="cuda")
@@ -25,6 +28,10 @@ for B, N, d, dv, k, dt, same in cases:
     aq = torch.randn(B, 3, dv, device="cuda")
     reco.fused_retrieve_attend(q, keys, values, k, attn_query=aq, exclude=ex)
     reco.fused_retrieve_attend(q, keys, values, k)
+    if d % 16 == 0:  # the int8 search (d a multiple of 16)
+        codes, scales = reco.quantize_keys(keys)
+        reco.fused_retrieve_attend_int8(q, codes, scales, keys, values, min(k, 16),
+                                        attn_query=aq, exclude=ex)
 torch.cuda.synchronize()
 print("ok")
 '

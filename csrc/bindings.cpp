@@ -37,6 +37,7 @@ DType dtype_of(const DLDataType& t, const std::string& name) {
     if (t.code == kDLFloat && t.bits == 64) return DType::f64;
     if (t.code == kDLBfloat && t.bits == 16) return DType::bf16;
     if (t.code == kDLInt && t.bits == 64) return DType::i64;
+    if (t.code == kDLInt && t.bits == 8) return DType::i8;
   }
   throw py::type_error(name + " has an unsupported dtype (DLPack code " + std::to_string(t.code) +
                        ", " + std::to_string(t.bits) + " bits, " + std::to_string(t.lanes) +
@@ -121,21 +122,37 @@ void retrieve_attend(py::handle query, py::handle keys, py::handle values, py::h
 }
 
 #if defined(RECO_WITH_CUDA)
-void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle keys,
-                          py::handle values, py::handle attn_query, py::handle exclude, int64_t k,
+void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle codes,
+                          py::handle key_scales, py::handle keys, py::handle values,
+                          py::handle attn_query, py::handle exclude, int64_t k, int64_t candidates,
                           double temperature, py::handle output, py::handle weights,
                           py::handle indices, py::handle scores, py::handle part_scores,
                           py::handle part_rows, int splits, int pow2, int queries, bool mma,
                           uintptr_t stream) {
-  Imported owners[12];
+  Imported owners[14];
   reco::cuda::Args a;
   import_op_arrays(a, owners, query, keys, values, attn_query, exclude, output, weights, indices,
                    scores);
   a.part_scores = import_array(part_scores, "part_scores", owners[9]);
   a.part_rows = import_array(part_rows, "part_rows", owners[10]);
   a.query_terms = import_array(query_terms, "query_terms", owners[11]);
+  a.codes = import_array(codes, "codes", owners[12]);
+  a.key_scales = import_array(key_scales, "key_scales", owners[13]);
+  for (const TensorView* v : {&a.codes, &a.key_scales})
+    if (v->present() && (v->device_type != 2 || v->device_id != a.query.device_id))
+      throw py::value_error("retrieve_attend_cuda: every array must be on the query's CUDA device");
+  if (a.codes.present() &&
+      (a.codes.ndim != 2 || a.codes.dtype != DType::i8 || a.codes.shape[0] != a.keys.shape[0] ||
+       a.codes.shape[1] != a.keys.shape[1] || a.codes.strides[1] != 1 || !a.key_scales.present() ||
+       a.key_scales.ndim != 1 || a.key_scales.dtype != DType::f32 ||
+       a.key_scales.shape[0] != a.keys.shape[0] || a.key_scales.strides[0] != 1))
+    throw py::value_error(
+        "retrieve_attend_cuda: codes must be int8 [N, d] with unit inner stride and key_scales "
+        "contiguous float32 [N]");
+  if (candidates < k) throw py::value_error("retrieve_attend_cuda: candidates must be >= k");
   if (a.query_terms.present() &&
-      (a.query_terms.ndim != 3 || a.query_terms.dtype != a.keys.dtype ||
+      (a.query_terms.ndim != 3 ||
+       a.query_terms.dtype != (a.codes.present() ? DType::i8 : a.keys.dtype) ||
        a.query_terms.shape[1] != a.query.shape[0] || a.query_terms.shape[2] != a.query.shape[1] ||
        a.query_terms.strides[2] != 1 || a.query_terms.strides[1] != a.query.shape[1] ||
        a.query_terms.strides[0] != a.query.shape[0] * a.query.shape[1] ||
@@ -153,6 +170,7 @@ void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle k
   if (a.keys.strides[1] != 1 || a.values.strides[1] != 1)
     throw py::value_error("retrieve_attend_cuda: keys and values need unit inner stride");
   a.k = k;
+  a.candidates = candidates;
   a.temperature = temperature;
   a.plan.splits = splits;
   a.plan.pow2 = pow2;
@@ -202,7 +220,8 @@ PYBIND11_MODULE(_C, m) {
       "kernel; mma: the tensor-core search applies, given the query as `terms` 16-bit terms of "
       "the keys' dtype, 0 for none).");
   m.def("retrieve_attend_cuda", &retrieve_attend_cuda, py::arg("query"), py::arg("query_terms"),
-        py::arg("keys"), py::arg("values"), py::arg("attn_query"), py::arg("exclude"), py::arg("k"),
+        py::arg("codes"), py::arg("key_scales"), py::arg("keys"), py::arg("values"),
+        py::arg("attn_query"), py::arg("exclude"), py::arg("k"), py::arg("candidates"),
         py::arg("temperature"), py::arg("output"), py::arg("weights"), py::arg("indices"),
         py::arg("scores"), py::arg("part_scores"), py::arg("part_rows"), py::arg("splits"),
         py::arg("pow2"), py::arg("queries"), py::arg("mma"), py::arg("stream"),

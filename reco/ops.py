@@ -3,6 +3,8 @@
 `reco::fused_retrieve_attend` is a `torch.library.custom_op`. Its default body is the pure-torch
 reference (any device without a compiled kernel, with a one-time warning); the CPU kernel lives in
 reco._C, which takes the arrays through DLPack and links no libtorch.
+`reco::fused_retrieve_attend_int8` (int8 keys scored coarsely, re-ranked exactly) has a CUDA
+kernel; elsewhere its body is the reference.
 """
 
 import math
@@ -21,7 +23,12 @@ try:
 except ImportError:  # a source checkout without a build: every device uses the reference
     _C = None
 
-__all__ = ["RetrieveAttend", "fused_retrieve_attend"]
+__all__ = [
+    "RetrieveAttend",
+    "fused_retrieve_attend",
+    "fused_retrieve_attend_int8",
+    "quantize_keys",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _warned_devices: set = set()
@@ -273,10 +280,13 @@ if _C is not None and getattr(_C, "with_cuda", False):
             _C.retrieve_attend_cuda(
                 q,
                 terms_in,
+                None,
+                None,
                 _unit_inner_stride(keys.detach()),
                 _unit_inner_stride(values.detach()),
                 None if attn_query is None else attn_query.detach().float().contiguous(),
                 None if exclude is None else exclude.contiguous(),
+                k,
                 k,
                 float(temperature),
                 *outputs,
@@ -306,9 +316,19 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_output, g_weights, _g_indices, g_scores):
-    # Gradients through the selected rows; the selection itself is piecewise constant.
-    query, keys, values, attn_query, indices, weights = ctx.saved_tensors
     need_q, need_k, need_v, _, need_aq, _, _ = ctx.needs_input_grad
+    g_q, g_k, g_v, g_aq = _selected_rows_grads(
+        ctx, (need_q, need_k, need_v, need_aq), g_output, g_weights, g_scores
+    )
+    return g_q, g_k, g_v, None, g_aq, None, None
+
+
+def _selected_rows_grads(ctx, needs, g_output, g_weights, g_scores):
+    """Gradients (query, keys, values, attn_query) through the selected rows; the selection itself
+    is piecewise constant. ctx holds (query, keys, values, attn_query, indices, weights) and the
+    temperature."""
+    query, keys, values, attn_query, indices, weights = ctx.saved_tensors
+    need_q, need_k, need_v, need_aq = needs
     ct = weights.dtype
     inv_t = 1.0 / ctx.temperature
     B, k = indices.shape
@@ -341,7 +361,7 @@ def _backward(ctx, g_output, g_weights, _g_indices, g_scores):
             0, flat, g_v_sel.reshape(B * k, -1)
         )
         g_v = g_v.to(values.dtype)
-    return g_q, g_k, g_v, None, g_aq, None, None
+    return g_q, g_k, g_v, g_aq
 
 
 _fused_retrieve_attend.register_autograd(_backward, setup_context=_setup_context)
@@ -371,5 +391,213 @@ def fused_retrieve_attend(
     return RetrieveAttend(
         *torch.ops.reco.fused_retrieve_attend(
             query, keys, values, k, attn_query, float(temperature), exclude
+        )
+    )
+
+
+def quantize_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 codes [N, d] and float32 scales [N] of keys for `fused_retrieve_attend_int8`
+    (symmetric per row: keys ~= codes * scales[:, None]); on the keys' device."""
+    _check_tensor("keys", keys, "[N, d]", 2)
+    return reference.quantize_rows(keys)
+
+
+def check_int8_args(
+    query: Tensor, codes: Tensor, scales: Tensor, keys: Tensor, k: int, candidates: int
+) -> None:
+    """Raises TypeError/ValueError naming the bad argument of the int8 op's extra inputs."""
+    if not isinstance(codes, Tensor) or codes.dtype != torch.int8:
+        raise TypeError(
+            f"codes must be an int8 torch.Tensor [N, d] (see quantize_keys), got "
+            f"{getattr(codes, 'dtype', type(codes).__name__)}"
+        )
+    if codes.shape != keys.shape:
+        raise ValueError(f"codes {_shape(codes)} must have the shape of keys {_shape(keys)}")
+    if not isinstance(scales, Tensor) or scales.dtype != torch.float32:
+        raise TypeError(
+            f"scales must be a float32 torch.Tensor [N], got "
+            f"{getattr(scales, 'dtype', type(scales).__name__)}"
+        )
+    if scales.shape != (keys.shape[0],):
+        raise ValueError(f"scales must be [N] = [{keys.shape[0]}], got {_shape(scales)}")
+    for name, t in (("codes", codes), ("scales", scales)):
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, torch.SymInt)):
+        raise TypeError(f"candidates must be an int, got {type(candidates).__name__}")
+    if not k <= candidates <= keys.shape[0]:
+        raise ValueError(f"candidates={candidates} must be in [k, N] = [{k}, {keys.shape[0]}]")
+
+
+@torch.library.custom_op("reco::fused_retrieve_attend_int8", mutates_args=())
+def _fused_retrieve_attend_int8(
+    query: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    k: int,
+    candidates: int,
+    attn_query: Optional[Tensor],
+    temperature: float,
+    exclude: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # Default body (CPU, and CUDA where the kernel cannot take the call): the reference.
+    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    check_int8_args(query, codes, scales, keys, k, candidates)
+    return _int8_reference_body(
+        query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
+    )
+
+
+def _int8_reference_body(
+    query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
+):
+    r = reference.retrieve_attend_int8(
+        query,
+        codes,
+        scales,
+        keys,
+        values,
+        k,
+        candidates,
+        attn_query=attn_query,
+        temperature=temperature,
+        exclude=exclude,
+    )
+    return r.output.clone(), r.weights.clone(), r.indices.clone(), r.scores.clone()
+
+
+@_fused_retrieve_attend_int8.register_fake
+def _fused_retrieve_attend_int8_fake(
+    query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
+):
+    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    check_int8_args(query, codes, scales, keys, k, candidates)
+    return _empty_outputs(query, keys, values, k, attn_query)
+
+
+if _C is not None and getattr(_C, "with_cuda", False):
+
+    @_fused_retrieve_attend_int8.register_kernel("cuda")
+    def _fused_retrieve_attend_int8_cuda(
+        query: Tensor,
+        codes: Tensor,
+        scales: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        k: int,
+        candidates: int,
+        attn_query: Optional[Tensor],
+        temperature: float,
+        exclude: Optional[Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+        check_int8_args(query, codes, scales, keys, k, candidates)
+        args = (query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude)
+        B, d = query.shape
+        codes = codes if codes.stride(1) == 1 else codes.contiguous()
+        if (
+            not cuda_kernel_enabled()
+            or _out_dtype(query, keys, values, attn_query) != torch.float32
+            or d % 16 != 0
+            or codes.data_ptr() % 16 != 0
+            or codes.stride(0) % 16 != 0
+        ):
+            return _int8_reference_body(*args)
+        outputs = _empty_outputs(query, keys, values, k, attn_query)
+        if B == 0:
+            return outputs
+        ok, splits, pow2, queries, mma = _C.cuda_plan(
+            B, keys.shape[0], d, candidates, 1, query.device.index or 0
+        )
+        if not (ok and mma):  # more candidates than the tensor-core list holds
+            return _int8_reference_body(*args)
+        q = query.detach().float().contiguous()
+        part_scores = query.new_empty((B, splits, candidates), dtype=torch.float32)
+        part_rows = query.new_empty((B, splits, candidates), dtype=torch.int64)
+        with torch.cuda.device(query.device):
+            _C.retrieve_attend_cuda(
+                q,
+                reference.quantize_rows(q)[0][None],
+                codes.detach(),
+                scales.detach().contiguous(),
+                _unit_inner_stride(keys.detach()),
+                _unit_inner_stride(values.detach()),
+                None if attn_query is None else attn_query.detach().float().contiguous(),
+                None if exclude is None else exclude.contiguous(),
+                k,
+                candidates,
+                float(temperature),
+                *outputs,
+                part_scores,
+                part_rows,
+                splits,
+                pow2,
+                queries,
+                mma,
+                torch.cuda.current_stream(query.device).cuda_stream,
+            )
+        return outputs
+
+
+def _setup_context_int8(ctx, inputs, output):
+    query, _codes, _scales, keys, values, _k, _c, attn_query, temperature, _exclude = inputs
+    _out, weights, indices, _scores = output
+    ctx.save_for_backward(query, keys, values, attn_query, indices, weights)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(indices)
+
+
+def _backward_int8(ctx, g_output, g_weights, _g_indices, g_scores):
+    need_q, _, _, need_k, need_v, _, _, need_aq, _, _ = ctx.needs_input_grad
+    g_q, g_k, g_v, g_aq = _selected_rows_grads(
+        ctx, (need_q, need_k, need_v, need_aq), g_output, g_weights, g_scores
+    )
+    return g_q, None, None, g_k, g_v, None, None, g_aq, None, None
+
+
+_fused_retrieve_attend_int8.register_autograd(_backward_int8, setup_context=_setup_context_int8)
+
+
+def fused_retrieve_attend_int8(
+    query: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    k: int,
+    *,
+    candidates: Optional[int] = None,
+    attn_query: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    exclude: Optional[Tensor] = None,
+) -> RetrieveAttend:
+    """`fused_retrieve_attend` with the search done coarsely on int8 keys, then re-ranked exactly.
+
+    codes, scales = quantize_keys(keys), computed once per memory. The query is quantised the
+    same way; each row's coarse score is the exact int8 dot product times its scale. The
+    `candidates` rows of best coarse score (default min(N, max(4k, k + 16))) are re-scored
+    exactly against keys, and the k best of them are attended as in `fused_retrieve_attend`
+    (same outputs, order and gradients). A row of the exact top-k that is not among the candidates
+    is missed: measure recall@k on your data (benchmarks/bench_int8.py). On CUDA, the coarse search
+    runs on int8 tensor cores (candidates <= 64, d a multiple of 16); elsewhere, the reference.
+    """
+    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    if candidates is None:
+        candidates = min(keys.shape[0], max(4 * k, k + 16))
+    check_int8_args(query, codes, scales, keys, k, candidates)
+    return RetrieveAttend(
+        *torch.ops.reco.fused_retrieve_attend_int8(
+            query,
+            codes,
+            scales,
+            keys,
+            values,
+            k,
+            candidates,
+            attn_query,
+            float(temperature),
+            exclude,
         )
     )

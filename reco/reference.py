@@ -143,3 +143,73 @@ def fused_retrieve_attend(
     with torch.no_grad():
         indices, _ = search(query, keys, k, exclude)
     return attend(query, keys, values, indices, attn_query, temperature)
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: codes int8 [R, d] in [-127, 127] and scales float32 [R] with
+    x ~= codes * scales[:, None]; scale = max |x_row| / 127 (1 for an all-zero row). Rows with a
+    non-finite element get scale NaN (their coarse scores are NaN)."""
+    x = x.detach().float()
+    amax = x.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    codes = torch.round(x / scales[:, None]).clamp_(-127, 127)
+    codes = torch.where(torch.isfinite(codes), codes, 0.0).to(torch.int8)
+    scales = torch.where(torch.isfinite(amax), scales, torch.full_like(scales, torch.nan))
+    return codes, scales
+
+
+def coarse_scores(query_codes: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    """float32(query_codes . codes[n]) * scales[n] in float32: the int8 search's coarse score
+    (the query's own scale, a positive constant per query, left out). The dot product is exact:
+    |sum| <= 127^2 d stays below 2^53."""
+    dots = query_codes.double() @ codes.double().T
+    return dots.float() * scales.float()
+
+
+def retrieve_attend_int8(
+    query: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    k: int,
+    candidates: int,
+    *,
+    attn_query: Tensor | None = None,
+    temperature: float = 1.0,
+    exclude: Tensor | None = None,
+    chunk: int = 1 << 16,
+) -> RetrieveAttend:
+    """Reference of `reco.fused_retrieve_attend_int8`: the `candidates` rows of best coarse score
+    (`coarse_scores` of the int8-quantised query against codes; the contract's order: ties to the
+    lower row, NaN last, excluded rows never), re-scored exactly against keys; the k best of them
+    (same order) are attended as in `attend`."""
+    with torch.no_grad():
+        q_codes, _ = quantize_rows(query)
+        B, N = query.shape[0], codes.shape[0]
+        if exclude is not None and bool(((exclude < -1) | (exclude >= N)).any()):
+            raise ValueError(f"exclude holds values that are neither rows of keys (N={N}) nor -1")
+        best_s = torch.empty(B, 0, device=query.device)
+        best_i = torch.empty(B, 0, dtype=torch.int64, device=query.device)
+        best_c = torch.empty(B, 0, dtype=torch.int64, device=query.device)
+        for n0 in range(0, N, chunk):
+            s = coarse_scores(q_codes, codes[n0 : n0 + chunk], scales[n0 : n0 + chunk])
+            rows = torch.arange(n0, n0 + s.shape[1], device=query.device).expand(B, -1)
+            cls = torch.where(torch.isnan(s), _NAN, _REAL)
+            if exclude is not None:
+                hit = (rows.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
+                cls = torch.where(hit, _EXCLUDED, cls)
+            best_s, best_i, best_c = _top_candidates(
+                torch.cat([best_s, s], 1),
+                torch.cat([best_i, rows], 1),
+                torch.cat([best_c, cls], 1),
+                candidates,
+            )
+        if best_i.shape[1] < k or bool((best_c[:, :k] == _EXCLUDED).any()):
+            raise ValueError(f"k={k} exceeds the number of selectable rows (N={N} minus excluded)")
+        # Exact re-rank of the selectable candidates.
+        ct = compute_dtype(query, keys)
+        exact = torch.einsum("bd,bkd->bk", query.to(ct), keys[best_i].to(ct))
+        cls = torch.where(best_c == _EXCLUDED, _EXCLUDED, torch.where(exact.isnan(), _NAN, _REAL))
+        _, indices, _ = _top_candidates(exact, best_i, cls, k)
+    return attend(query, keys, values, indices, attn_query, temperature)

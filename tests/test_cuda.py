@@ -371,3 +371,38 @@ def test_unaligned_keys_take_the_cuda_core_search(kernel):
     padded = torch.zeros(3000, 20, dtype=torch.float16)
     padded[:, :16] = keys
     _compare(q, padded[:, :16], values, 9)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B, N, d, k, candidates",
+    [(1, 5000, 64, 10, 10), (70, 20000, 512, 16, 64), (9, 3001, 48, 5, 40)],
+)
+def test_int8_search_matches_reference(kernel, dtype, B, N, d, k, candidates):
+    """The int8 coarse search on tensor cores computes the reference's coarse scores bit for bit
+    (float32(int dot) * scale), so it picks the same candidates; the exact re-rank (float64 on the
+    GPU, float32 in the reference) may swap only rows whose exact scores tie within rounding."""
+    g = torch.Generator().manual_seed(B + N)
+    q = torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=1)
+    keys = torch.nn.functional.normalize(torch.randn(N, d, generator=g), dim=1).to(dtype)
+    values = torch.randn(N, 16, generator=g).to(dtype)
+    aq = torch.randn(B, 2, 16, generator=g)
+    exclude = torch.randint(-1, N, (B, 7), generator=g)
+    codes, scales = reco.quantize_keys(keys)
+    args = dict(candidates=candidates, attn_query=aq, exclude=exclude)
+    want = reference.retrieve_attend_int8(q, codes, scales, keys, values, k, **args)
+    dev = {n: t.cuda() for n, t in dict(attn_query=aq, exclude=exclude).items()}
+    got = reco.fused_retrieve_attend_int8(
+        q.cuda(), codes.cuda(), scales.cuda(), keys.cuda(), values.cuda(), k,
+        candidates=candidates, **dev,
+    )  # fmt: skip
+    exact = q.double() @ keys.double().T
+    got_i = got.indices.cpu()
+    torch.testing.assert_close(
+        exact.gather(1, got_i), exact.gather(1, want.indices), rtol=0, atol=1e-6
+    )
+    same = (got_i == want.indices).all(1)
+    assert bool(same.float().mean() > 0.9)
+    torch.testing.assert_close(got.output.cpu()[same], want.output[same], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.weights.cpu()[same], want.weights[same], rtol=1e-4, atol=1e-6)

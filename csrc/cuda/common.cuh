@@ -82,24 +82,25 @@ __device__ __forceinline__ bool excluded(const int64_t* __restrict__ ex, int64_t
   return false;
 }
 
-// The tensor-core search (search_mma.cu): for keys of a 16-bit type T and the query as terms of
-// that type, writes each split's top-k (k <= mma::kMaxK) to the workspace, as the CUDA-core
-// search does (scores in the terms' scale).
+// The tensor-core search (search_mma.cu): for keys of a 16-bit float type or int8 and the query
+// as terms of that type, writes each split's top-k (k <= mma::kMaxK) to the workspace, as the
+// CUDA-core search does (scores in the terms' scale; for int8, dot * the row's scale).
 struct SearchArgs {
   const void* query;  // [terms, B, d] contiguous, of the keys' type
-  int terms;          // 1 or 2 (float16 keys), 1 or 3 (bfloat16 keys)
+  int terms;          // 1 or 2 (float16 keys), 1 or 3 (bfloat16 keys), 1 (int8 codes)
   int64_t B, d;
   const void* keys;  // [N, d], row stride key_stride (elements)
   int64_t N, key_stride;
-  const int64_t* exclude;  // [B, E] or null
+  bool int8;                // keys and query are int8 codes
+  const float* key_scales;  // [N] for int8, else null
+  const int64_t* exclude;   // [B, E] or null
   int64_t E, k, rows_per_split;
   float* part_scores;  // [B, S, k]
   int64_t* part_rows;
   int S;
   cudaStream_t stream;
 };
-template <typename T>
-void search_mma(const SearchArgs& a);
+void search_mma(const SearchArgs& a, bool bf16);
 size_t search_mma_smem(int terms);
 
 }  // namespace reco::cuda

@@ -11,8 +11,9 @@
 // staging area can overflow, the block merges it into the running top list with a bitonic sort
 // (best first: higher score, then lower row; NaN below every number; empty slots last). The
 // B x N score matrix never leaves the chip; each split writes its top-k to a workspace.
-// Kernel 2 (merge + attend): one block per query merges the splits' lists, re-scores the k
-// winners in float64 and re-sorts them, then computes the softmax and the weighted sum of values
+// Kernel 2 (merge + attend): one block per query merges the splits' lists, re-scores the
+// candidates (k; more for the int8 search) in float64 against the keys and re-sorts them, keeps
+// the k best, then computes the softmax and the weighted sum of values
 // in float64 (as the CPU kernel does) and writes float32 results. Argument errors that depend on
 // the data (an exclude row out of range, k above N minus a query's excluded rows) cannot raise
 // without a host synchronisation: that query gets index -1 and NaN scores, weights and output.
@@ -184,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                         int64_t value_stride, const float* __restrict__ attn_query, int H,
                         const int64_t* __restrict__ exclude, int64_t E, int64_t N,
                         const float* __restrict__ part_scores,
-                        const int64_t* __restrict__ part_rows, int S, int64_t k, int P,
+                        const int64_t* __restrict__ part_rows, int S, int64_t kc, int64_t k, int P,
                         double inv_t, float* __restrict__ output, float* __restrict__ weights,
                         int64_t* __restrict__ indices, float* __restrict__ scores) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t e = exclude[b * E + i];
     if (e < -1 || e >= N) atomicOr(&bad, 1);
   }
-  const int64_t total = int64_t(S) * k;
+  const int64_t total = int64_t(S) * kc;
   const float* ps = part_scores + b * total;
   const int64_t* pr = part_rows + b * total;
   for (int64_t c0 = 0; c0 < total; c0 += P) {
@@ -223,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float* q = query + b * d;
   for (int64_t j = warp; j < P; j += kWarps) {
     double acc = 0.0;
-    const int64_t r = j < k ? rows[j] : -1;
+    const int64_t r = j < kc ? rows[j] : -1;
     if (r >= 0) {
       const TK* kr = keys + r * key_stride;
       for (int64_t c = lane; c < d; c += 32) acc += double(__ldg(q + c)) * double(load(kr + c));
@@ -232,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (lane == 0) {
       dsc[j] = r >= 0 ? acc : -INFINITY;
-      if (j >= k) rows[j] = -1;
+      if (j >= kc) rows[j] = -1;
     }
   }
   __syncthreads();
@@ -340,9 +341,9 @@ void merge(const Args& a) {
           a.values.shape[1], a.values.strides[0],
           a.attn_query.present() ? a.attn_query.ptr<float>() : nullptr, H,
           E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, N, a.part_scores.ptr<float>(),
-          a.part_rows.ptr<int64_t>(), a.plan.splits, a.k, a.plan.pow2, 1.0 / a.temperature,
-          a.output.ptr<float>(), a.weights.ptr<float>(), a.indices.ptr<int64_t>(),
-          a.scores.ptr<float>());
+          a.part_rows.ptr<int64_t>(), a.plan.splits, a.candidates, a.k, a.plan.pow2,
+          1.0 / a.temperature, a.output.ptr<float>(), a.weights.ptr<float>(),
+          a.indices.ptr<int64_t>(), a.scores.ptr<float>());
   check(cudaGetLastError(), "merge kernel launch");
 }
 
@@ -354,6 +355,15 @@ bool use_mma(const Args& a) {
          a.keys.strides[0] % 8 == 0;
 }
 
+// The int8 search applies: int8 query codes and key codes, rows of whole 16-byte segments.
+bool use_int8(const Args& a) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return a.plan.mma && a.query_terms.present() && a.query_terms.dtype == DType::i8 &&
+         a.codes.dtype == DType::i8 && a.key_scales.dtype == DType::f32 &&
+         a.query.shape[1] % 16 == 0 && aligned(a.query_terms.data) && aligned(a.codes.data) &&
+         a.codes.strides[0] % 16 == 0;
+}
+
 template <typename TK, typename TV>
 void launch(const Args& a) {
   const auto st = reinterpret_cast<cudaStream_t>(a.stream);
@@ -362,11 +372,25 @@ void launch(const Args& a) {
   const int64_t rows_per_split = (N + p.splits - 1) / p.splits;
   const int64_t E = a.exclude.present() ? a.exclude.shape[1] : 0;
   const int64_t* exclude = E > 0 ? a.exclude.ptr<int64_t>() : nullptr;
+  float* ps = a.part_scores.ptr<float>();
+  int64_t* pr = a.part_rows.ptr<int64_t>();
+  if (a.codes.present()) {  // coarse int8 search; the merge re-ranks the candidates exactly
+    if (!use_int8(a))
+      throw std::invalid_argument(
+          "reco CUDA: the int8 search needs int8 query codes and key codes, d a multiple of 16 "
+          "and 16-byte aligned rows");
+    search_mma(
+        {a.query_terms.data, 1, B, d, a.codes.data, N, a.codes.strides[0], true,
+         a.key_scales.ptr<float>(), exclude, E, a.candidates, rows_per_split, ps, pr, p.splits, st},
+        false);
+    return merge<TK, TV>(a);
+  }
   if constexpr (sizeof(TK) == 2) {
     if (use_mma(a)) {
-      search_mma<TK>({a.query_terms.data, int(a.query_terms.shape[0]), B, d, a.keys.data, N,
-                      a.keys.strides[0], exclude, E, a.k, rows_per_split,
-                      a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits, st});
+      search_mma(
+          {a.query_terms.data, int(a.query_terms.shape[0]), B, d, a.keys.data, N, a.keys.strides[0],
+           false, nullptr, exclude, E, a.candidates, rows_per_split, ps, pr, p.splits, st},
+          std::is_same_v<TK, __nv_bfloat16>);
       return merge<TK, TV>(a);
     }
   }
@@ -377,9 +401,8 @@ void launch(const Args& a) {
                    a.keys.strides[0] % V == 0 && d % V == 0;
   set_smem(search_kernel<TK>, s1);
   search_kernel<TK><<<dim3(unsigned(qblocks), unsigned(p.splits)), kThreads, s1, st>>>(
-      a.query.ptr<float>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0], exclude, E, a.k, p.pow2,
-      p.queries, rows_per_split, a.part_scores.ptr<float>(), a.part_rows.ptr<int64_t>(), p.splits,
-      vec);
+      a.query.ptr<float>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0], exclude, E, a.candidates,
+      p.pow2, p.queries, rows_per_split, ps, pr, p.splits, vec);
   check(cudaGetLastError(), "search kernel launch");
   merge<TK, TV>(a);
 }

@@ -26,7 +26,10 @@ Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int de
 
 struct Args {
   TensorView query;        // [B, d] float32, contiguous
-  TensorView query_terms;  // [terms, B, d] contiguous, the keys' dtype: for plan.mma, or absent
+  TensorView query_terms;  // [terms, B, d] contiguous, the keys' dtype (int8 codes for the int8
+                           // search): for plan.mma, or absent
+  TensorView codes;        // [N, d] int8 codes of the keys: the int8 search, or absent
+  TensorView key_scales;   // [N] float32 scales of the codes
   TensorView keys;         // [N, d] float32/float16/bfloat16, unit inner stride, any row stride
   TensorView values;       // [N, dv] likewise
   TensorView attn_query;   // [B, H, dv] float32 contiguous, or absent
@@ -38,6 +41,7 @@ struct Args {
   TensorView part_scores;  // [B, splits, k] float32 workspace
   TensorView part_rows;    // [B, splits, k] int64 workspace
   int64_t k = 0;
+  int64_t candidates = 0;  // >= k: rows the search keeps per query, re-ranked exactly
   double temperature = 1.0;
   Plan plan;
   uintptr_t stream = 0;  // cudaStream_t of the caller

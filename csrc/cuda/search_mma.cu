@@ -1,12 +1,19 @@
-// The tensor-core search: keys of a 16-bit type, fp32 accumulation (mma.sync m16n8k16, sm_80
-// and later). The query arrives as kTerms 16-bit terms of the keys' type whose sum is the query
-// (one term: a query of the keys' type; more: a float32 query split by the caller, scaled per row
-// by a power of two), so every product is exact and a score is the fp32 sum over the terms.
+// The tensor-core search: keys of a 16-bit float type or int8, accumulation in fp32 (int32 for
+// int8) with mma.sync (m16n8k16 for 16-bit floats, m16n8k32 for int8; sm_80 and later). The
+// query arrives as kTerms terms of the keys' type whose sum is the query (one term: a query of
+// the keys' type, or int8 codes; more: a float32 query split by the caller, scaled per row by a
+// power of two), so every product is exact and a score is the sum over the terms. int8 scores
+// are the exact integer dot product times the row's scale (the coarse score of
+// fused_retrieve_attend_int8; the merge kernel re-ranks its candidates exactly).
+//
+// Both types are addressed in 16-bit units (an int8 pair is one unit): a 16-bit k16 step is an
+// int8 k32 step, and the two instructions' fragments match unit for unit, so one tile layout
+// (mma_layout.h) serves both.
 //
 // A block takes 64 queries and one split of the rows, and walks the split in tiles of 256 rows.
-// Query-term and key chunks of 32 elements of d stream through a 3-stage cp.async pipeline
-// (16-byte copies; rows past the split and elements past d are zero-filled). Each of the 8 warps
-// keeps a 32 x 64 tile of scores in registers; when a tile is complete, each score that beats its
+// Query-term and key chunks of 32 units of d stream through a 3-stage cp.async pipeline (16-byte
+// copies; rows past the split and units past d are zero-filled). Each of the 8 warps keeps a
+// 32 x 64 tile of scores in registers; when a tile is complete, each score that beats its
 // query's current k-th best is staged in shared memory, one n8 tile at a time, and a query whose
 // staging area could overflow on the next step has it merged into its running top list (a warp
 // bitonic sort). The score matrix never leaves the chip. Rows are kept as int32 offsets from the
@@ -38,39 +45,66 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
                : "r"(s));
 }
 
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                 uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                        uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// The instruction for each key type: its accumulator, one mma on a 16 x 8 tile of one k step
+// (16 16-bit units), and the score of an accumulator of a row whose scale is `scale`.
+struct F16 {
+  using Acc = float;
+  static constexpr bool kScaled = false;
+  static __device__ __forceinline__ void mma(Acc (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float score(Acc c, float) { return c; }
+};
+struct BF16 {
+  using Acc = float;
+  static constexpr bool kScaled = false;
+  static __device__ __forceinline__ void mma(Acc (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float score(Acc c, float) { return c; }
+};
+struct S8 {
+  using Acc = int;
+  static constexpr bool kScaled = true;
+  static __device__ __forceinline__ void mma(Acc (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // float32(dot) * scale in float32, as reference.coarse_scores computes it.
+  static __device__ __forceinline__ float score(Acc c, float scale) {
+    return __fmul_rn(__int2float_rn(c), scale);
+  }
+};
 
 constexpr size_t stage_elems(int terms) { return size_t(terms * kQueries + kRows) * kPitch; }
 constexpr size_t smem_bytes(int terms) {
   return kStages * stage_elems(terms) * 2 + size_t(kQueries) * kEntries * 8;
 }
 
-template <typename T, int kTerms>
+// d and key_stride in 16-bit units; key_scales: the rows' scales (int8 keys) or null.
+template <typename Op, int kTerms>
 __global__ void __launch_bounds__(kThreads, 1)
-    search_mma_kernel(const T* __restrict__ query, int64_t B, int64_t d, const T* __restrict__ keys,
-                      int64_t N, int64_t key_stride, const int64_t* __restrict__ exclude, int64_t E,
-                      int64_t k, int64_t rows_per_split, float* __restrict__ part_scores,
+    search_mma_kernel(const uint16_t* __restrict__ query, int64_t B, int64_t d,
+                      const uint16_t* __restrict__ keys, int64_t N, int64_t key_stride,
+                      const float* __restrict__ key_scales, const int64_t* __restrict__ exclude,
+                      int64_t E, int64_t k, int64_t rows_per_split, float* __restrict__ part_scores,
                       int64_t* __restrict__ part_rows, int S) {
+  using T = uint16_t;
+  using Acc = typename Op::Acc;
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr size_t kStageElems = stage_elems(kTerms);
   // [kStages][query tiles kTerms x kQueries, key tile kRows][kPitch]
@@ -148,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  float acc[kMT][kNT][4];
+  Acc acc[kMT][kNT][4];
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < steps) load(s);
     cp_async_commit();
@@ -166,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+          for (int i = 0; i < 4; ++i) acc[mt][nt][i] = Acc(0);
     }
     const T* qt = tiles + (it % kStages) * kStageElems;
     const T* kt = qt + kTerms * kQueries * kPitch;
@@ -185,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt)
-            mma16816<T>(acc[mt][nt], a[mt], b[nt / 2][(nt & 1) * 2], b[nt / 2][(nt & 1) * 2 + 1]);
+            Op::mma(acc[mt][nt], a[mt], b[nt / 2][(nt & 1) * 2], b[nt / 2][(nt & 1) * 2 + 1]);
       }
     }
     if (chunk != chunks - 1) continue;
@@ -195,13 +229,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
       bool full = false;
+      float scale[2] = {1.f, 1.f};  // of this lane's two rows of the n8 tile
+      if constexpr (Op::kScaled) {
+        for (int i = 0; i < 2; ++i) {
+          const int64_t r = n0 + tile0 + c_row(wn, nt, lane, i);
+          scale[i] = r < n1 ? __ldg(key_scales + r) : 0.f;
+        }
+      }
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int q = c_query(wq, mt, lane, i);
           const int off = int(tile0) + c_row(wn, nt, lane, i);
-          const float sc = acc[mt][nt][i];
+          const float sc = Op::score(acc[mt][nt][i], scale[i & 1]);
           if (q < nq && n0 + off < n1 && better(sc, off, thr_s[q], thr_r[q]) &&
               (exclude == nullptr || !excluded(exclude + (q0 + q) * E, E, n0 + off))) {
             const int pos = atomicAdd(&count[q], 1);
@@ -230,18 +271,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <typename T, int kTerms>
+template <typename Op, int kTerms>
 void launch(const SearchArgs& a) {
   constexpr size_t smem = smem_bytes(kTerms);
   if (smem > 48 * 1024)
-    check(cudaFuncSetAttribute(search_mma_kernel<T, kTerms>,
+    check(cudaFuncSetAttribute(search_mma_kernel<Op, kTerms>,
                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute");
   const int64_t qblocks = (a.B + kQueries - 1) / kQueries;
-  search_mma_kernel<T, kTerms>
+  const int64_t unit = a.int8 ? 2 : 1;  // elements per 16-bit unit
+  search_mma_kernel<Op, kTerms>
       <<<dim3(unsigned(qblocks), unsigned(a.S)), kThreads, smem, a.stream>>>(
-          static_cast<const T*>(a.query), a.B, a.d, static_cast<const T*>(a.keys), a.N,
-          a.key_stride, a.exclude, a.E, a.k, a.rows_per_split, a.part_scores, a.part_rows, a.S);
+          static_cast<const uint16_t*>(a.query), a.B, a.d / unit,
+          static_cast<const uint16_t*>(a.keys), a.N, a.key_stride / unit, a.key_scales, a.exclude,
+          a.E, a.k, a.rows_per_split, a.part_scores, a.part_rows, a.S);
   check(cudaGetLastError(), "tensor-core search kernel launch");
 }
 
@@ -249,18 +292,13 @@ void launch(const SearchArgs& a) {
 
 size_t search_mma_smem(int terms) { return smem_bytes(terms); }
 
-template <>
-void search_mma<__half>(const SearchArgs& a) {
-  if (a.terms == 1) return launch<__half, 1>(a);
-  if (a.terms == 2) return launch<__half, 2>(a);
-  throw std::invalid_argument("reco CUDA: float16 keys take a query of 1 or 2 terms");
-}
-
-template <>
-void search_mma<__nv_bfloat16>(const SearchArgs& a) {
-  if (a.terms == 1) return launch<__nv_bfloat16, 1>(a);
-  if (a.terms == 3) return launch<__nv_bfloat16, 3>(a);
-  throw std::invalid_argument("reco CUDA: bfloat16 keys take a query of 1 or 3 terms");
+void search_mma(const SearchArgs& a, bool bf16) {
+  if (a.int8 && a.terms == 1) return launch<S8, 1>(a);
+  if (!a.int8 && !bf16 && a.terms == 1) return launch<F16, 1>(a);
+  if (!a.int8 && !bf16 && a.terms == 2) return launch<F16, 2>(a);
+  if (!a.int8 && bf16 && a.terms == 1) return launch<BF16, 1>(a);
+  if (!a.int8 && bf16 && a.terms == 3) return launch<BF16, 3>(a);
+  throw std::invalid_argument("reco CUDA: no tensor-core search for these query terms");
 }
 
 }  // namespace reco::cuda
