@@ -4,7 +4,8 @@
 #   gpu_check.sh check   build and install reco there (ptxas report in build.log), the CUDA tests,
 #                        compute-sanitizer
 #   gpu_check.sh bench   (re)install, then bench_retrieve on CUDA: the default shapes (N = 1e6)
-#                        and the large ones (N = 1e7), beside torch naive, the floor and faiss
+#                        and the large ones (N = 1e7), beside torch naive, the floor and faiss;
+#                        bench_int8 (recall and speed of the int8 variant)
 # Logs and JSON go to ${OUT:-.}; each step runs even if an earlier one failed; the exit status
 # is that of the last failure.
 set -uo pipefail
@@ -33,6 +34,12 @@ bench)
             --dtypes float16 bfloat16 --repeats 5 --json '$OUT/bench_retrieve_cuda_$shapes.json' \
             2>&1 | tee '$OUT/bench_retrieve_cuda_$shapes.txt'"
     done
+    # The CPU table's random case first: its recall must equal RESULTS.md's (same coarse scores).
+    step bash -c "python3 benchmarks/bench_int8.py --device cuda --data random --n 1000000 \
+        --d 512 --batch 256 --json '$OUT/bench_int8_cuda_check.json' 2>&1 | tee '$OUT/bench_int8_cuda_check.txt'"
+    step bash -c "python3 benchmarks/bench_int8.py --device cuda --data random --n 10000000 \
+        --d 512 --batch 1,16,256,1024 --json '$OUT/bench_int8_cuda.json' \
+        2>&1 | tee '$OUT/bench_int8_cuda.txt'"
     ;;
 *) echo "usage: gpu_check.sh check|bench" >&2; exit 2 ;;
 esac
