@@ -406,3 +406,27 @@ def test_int8_search_matches_reference(kernel, dtype, B, N, d, k, candidates):
     assert bool(same.float().mean() > 0.9)
     torch.testing.assert_close(got.output.cpu()[same], want.output[same], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.weights.cpu()[same], want.weights[same], rtol=1e-4, atol=1e-6)
+
+
+@needs_gpu
+@pytest.mark.slow
+def test_rows_past_2_31(kernel):
+    """N > 2^31 rows (34 GB of float16 keys of d = 8): the best rows lie past 2^31, for the
+    tensor-core search (a float16 query, int32 offsets within splits) and the CUDA-core search
+    (one float32 query)."""
+    N, d = 2**31 + 3000, 8
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40e9:
+        pytest.skip(f"needs 40 GB of free GPU memory, has {free / 1e9:.0f} GB")
+    keys = torch.zeros(N, d, dtype=torch.float16, device="cuda")
+    keys[N - 5] = 1.0
+    keys[2**31 + 7] = 0.5
+    keys[3] = 0.25
+    values = torch.zeros(N, 1, dtype=torch.float16, device="cuda")
+    values[N - 5] = 2.0
+    for q in (torch.ones(3, d, dtype=torch.float16), torch.ones(1, d)):
+        got = reco.fused_retrieve_attend(q.cuda(), keys, values, 3)
+        assert got.indices[0].tolist() == [N - 5, 2**31 + 7, 3]
+        torch.testing.assert_close(got.scores[0].cpu(), torch.tensor([8.0, 4.0, 2.0]))
+    del keys, values
+    torch.cuda.empty_cache()
