@@ -137,6 +137,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       float mine = 0.f;  // lane q keeps query q's score (no dynamic register indexing)
 #pragma unroll
       for (int q = 0; q < kMaxQueries; ++q) {
+        if (q >= nq) break;  // the same for the whole block
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], o);
         if (lane == q) mine = acc[q];
