@@ -4,6 +4,7 @@ against the reference (on a CUDA device, with RECO_CUDA_KERNEL=1; skipped elsewh
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import shutil
 import subprocess
@@ -44,6 +45,28 @@ def test_compiled_core_holds_sm80_and_sm90_code_and_ptx():
     assert elves.returncode == 0, elves.stderr
     assert "sm_80" in elves.stdout and "sm_90" in elves.stdout, elves.stdout
     assert "sm_90" in ptx.stdout, ptx.stdout
+
+
+@pytest.mark.skipif(not WITH_CUDA, reason="reco._C was built without CUDA (no CUDA compiler)")
+def test_no_kernel_uses_local_memory():
+    """ptxas's resource report of every kernel in the build (sm_80 and sm_90): no stack, no local
+    memory (register spills), and the tensor-core searches present."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump here")
+    usage = subprocess.run([tool, "--dump-resource-usage", _C.__file__], capture_output=True)
+    assert usage.returncode == 0, usage.stderr
+    lines = usage.stdout.decode().splitlines()
+    kernels = [
+        (name.split()[1], res)
+        for name, res in itertools.pairwise(lines)
+        if name.strip().startswith("Function") and "REG:" in res
+    ]
+    names = " ".join(n for n, _ in kernels)
+    assert "search_mma_kernel" in names and "merge_attend_kernel" in names, names
+    for name, res in kernels:
+        fields = dict(f.split(":", 1) for f in res.split())
+        assert fields["STACK"] == "0" and fields["LOCAL"] == "0", f"{name}: {res.strip()}"
 
 
 def test_tensor_core_tile_layout_against_an_emulated_mma(tmp_path):
