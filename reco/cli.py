@@ -24,6 +24,9 @@ def _info(_args: argparse.Namespace) -> int:
         info["cpu_levels"] = ops._C.cpu_levels()
         info["default_cpu_level"] = ops._C.default_cpu_level()
         info["with_cuda"] = bool(ops._C.with_cuda)
+        # The CUDA kernels run only when enabled (they have not been validated on a GPU yet).
+        info["cuda_kernel_enabled"] = ops.cuda_kernel_enabled()
+    info["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     print(json.dumps(info, indent=2))
     return 0
 
