@@ -6,6 +6,7 @@
 #   gpu_check.sh bench   (re)install, then bench_retrieve on CUDA: the default shapes (N = 1e6)
 #                        and the large ones (N = 1e7), beside torch naive, the floor and faiss;
 #                        bench_int8 (recall and speed of the int8 variant)
+#   gpu_check.sh profile Nsight Compute on the search kernels (B = 1 and 1024, N = 1e6)
 # Logs and JSON go to ${OUT:-.}; each step runs even if an earlier one failed; the exit status
 # is that of the last failure.
 set -uo pipefail
@@ -41,6 +42,25 @@ bench)
         --d 512 --batch 1,16,256,1024 --json '$OUT/bench_int8_cuda.json' \
         2>&1 | tee '$OUT/bench_int8_cuda.txt'"
     ;;
-*) echo "usage: gpu_check.sh check|bench" >&2; exit 2 ;;
+profile)
+    # One launch of each search kernel under Nsight Compute: tensor and memory throughput
+    # against the GPU's peaks (is it tensor-bound at B = 1024, bandwidth-bound at B = 1?).
+    PROFILE='
+import torch, reco
+keys = torch.nn.functional.normalize(torch.randn(1_000_000, 512, device="cuda"), dim=1).half()
+values = torch.randn(1_000_000, 512, device="cuda").half()
+codes, scales = reco.quantize_keys(keys)
+for B in (1, 1024):
+    q = torch.nn.functional.normalize(torch.randn(B, 512, device="cuda"), dim=1)
+    for query in (q.half(), q):
+        reco.fused_retrieve_attend(query, keys, values, 16)
+    reco.fused_retrieve_attend_int8(q, codes, scales, keys, values, 16)
+torch.cuda.synchronize()
+'
+    step bash -c "cd /tmp && ncu --kernel-name regex:search --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        python3 -c '$PROFILE' > '$OUT/ncu_search.txt' 2>&1; tail -60 '$OUT/ncu_search.txt'"
+    ;;
+*) echo "usage: gpu_check.sh check|bench|profile" >&2; exit 2 ;;
 esac
 exit $status
