@@ -79,7 +79,8 @@ def test_tensor_core_tile_layout_against_an_emulated_mma(tmp_path):
     root = Path(__file__).resolve().parents[1]
     exe = tmp_path / "mma_layout_check"
     build = subprocess.run(
-        [cxx, "-std=c++17", "-O1", f"-I{root / 'csrc'}", "-o", str(exe),
+        [cxx, "-std=c++17", "-O1", f"-I{root / 'csrc'}", f"-I{root / 'csrc' / 'include'}",
+         "-o", str(exe),
          str(root / "tests" / "native" / "mma_layout_check.cpp")],
         capture_output=True, text=True,
     )  # fmt: skip

@@ -3,11 +3,7 @@
 // Plain C++ as well as CUDA, so that a host test can check the composition against a product.
 #pragma once
 
-#if defined(__CUDACC__)
-#define RECO_HD __host__ __device__ __forceinline__
-#else
-#define RECO_HD inline
-#endif
+#include "reco/dtype.h"  // RECO_HD
 
 namespace reco::cuda::mma {
 
