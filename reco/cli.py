@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--image", help="query image file")
     s.add_argument("--text", help="query text")
     s.add_argument("-k", type=int, default=10)
-    s.add_argument("--backend", default="fused", choices=["fused", "torch", "faiss"])
+    s.add_argument("--backend", default="fused", choices=["fused", "torch", "faiss", "int8"])
     s.add_argument("--faiss-factory", default="Flat")
     s.add_argument("--faiss-params", help='e.g. "nprobe=32" or "efSearch=128"')
     s.add_argument(

@@ -4,6 +4,9 @@
 - "torch": the pure-torch reference (exact; slow; the oracle).
 - "faiss": a faiss index from a factory string ("Flat", "IVF4096,Flat", "HNSW32", "IVF1024,PQ64"
   ...), for memories larger than memory or when approximate search is acceptable.
+- "int8": int8 codes of the keys (reco.quantize_keys, made once at construction) searched
+  coarsely, the best `int8_candidates` rows re-ranked exactly (reco.fused_retrieve_attend_int8):
+  approximate, half the bytes of float16 keys to read (int8 tensor cores on CUDA).
 
 Every backend returns the same types. A memory of several shards is searched shard by shard (each
 memory-mapped shard streams from disk) and the per-shard top-k lists are merged exactly.
@@ -19,9 +22,9 @@ from torch import Tensor
 
 from . import reference
 from .memory import EmbeddingTable, Memory
-from .ops import RetrieveAttend, fused_retrieve_attend
+from .ops import RetrieveAttend, fused_retrieve_attend, fused_retrieve_attend_int8, quantize_keys
 
-BACKENDS = ("fused", "torch", "faiss")
+BACKENDS = ("fused", "torch", "faiss", "int8")
 
 
 class SearchResult(NamedTuple):
@@ -71,6 +74,8 @@ class Index:
     keys). device: move both to this device first (e.g. "cuda"; one tensor each).
     faiss_params: search-time parameters of an approximate faiss index, e.g. "nprobe=32" (IVF)
     or "efSearch=128" (HNSW); the defaults of faiss favour speed over recall.
+    int8_candidates: rows re-ranked exactly per query and shard by the int8 backend (default
+    max(4k, k + 16)).
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class Index:
         faiss_factory: str = "Flat",
         faiss_params: str | None = None,
         faiss_train_rows: int = 100_000,
+        int8_candidates: int | None = None,
         device: str | torch.device | None = None,
     ) -> None:
         if backend not in BACKENDS:
@@ -99,6 +105,15 @@ class Index:
         self._faiss = None
         if backend == "faiss":
             self._faiss = self._build_faiss(faiss_factory, faiss_params, faiss_train_rows)
+        if int8_candidates is not None and (
+            isinstance(int8_candidates, bool)
+            or not isinstance(int8_candidates, int)
+            or int8_candidates < 1
+        ):
+            raise ValueError(f"int8_candidates must be a positive int, got {int8_candidates!r}")
+        self.int8_candidates = int8_candidates
+        # One (codes, scales) per shard, on the shard's device.
+        self._int8 = [quantize_keys(s) for s in self.keys.shards] if backend == "int8" else None
 
     @classmethod
     def from_memory(
@@ -191,12 +206,24 @@ class Index:
             return self._search_faiss(query, k, exclude)
         if len(self.keys.shards) == 1:
             shard = self.keys.shards[0]
-            if self.backend == "fused":
-                r = fused_retrieve_attend(query, shard, shard[:, :1], k, exclude=exclude)
+            if self.backend in ("fused", "int8"):
+                r = self._fused(0, query, shard[:, :1], k, exclude=exclude)
                 return SearchResult(r.indices, r.scores.float())
             idx, sc = reference.search(query, shard, k, exclude)
             return SearchResult(idx, sc.float())
         return merge_candidates(*self._shard_candidates(query, k, exclude), k)
+
+    def _fused(self, s: int, query: Tensor, values: Tensor, k: int, **kwargs) -> RetrieveAttend:
+        """The fused op (exact, or int8 with exact re-rank) on shard s of the keys."""
+        keys = self.keys.shards[s]
+        if self.backend == "int8":
+            codes, scales = self._int8[s]
+            n = keys.shape[0]
+            c = min(n, self.int8_candidates or max(4 * k, k + 16))
+            return fused_retrieve_attend_int8(
+                query, codes, scales, keys, values, k, candidates=max(c, k), **kwargs
+            )
+        return fused_retrieve_attend(query, keys, values, k, **kwargs)
 
     def _shard_candidates(
         self, query: Tensor, k: int, exclude: Tensor | None
@@ -207,8 +234,8 @@ class Index:
         rows_parts, score_parts = [], []
         for s, shard in enumerate(self.keys.shards):
             ks = min(k + extra, shard.shape[0])
-            if self.backend == "fused":
-                r = fused_retrieve_attend(query, shard, shard[:, :1], ks)
+            if self.backend in ("fused", "int8"):
+                r = self._fused(s, query, shard[:, :1], ks)
                 idx, sc = r.indices, r.scores
             else:
                 idx, sc = reference.search(query, shard, ks)
@@ -237,10 +264,11 @@ class Index:
         exclude: Tensor | None = None,
     ) -> RetrieveAttend:
         """Search, then attention over the retrieved values (see reco.fused_retrieve_attend)."""
-        if self.backend == "fused" and len(self.keys.shards) == 1 and len(self.values.shards) == 1:
-            return fused_retrieve_attend(
+        single = len(self.keys.shards) == 1 and len(self.values.shards) == 1
+        if self.backend in ("fused", "int8") and single:
+            return self._fused(
+                0,
                 query,
-                self.keys.shards[0],
                 self.values.shards[0],
                 k,
                 attn_query=attn_query,

@@ -38,13 +38,17 @@ def _queries(n=9, d=24, seed=1):
     return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
 
 
-@pytest.mark.parametrize("backend", ["fused", "torch", "faiss"])
+# int8 with every row of a shard as a candidate: its exact re-rank makes it exact.
+EXACT = {"fused": {}, "torch": {}, "faiss": {}, "int8": {"int8_candidates": 10**6}}
+
+
+@pytest.mark.parametrize("backend", sorted(EXACT))
 def test_search_matches_reference_across_shards(memory, backend):
     keys = memory.keys("image").materialize()
     q = _queries()
     exclude = torch.tensor([[0, 319, 320, -1]] * 9)  # rows on both sides of a shard boundary
     exclude[3] = torch.tensor([500, 699, 700, 999])
-    index = Index.from_memory(memory, "image", "text", backend=backend)
+    index = Index.from_memory(memory, "image", "text", backend=backend, **EXACT[backend])
     got = index.search(q, 17, exclude=exclude)
     want, _ = reference.search(q.double(), keys.double(), 17, exclude)
     assert_topk_match(q, keys, got.indices, got.scores, want, 1e-5, exclude)
@@ -89,8 +93,8 @@ def test_retrieve_attend_over_shards_matches_the_op_on_one_tensor(memory):
     aq = torch.randn(9, 2, 10, generator=torch.Generator().manual_seed(4))
     keys, values = memory.keys("image").materialize(), memory.values("text").materialize()
     want = reco.fused_retrieve_attend(q, keys, values, 8, attn_query=aq, temperature=0.2)
-    for backend in ("fused", "torch", "faiss"):
-        got = Index.from_memory(memory, backend=backend).retrieve_attend(
+    for backend, kwargs in EXACT.items():
+        got = Index.from_memory(memory, backend=backend, **kwargs).retrieve_attend(
             q, 8, attn_query=aq, temperature=0.2
         )
         assert torch.equal(got.indices, want.indices), backend
@@ -122,9 +126,29 @@ def test_approximate_faiss_indexes_return_good_neighbours(memory, factory, param
     assert recall >= min_recall, recall
 
 
+def test_int8_backend_with_default_candidates_finds_the_neighbours(memory):
+    """Approximate: 4k candidates per shard from the int8 codes, re-ranked exactly. Over a
+    single tensor too, where retrieve_attend goes straight to the int8 op."""
+    q = _queries(seed=8)
+    exact = Index.from_memory(memory).search(q, 10)
+    got = Index.from_memory(memory, backend="int8").search(q, 10)
+    recall = np.mean(
+        [len(set(a) & set(b)) / 10 for a, b in zip(got.indices.tolist(), exact.indices.tolist())]
+    )
+    assert recall >= 0.98, recall
+    keys = memory.keys("image").materialize()
+    values = memory.values("text").materialize()
+    one = Index(keys, values, backend="int8", int8_candidates=40).retrieve_attend(q, 10)
+    want = Index(keys, values).retrieve_attend(q, 10)
+    assert torch.equal(one.indices, want.indices)
+    torch.testing.assert_close(one.output, want.output, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_arguments(memory):
     with pytest.raises(ValueError, match="backend must be one of"):
         Index.from_memory(memory, backend="annoy")
+    with pytest.raises(ValueError, match="int8_candidates"):
+        Index.from_memory(memory, backend="int8", int8_candidates=0)
     with pytest.raises(ValueError, match="not a valid faiss factory"):
         Index.from_memory(memory, backend="faiss", faiss_factory="Nonsense99")
     with pytest.raises(ValueError, match="do not apply"):
