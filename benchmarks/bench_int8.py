@@ -3,8 +3,8 @@
 For each number of candidates, recall@k is |int8 top-k & exact top-k| / k, averaged over queries,
 against reco.fused_retrieve_attend on the same keys; "top-1" is how often the exact best row
 comes first. Recall depends only on the data and the algorithm, not on the device: the coarse
-scores are computed bit for bit alike by the CPU reference and the CUDA kernel. On CUDA the int8
-op is also timed beside the exact op and beside one pass reading the int8 codes (its
+scores are computed bit for bit alike by the CPU kernel, the reference and the CUDA kernel. The
+int8 op is also timed beside the exact op and beside one pass reading the int8 codes (its
 memory-bound floor), medians of --repeats runs in one process.
 
     python benchmarks/bench_int8.py --data random --n 200000 --d 512
@@ -114,13 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     keys = keys32.to(dev, dtype)
     values = torch.zeros(keys.shape[0], 8, device=dev, dtype=dtype)  # the search is measured
     codes, scales = reco.quantize_keys(keys)
+    timed = args.device == "cuda" or reco_ops._C is not None
     if args.device == "cuda":
         backend = "CUDA kernel" if reco_ops.cuda_kernel_enabled() else "reference (no kernel)"
+    elif reco_ops._C is not None:
+        vnni = "AVX512-VNNI" if reco_ops._C.coarse_int8_uses_vnni() else "integer loop"
+        backend = f"CPU kernel ({vnni}, {torch.get_num_threads()} threads)"
     else:
-        backend = "reference on CPU (recall only; no timing)"
+        backend = "reference (no compiled core)"
     print(f"{data_name}, keys {args.dtype}, k={args.k}, device {args.device}: int8 op = {backend}")
     header = f"{'B':>6} | {'cand':>5} | {'recall@k':>8} | {'top-1':>6}"
-    if args.device == "cuda":
+    if timed:
         header += f" | {'exact ms':>9} | {'int8 ms':>8} | {'read int8':>9} | {'exact/int8':>10}"
     print(header)
     print("-" * len(header))
@@ -129,11 +133,13 @@ def main(argv: list[str] | None = None) -> None:
         q = queries32[:B].to(dev)
         exact = reco.fused_retrieve_attend(q, keys, values, args.k)
         exact_ms = read_ms = None
-        if args.device == "cuda":
+        if timed:
             exact_ms = median_ms(
                 lambda q=q: reco.fused_retrieve_attend(q, keys, values, args.k), args.repeats, sync
             )
-            read_ms = median_ms(lambda: codes.sum(dtype=torch.int32), args.repeats, sync)
+            flat = codes.reshape(-1)
+            words = flat[: flat.numel() // 8 * 8].view(torch.int64)  # every byte, 8 at a time
+            read_ms = median_ms(lambda w=words: w.sum(), args.repeats, sync)
         want = exact.indices.cpu()
         for c in cands:
             if not args.k <= c <= keys.shape[0]:
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             top1 = float((got[:, 0] == want[:, 0]).float().mean())
             rec: dict[str, Any] = dict(B=B, candidates=c, recall=recall, top1=top1)
             line = f"{B:>6} | {c:>5} | {recall:>8.4f} | {top1:>6.3f}"
-            if args.device == "cuda":
+            if timed:
                 int8_ms = median_ms(run, args.repeats, sync)
                 rec.update(exact_ms=exact_ms, int8_ms=int8_ms, read_int8_ms=read_ms)
                 line += (

@@ -121,6 +121,34 @@ void retrieve_attend(py::handle query, py::handle keys, py::handle values, py::h
   reco::cpu::retrieve_attend(a, lv);
 }
 
+void coarse_int8(py::handle query_codes, py::handle codes, py::handle scales, py::handle exclude,
+                 int64_t candidates, py::handle rows, py::handle scores, int num_threads) {
+  Imported owners[6];
+  reco::cpu::CoarseInt8Args a;
+  a.query_codes = import_array(query_codes, "query_codes", owners[0]);
+  a.codes = import_array(codes, "codes", owners[1]);
+  a.scales = import_array(scales, "scales", owners[2]);
+  a.exclude = import_array(exclude, "exclude", owners[3]);
+  a.rows = import_array(rows, "rows", owners[4]);
+  a.scores = import_array(scores, "scores", owners[5]);
+  for (const TensorView* v : {&a.query_codes, &a.codes, &a.scales, &a.rows, &a.scores})
+    if (v->device_type != 1) throw py::value_error("coarse_int8: every array must be on the CPU");
+  const int64_t B = a.query_codes.ndim == 2 ? a.query_codes.shape[0] : -1;
+  if (a.query_codes.ndim != 2 || a.codes.ndim != 2 || a.scales.ndim != 1 || a.rows.ndim != 2 ||
+      a.scores.ndim != 2 || a.rows.dtype != DType::i64 || a.scores.dtype != DType::f32 ||
+      a.rows.shape[0] != B || a.scores.shape[0] != B || a.rows.shape[1] != candidates ||
+      a.scores.shape[1] != candidates || a.rows.strides[1] != 1 || a.scores.strides[1] != 1 ||
+      (a.exclude.present() && (a.exclude.ndim != 2 || a.exclude.dtype != DType::i64 ||
+                               a.exclude.shape[0] != B || a.exclude.strides[1] != 1)))
+    throw py::value_error(
+        "coarse_int8: rows [B, candidates] int64, scores [B, candidates] float32, exclude [B, E] "
+        "int64");
+  a.candidates = candidates;
+  a.num_threads = num_threads;
+  py::gil_scoped_release release;
+  reco::cpu::coarse_int8(a);
+}
+
 #if defined(RECO_WITH_CUDA)
 void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle codes,
                           py::handle key_scales, py::handle keys, py::handle values,
@@ -206,6 +234,12 @@ PYBIND11_MODULE(_C, m) {
       "default_cpu_level",
       [] { return std::string(reco::cpu::level_name(reco::cpu::default_level())); },
       "The level used when none is given (RECO_CPU_LEVEL overrides).");
+  m.def("coarse_int8", &coarse_int8, py::arg("query_codes"), py::arg("codes"), py::arg("scales"),
+        py::arg("exclude"), py::arg("candidates"), py::arg("rows"), py::arg("scores"),
+        py::arg("num_threads"),
+        "CPU coarse int8 search of fused_retrieve_attend_int8, writing rows and scores.");
+  m.def("coarse_int8_uses_vnni", &reco::cpu::coarse_int8_uses_vnni,
+        "Whether the CPU coarse int8 search uses AVX512-VNNI here.");
 #if defined(RECO_WITH_CUDA)
   m.attr("with_cuda") = true;
   m.def(

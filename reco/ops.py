@@ -3,8 +3,8 @@
 `reco::fused_retrieve_attend` is a `torch.library.custom_op`. Its default body is the pure-torch
 reference (any device without a compiled kernel, with a one-time warning); the CPU kernel lives in
 reco._C, which takes the arrays through DLPack and links no libtorch.
-`reco::fused_retrieve_attend_int8` (int8 keys scored coarsely, re-ranked exactly) has a CUDA
-kernel; elsewhere its body is the reference.
+`reco::fused_retrieve_attend_int8` (int8 keys scored coarsely, re-ranked exactly) has CPU and
+CUDA kernels for its coarse search; elsewhere its body is the reference.
 """
 
 import math
@@ -466,6 +466,42 @@ def _int8_reference_body(
         exclude=exclude,
     )
     return r.output.clone(), r.weights.clone(), r.indices.clone(), r.scores.clone()
+
+
+if _C is not None:
+
+    @_fused_retrieve_attend_int8.register_kernel("cpu")
+    def _fused_retrieve_attend_int8_cpu(
+        query: Tensor,
+        codes: Tensor,
+        scales: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        k: int,
+        candidates: int,
+        attn_query: Optional[Tensor],
+        temperature: float,
+        exclude: Optional[Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # The coarse search in reco._C (AVX512-VNNI where available), the exact re-rank of the
+        # B x candidates rows in torch.
+        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+        check_int8_args(query, codes, scales, keys, k, candidates)
+        B = query.shape[0]
+        rows = torch.empty(B, candidates, dtype=torch.int64)
+        coarse = torch.empty(B, candidates, dtype=torch.float32)
+        _C.coarse_int8(
+            reference.quantize_rows(query)[0],
+            _unit_inner_stride(codes.detach()),
+            scales.detach().contiguous(),
+            None if exclude is None else exclude.contiguous(),
+            candidates,
+            rows,
+            coarse,
+            torch.get_num_threads(),
+        )
+        r = reference.rerank_attend(query, keys, values, rows, rows < 0, k, attn_query, temperature)
+        return r.output.clone(), r.weights.clone(), r.indices.clone(), r.scores.clone()
 
 
 @_fused_retrieve_attend_int8.register_fake

@@ -205,11 +205,31 @@ def retrieve_attend_int8(
                 torch.cat([best_c, cls], 1),
                 candidates,
             )
-        if best_i.shape[1] < k or bool((best_c[:, :k] == _EXCLUDED).any()):
+    return rerank_attend(
+        query, keys, values, best_i, best_c == _EXCLUDED, k, attn_query, temperature
+    )
+
+
+def rerank_attend(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    rows: Tensor,
+    unusable: Tensor,
+    k: int,
+    attn_query: Tensor | None = None,
+    temperature: float = 1.0,
+) -> RetrieveAttend:
+    """The exact re-rank of fused_retrieve_attend_int8: candidate rows [B, c] (best coarse score
+    first; `unusable` [B, c] marks excluded or empty slots, which come last) re-scored exactly
+    against keys; the k best in the contract's order are attended as in `attend`."""
+    with torch.no_grad():
+        if rows.shape[1] < k or bool(unusable[:, :k].any()):
+            N = keys.shape[0]
             raise ValueError(f"k={k} exceeds the number of selectable rows (N={N} minus excluded)")
-        # Exact re-rank of the selectable candidates.
+        rows = torch.where(unusable, 0, rows)
         ct = compute_dtype(query, keys)
-        exact = torch.einsum("bd,bkd->bk", query.to(ct), keys[best_i].to(ct))
-        cls = torch.where(best_c == _EXCLUDED, _EXCLUDED, torch.where(exact.isnan(), _NAN, _REAL))
-        _, indices, _ = _top_candidates(exact, best_i, cls, k)
+        exact = torch.einsum("bd,bkd->bk", query.to(ct), keys[rows].to(ct))
+        cls = torch.where(unusable, _EXCLUDED, torch.where(exact.isnan(), _NAN, _REAL))
+        _, indices, _ = _top_candidates(exact, rows, cls, k)
     return attend(query, keys, values, indices, attn_query, temperature)

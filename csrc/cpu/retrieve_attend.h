@@ -36,6 +36,23 @@ Level default_level();
 void check_args(const RetrieveAttendArgs& a);
 void retrieve_attend(const RetrieveAttendArgs& a, Level level);
 
+// The coarse search of fused_retrieve_attend_int8 (coarse_int8.cpp): per query, the `candidates`
+// rows of best float32(query_codes . codes[n]) * scales[n], best first; rows -1 (scores NaN)
+// where fewer rows are selectable. Throws std::invalid_argument for an exclude row out of range.
+struct CoarseInt8Args {
+  TensorView query_codes;  // [B, d] int8, inner stride 1
+  TensorView codes;        // [N, d] int8, inner stride 1
+  TensorView scales;       // [N] float32, contiguous
+  TensorView exclude;      // [B, E] int64; ndim 0 if absent
+  int64_t candidates = 0;
+  int num_threads = 1;
+  TensorView rows;    // [B, candidates] int64
+  TensorView scores;  // [B, candidates] float32
+};
+void coarse_int8(const CoarseInt8Args& a);
+// Whether coarse_int8 uses AVX512-VNNI here (the CPU has it, and the level in use is AVX-512).
+bool coarse_int8_uses_vnni();
+
 // Per-level implementations (one translation unit each, compiled with that level's flags).
 namespace generic {
 void retrieve_attend(const RetrieveAttendArgs& a);
