@@ -131,19 +131,24 @@ def test_compiles_with_torch_compile():
     torch.testing.assert_close(compiled(q), fn(q))
 
 
-@pytest.mark.parametrize("level", ["default", "generic"])
-def test_cpu_coarse_search_equals_the_reference_bit_for_bit(monkeypatch, level):
-    """reco._C.coarse_int8 (AVX512-VNNI by default where the CPU has it; the integer loop at the
-    generic level) against the reference's coarse selection: the same rows with the same float32
-    scores, over thread splits, a ragged d, ties and excluded rows."""
+@pytest.mark.parametrize("level", ["default", "avx2", "generic"])
+@pytest.mark.parametrize("B", [6, 12])
+def test_cpu_coarse_search_equals_the_reference_bit_for_bit(monkeypatch, level, B):
+    """reco._C.coarse_int8 against the reference's coarse selection: the same rows with the same
+    float32 scores, over thread splits, a d that is not a multiple of 64, ties and excluded rows.
+    By default on a CPU with AVX512-VNNI: row by row for B = 6, blocks laid out for many queries
+    for B = 12 (8 or more); at the avx2 level, int16 vpmaddwd; at the generic level, the integer
+    loop."""
     from reco.ops import _C
 
     if _C is None:
         pytest.skip("no compiled core")
-    if level == "generic":
-        monkeypatch.setenv("RECO_CPU_LEVEL", "generic")
+    if level != "default":
+        if level not in _C.cpu_levels():
+            pytest.skip(f"this CPU or build has no {level} level")
+        monkeypatch.setenv("RECO_CPU_LEVEL", level)
         assert not _C.coarse_int8_uses_vnni()
-    B, N, d, c = 6, 40000, 100, 33
+    N, d, c = 40000, 100, 33
     q, keys, _ = _data(B, N, d, seed=11)
     keys[1000:2000] = keys[:1000]  # duplicate rows: equal coarse scores, ties to the lower row
     codes, scales = reco.quantize_keys(keys)

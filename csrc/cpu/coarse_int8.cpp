@@ -7,7 +7,8 @@
 // Rows are walked in blocks that stay in L2 while every query of the pass scores them, 4 rows at
 // a time. The dot product uses AVX512-VNNI (vpdpbusd, u8 x s8: the query is offset by 128 into
 // u8 and 128 * sum(codes row) is subtracted) where the CPU has it and the SIMD level in use
-// (RECO_CPU_LEVEL) is an AVX-512 one, a plain integer loop otherwise.
+// (RECO_CPU_LEVEL) is an AVX-512 one, else AVX2 (int16 vpmaddwd) at the avx2 level or above,
+// else a plain integer loop.
 #include <omp.h>
 
 #include <algorithm>
@@ -22,7 +23,16 @@
 #include "retrieve_attend.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers initialise _mm512_undefined_*() from themselves: a false warning.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
+#else
+#include <immintrin.h>
+#endif
 #define RECO_VNNI 1
 #endif
 
@@ -99,14 +109,107 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) int32_t row_sum_vnni(cons
   return sum_lanes(acc);
 }
 
+// dots[i] = q . k_i for 4 rows with AVX2: int8 widened to int16, vpmaddwd (a pair of products
+// is at most 2 * 127^2, exact in int32).
+__attribute__((target("avx2"))) void dots4_avx2(const int8_t* q, const int8_t* const* k, int64_t d,
+                                                int32_t* dots) {
+  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                    _mm256_setzero_si256()};
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const __m256i qv =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
+    for (int i = 0; i < 4; ++i) {
+      const __m256i kv =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k[i] + j)));
+      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(qv, kv));
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[i]);
+    int32_t s = 0;
+    for (int l = 0; l < 8; ++l) s += lanes[l];
+    for (int64_t t = j; t < d; ++t) s += int32_t(q[t]) * int32_t(k[i][t]);
+    dots[i] = s;
+  }
+}
+
+// A block of rows laid out for many queries: group g of 4 bytes of 16 consecutive rows in one
+// 64-byte vector (lane = row), so that vpdpbusd with the query's group g broadcast scores 16 rows
+// at once. Rows past the block are zero; ksum16 gets each row's sum of codes. Needs d % 4 == 0.
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void interleave_block(
+    const int8_t* codes, int64_t stride, int64_t rows, int64_t d, uint8_t* out, int32_t* ksum16) {
+  const int64_t G = d / 4, groups = (rows + 15) / 16;
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t rg = 0; rg < groups; ++rg) {
+    const int64_t n = std::min<int64_t>(16, rows - rg * 16);
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+    const __m512i offsets =
+        _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                           _mm512_set1_epi32(static_cast<int>(stride)));
+    const int8_t* base = codes + rg * 16 * stride;
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512i v =
+          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, offsets, base + 4 * g, 1);
+      _mm512_storeu_si512(out + (rg * G + g) * 64, v);
+      sum = _mm512_dpbusd_epi32(sum, ones, v);
+    }
+    _mm512_storeu_si512(ksum16 + rg * 16, sum);
+  }
+}
+
+// Scores the interleaved block for one query (qg: its groups of 4 bytes, offset by 128) and offers
+// every row that can enter the heap; rows r0 .. r0 + rows - 1.
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void score_block(
+    const uint32_t* qg, const uint8_t* block, const int32_t* ksum16, const float* scales,
+    int64_t r0, int64_t rows, int64_t d, TopKHeap<float>& h, const std::vector<int64_t>& banned) {
+  const int64_t G = d / 4, groups = (rows + 15) / 16;
+  for (int64_t rg = 0; rg < groups; rg += 4) {
+    const int m = static_cast<int>(std::min<int64_t>(4, groups - rg));
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                      _mm512_setzero_si512()};
+    const uint8_t* b = block + rg * G * 64;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512i qv = _mm512_set1_epi32(static_cast<int>(qg[g]));
+      for (int j = 0; j < m; ++j)
+        acc[j] = _mm512_dpbusd_epi32(acc[j], qv, _mm512_loadu_si512(b + (j * G + g) * 64));
+    }
+    for (int j = 0; j < m; ++j) {
+      const int64_t first = (rg + j) * 16, n = std::min<int64_t>(16, rows - first);
+      const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+      const __m512i dots = _mm512_sub_epi32(
+          acc[j], _mm512_slli_epi32(_mm512_loadu_si512(ksum16 + first), 7));  // - 128 sum
+      // float32(dot) * scale, each rounded once, as reference.coarse_scores.
+      const __m512 sc =
+          _mm512_mul_ps(_mm512_cvtepi32_ps(dots), _mm512_maskz_loadu_ps(valid, scales + first));
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, sc);
+      __mmask16 hit = _mm512_mask_cmp_ps_mask(valid, sc, _mm512_set1_ps(h.worst_score()),
+                                              _CMP_NLT_UQ);  // not below the worst; NaN too
+      while (hit) {
+        const int lane = __builtin_ctz(hit);
+        hit = static_cast<__mmask16>(hit & (hit - 1));
+        const int64_t r = r0 + first + lane;
+        if (lanes[lane] < h.worst_score()) continue;  // the worst rose since the compare
+        if (!banned.empty() && std::binary_search(banned.begin(), banned.end(), r)) continue;
+        h.push(lanes[lane], r);
+      }
+    }
+  }
+}
+
 // VNNI where the CPU has it and the level in use is an AVX-512 one (RECO_CPU_LEVEL=generic or
 // avx2 selects the integer loop).
 bool has_vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vnni") && default_level() >= Level::avx512;
 }
+bool has_avx2() { return __builtin_cpu_supports("avx2") && default_level() >= Level::avx2; }
 #else
 bool has_vnni() { return false; }
+bool has_avx2() { return false; }
 #endif
 
 // Sorted exclude rows per query (-1 padding dropped).
@@ -144,7 +247,7 @@ void coarse_int8(const CoarseInt8Args& a) {
         "scales [N] float32 contiguous");
   if (c < 1 || c > N) throw std::invalid_argument("coarse_int8: candidates must be in [1, N]");
   const auto ex = exclusions(a);
-  const bool vnni = has_vnni();
+  const bool vnni = has_vnni(), avx2 = !vnni && has_avx2();
   const int threads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N / 16384)));
   // Queries per pass: heaps (threads x queries x candidates) of about 64 MiB at most.
@@ -156,6 +259,8 @@ void coarse_int8(const CoarseInt8Args& a) {
   std::vector<int64_t> hr(hs.size());
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t nq = std::min(chunk, B - b0);
+    // Enough queries to amortise laying each block out once for all of them.
+    const bool interleaved = vnni && nq >= 8 && d % 4 == 0;
     const int8_t* q0 = a.query_codes.ptr<const int8_t>() + b0 * a.query_codes.strides[0];
     if (vnni) {
       qu.resize(size_t(nq) * d);
@@ -175,9 +280,20 @@ void coarse_int8(const CoarseInt8Args& a) {
         heaps[i].reset(std::numeric_limits<float>::quiet_NaN());
       }
       std::vector<int32_t> ksum(kBlockRows);
+#if defined(RECO_VNNI)
+      std::vector<uint8_t> block(interleaved ? size_t(kBlockRows) * d : 0);
+#endif
       for (int64_t r0 = n0; r0 < n1; r0 += kBlockRows) {
         const int64_t r1 = std::min(n1, r0 + kBlockRows);
 #if defined(RECO_VNNI)
+        if (interleaved) {
+          interleave_block(codes + r0 * a.codes.strides[0], a.codes.strides[0], r1 - r0, d,
+                           block.data(), ksum.data());
+          for (int64_t i = 0; i < nq; ++i)
+            score_block(reinterpret_cast<const uint32_t*>(qu.data() + i * d), block.data(),
+                        ksum.data(), scales + r0, r0, r1 - r0, d, heaps[i], ex[b0 + i]);
+          continue;
+        }
         if (vnni)
           for (int64_t r = r0; r < r1; ++r)
             ksum[r - r0] = row_sum_vnni(codes + r * a.codes.strides[0], d);
@@ -196,6 +312,8 @@ void coarse_int8(const CoarseInt8Args& a) {
               int32_t s4[4];
               for (int j = 0; j < 4; ++j) s4[j] = ksum[std::min(r + j, r1 - 1) - r0];
               dots4_vnni(qu.data() + i * d, k, s4, d, dots);
+            } else if (avx2) {
+              dots4_avx2(q, k, d, dots);
             } else
 #endif
               dots4_generic(q, k, d, dots);
