@@ -160,41 +160,53 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void interleave_block(
   }
 }
 
-// Scores the interleaved block for one query (qg: its groups of 4 bytes, offset by 128) and offers
-// every row that can enter the heap; rows r0 .. r0 + rows - 1.
+// Scores the interleaved block for Q queries at once (qg[i]: query i's groups of 4 bytes, offset
+// by 128): each 64-byte vector of the block is loaded once for all Q. Offers every row that can
+// enter query i's heap h[i]; rows r0 .. r0 + rows - 1.
+template <int Q>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void score_block(
-    const uint32_t* qg, const uint8_t* block, const int32_t* ksum16, const float* scales,
-    int64_t r0, int64_t rows, int64_t d, TopKHeap<float>& h, const std::vector<int64_t>& banned) {
+    const uint32_t* const* qg, const uint8_t* block, const int32_t* ksum16, const float* scales,
+    int64_t r0, int64_t rows, int64_t d, TopKHeap<float>* const* h,
+    const std::vector<int64_t>* const* banned) {
   const int64_t G = d / 4, groups = (rows + 15) / 16;
   for (int64_t rg = 0; rg < groups; rg += 4) {
     const int m = static_cast<int>(std::min<int64_t>(4, groups - rg));
-    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                      _mm512_setzero_si512()};
+    __m512i acc[Q][4];
+    for (int i = 0; i < Q; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
     const uint8_t* b = block + rg * G * 64;
     for (int64_t g = 0; g < G; ++g) {
-      const __m512i qv = _mm512_set1_epi32(static_cast<int>(qg[g]));
-      for (int j = 0; j < m; ++j)
-        acc[j] = _mm512_dpbusd_epi32(acc[j], qv, _mm512_loadu_si512(b + (j * G + g) * 64));
+      __m512i kv[4];
+      for (int j = 0; j < 4; ++j)  // groups past the block contribute nothing
+        kv[j] = j < m ? _mm512_loadu_si512(b + (j * G + g) * 64) : _mm512_setzero_si512();
+      for (int i = 0; i < Q; ++i) {
+        const __m512i qv = _mm512_set1_epi32(static_cast<int>(qg[i][g]));
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], qv, kv[j]);
+      }
     }
     for (int j = 0; j < m; ++j) {
       const int64_t first = (rg + j) * 16, n = std::min<int64_t>(16, rows - first);
       const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
-      const __m512i dots = _mm512_sub_epi32(
-          acc[j], _mm512_slli_epi32(_mm512_loadu_si512(ksum16 + first), 7));  // - 128 sum
-      // float32(dot) * scale, each rounded once, as reference.coarse_scores.
-      const __m512 sc =
-          _mm512_mul_ps(_mm512_cvtepi32_ps(dots), _mm512_maskz_loadu_ps(valid, scales + first));
-      alignas(64) float lanes[16];
-      _mm512_store_ps(lanes, sc);
-      __mmask16 hit = _mm512_mask_cmp_ps_mask(valid, sc, _mm512_set1_ps(h.worst_score()),
-                                              _CMP_NLT_UQ);  // not below the worst; NaN too
-      while (hit) {
-        const int lane = __builtin_ctz(hit);
-        hit = static_cast<__mmask16>(hit & (hit - 1));
-        const int64_t r = r0 + first + lane;
-        if (lanes[lane] < h.worst_score()) continue;  // the worst rose since the compare
-        if (!banned.empty() && std::binary_search(banned.begin(), banned.end(), r)) continue;
-        h.push(lanes[lane], r);
+      const __m512i sum128 = _mm512_slli_epi32(_mm512_loadu_si512(ksum16 + first), 7);
+      const __m512 scale = _mm512_maskz_loadu_ps(valid, scales + first);
+      for (int i = 0; i < Q; ++i) {
+        // float32(dot) * scale, each rounded once, as reference.coarse_scores.
+        const __m512 sc =
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], sum128)), scale);
+        __mmask16 hit = _mm512_mask_cmp_ps_mask(valid, sc, _mm512_set1_ps(h[i]->worst_score()),
+                                                _CMP_NLT_UQ);  // not below the worst; NaN too
+        if (!hit) continue;
+        alignas(64) float lanes[16];
+        _mm512_store_ps(lanes, sc);
+        while (hit) {
+          const int lane = __builtin_ctz(hit);
+          hit = static_cast<__mmask16>(hit & (hit - 1));
+          const int64_t r = r0 + first + lane;
+          if (lanes[lane] < h[i]->worst_score()) continue;  // the worst rose since the compare
+          const std::vector<int64_t>& ban = *banned[i];
+          if (!ban.empty() && std::binary_search(ban.begin(), ban.end(), r)) continue;
+          h[i]->push(lanes[lane], r);
+        }
       }
     }
   }
@@ -289,9 +301,22 @@ void coarse_int8(const CoarseInt8Args& a) {
         if (interleaved) {
           interleave_block(codes + r0 * a.codes.strides[0], a.codes.strides[0], r1 - r0, d,
                            block.data(), ksum.data());
-          for (int64_t i = 0; i < nq; ++i)
-            score_block(reinterpret_cast<const uint32_t*>(qu.data() + i * d), block.data(),
-                        ksum.data(), scales + r0, r0, r1 - r0, d, heaps[i], ex[b0 + i]);
+          for (int64_t i = 0; i < nq;) {
+            const int n = nq - i >= 4 ? 4 : 1;
+            const uint32_t* qg[4];
+            TopKHeap<float>* hp[4];
+            const std::vector<int64_t>* ban[4];
+            for (int j = 0; j < n; ++j) {
+              qg[j] = reinterpret_cast<const uint32_t*>(qu.data() + (i + j) * d);
+              hp[j] = &heaps[i + j];
+              ban[j] = &ex[b0 + i + j];
+            }
+            if (n == 4)
+              score_block<4>(qg, block.data(), ksum.data(), scales + r0, r0, r1 - r0, d, hp, ban);
+            else
+              score_block<1>(qg, block.data(), ksum.data(), scales + r0, r0, r1 - r0, d, hp, ban);
+            i += n;
+          }
           continue;
         }
         if (vnni)
