@@ -134,13 +134,13 @@ def test_compiles_with_torch_compile():
 
 
 @pytest.mark.parametrize("level", ["default", "avx2", "generic"])
-@pytest.mark.parametrize("B", [6, 12])
+@pytest.mark.parametrize("B", [6, 30])
 def test_cpu_coarse_search_equals_the_reference_bit_for_bit(monkeypatch, level, B):
     """reco._C.coarse_int8 against the reference's coarse selection: the same rows with the same
     float32 scores, over thread splits, a d that is not a multiple of 64, ties and excluded rows.
     By default on a CPU with AVX512-VNNI: row by row for B = 6, blocks laid out for many queries
-    for B = 12 (8 or more); at the avx2 level, int16 vpmaddwd; at the generic level, the integer
-    loop."""
+    for B = 30 (24 or more: 4-query passes and a remainder of 2); at the avx2 level, int16
+    vpmaddwd; at the generic level, the integer loop."""
     from reco.ops import _C
 
     if _C is None:
