@@ -218,10 +218,10 @@ class Index:
         keys = self.keys.shards[s]
         if self.backend == "int8":
             codes, scales = self._int8[s]
-            n = keys.shape[0]
-            c = min(n, self.int8_candidates or max(4 * k, k + 16))
+            c = self.int8_candidates  # None: the op's default
+            c = None if c is None else max(k, min(keys.shape[0], c))
             return fused_retrieve_attend_int8(
-                query, codes, scales, keys, values, k, candidates=max(c, k), **kwargs
+                query, codes, scales, keys, values, k, candidates=c, **kwargs
             )
         return fused_retrieve_attend(query, keys, values, k, **kwargs)
 

@@ -147,6 +147,11 @@ def _reference_body(query, keys, values, k, attn_query, temperature, exclude):
     r = reference.fused_retrieve_attend(
         query, keys, values, k, attn_query=attn_query, temperature=temperature, exclude=exclude
     )
+    return _owned(r)
+
+
+def _owned(r: RetrieveAttend) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A custom op may not return views of its inputs: fresh copies of the four results."""
     return r.output.clone(), r.weights.clone(), r.indices.clone(), r.scores.clone()
 
 
@@ -228,6 +233,42 @@ def query_terms(query: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.stack(terms)
 
 
+def _launch_cuda(
+    q, terms, codes, scales, keys, values, attn_query, exclude, k, candidates, temperature,
+    outputs, plan,
+) -> None:  # fmt: skip
+    """reco._C.retrieve_attend_cuda on the current stream, writing `outputs`: the query q as
+    float32, its 16-bit or int8 terms for the tensor-core search (or None), the int8 codes and
+    scales (or None); the workspace of `candidates` rows per split comes from torch's caching
+    allocator (stream-ordered, CUDA-graph safe)."""
+    splits, pow2, queries, mma = plan
+    B = q.shape[0]
+    part_scores = q.new_empty((B, splits, candidates), dtype=torch.float32)
+    part_rows = q.new_empty((B, splits, candidates), dtype=torch.int64)
+    with torch.cuda.device(q.device):
+        _C.retrieve_attend_cuda(
+            q,
+            terms,
+            codes,
+            scales,
+            _unit_inner_stride(keys.detach()),
+            _unit_inner_stride(values.detach()),
+            None if attn_query is None else attn_query.detach().float().contiguous(),
+            None if exclude is None else exclude.contiguous(),
+            k,
+            candidates,
+            float(temperature),
+            *outputs,
+            part_scores,
+            part_rows,
+            splits,
+            pow2,
+            queries,
+            mma,
+            torch.cuda.current_stream(q.device).cuda_stream,
+        )
+
+
 def cuda_kernel_enabled() -> bool:
     """The CUDA kernel is compiled in but has not yet been validated on a GPU, so CUDA tensors
     run the reference unless RECO_CUDA_KERNEL=1 opts in."""
@@ -273,31 +314,11 @@ if _C is not None and getattr(_C, "with_cuda", False):
             terms_in = query.detach().contiguous()[None]
         else:
             terms_in = query_terms(q, keys.dtype)
-        # Workspace from torch's caching allocator (stream-ordered, CUDA-graph safe).
-        part_scores = query.new_empty((B, splits, k), dtype=torch.float32)
-        part_rows = query.new_empty((B, splits, k), dtype=torch.int64)
-        with torch.cuda.device(query.device):
-            _C.retrieve_attend_cuda(
-                q,
-                terms_in,
-                None,
-                None,
-                _unit_inner_stride(keys.detach()),
-                _unit_inner_stride(values.detach()),
-                None if attn_query is None else attn_query.detach().float().contiguous(),
-                None if exclude is None else exclude.contiguous(),
-                k,
-                k,
-                float(temperature),
-                *outputs,
-                part_scores,
-                part_rows,
-                splits,
-                pow2,
-                queries,
-                mma,
-                torch.cuda.current_stream(query.device).cuda_stream,
-            )
+        plan = (splits, pow2, queries, mma)
+        _launch_cuda(
+            q, terms_in, None, None, keys, values, attn_query, exclude, k, k, temperature,
+            outputs, plan,
+        )  # fmt: skip
         return outputs
 
 
@@ -465,7 +486,7 @@ def _int8_reference_body(
         temperature=temperature,
         exclude=exclude,
     )
-    return r.output.clone(), r.weights.clone(), r.indices.clone(), r.scores.clone()
+    return _owned(r)
 
 
 if _C is not None:
@@ -501,7 +522,7 @@ if _C is not None:
             torch.get_num_threads(),
         )
         r = reference.rerank_attend(query, keys, values, rows, rows < 0, k, attn_query, temperature)
-        return r.output.clone(), r.weights.clone(), r.indices.clone(), r.scores.clone()
+        return _owned(r)
 
 
 @_fused_retrieve_attend_int8.register_fake
@@ -550,30 +571,13 @@ if _C is not None and getattr(_C, "with_cuda", False):
         if not (ok and mma):  # more candidates than the tensor-core list holds
             return _int8_reference_body(*args)
         q = query.detach().float().contiguous()
-        part_scores = query.new_empty((B, splits, candidates), dtype=torch.float32)
-        part_rows = query.new_empty((B, splits, candidates), dtype=torch.int64)
-        with torch.cuda.device(query.device):
-            _C.retrieve_attend_cuda(
-                q,
-                reference.quantize_rows(q)[0][None],
-                codes.detach(),
-                scales.detach().contiguous(),
-                _unit_inner_stride(keys.detach()),
-                _unit_inner_stride(values.detach()),
-                None if attn_query is None else attn_query.detach().float().contiguous(),
-                None if exclude is None else exclude.contiguous(),
-                k,
-                candidates,
-                float(temperature),
-                *outputs,
-                part_scores,
-                part_rows,
-                splits,
-                pow2,
-                queries,
-                mma,
-                torch.cuda.current_stream(query.device).cuda_stream,
-            )
+        codes, scales = codes.detach(), scales.detach().contiguous()
+        plan = (splits, pow2, queries, mma)
+        q_codes = reference.quantize_rows(q)[0][None]
+        _launch_cuda(
+            q, q_codes, codes, scales, keys, values, attn_query, exclude, k, candidates,
+            temperature, outputs, plan,
+        )  # fmt: skip
         return outputs
 
 

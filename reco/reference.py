@@ -60,6 +60,30 @@ def merge_topk(scores: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return best_i, best_s
 
 
+def _select_chunked(
+    score, B: int, N: int, k: int, exclude: Tensor | None, chunk: int, like: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The k best (scores, rows, classes) per query of score(n0, n1) -> [B, n1 - n0] over rows
+    0..N-1, chunk by chunk, in the contract's order; excluded rows rank last (class _EXCLUDED).
+    `like` gives the scores' dtype and device. ValueError for an exclude value out of range."""
+    if exclude is not None and bool(((exclude < -1) | (exclude >= N)).any()):
+        raise ValueError(f"exclude holds values that are neither rows of keys (N={N}) nor -1")
+    best_s = like.new_empty(B, 0)
+    best_i = torch.empty(B, 0, dtype=torch.int64, device=like.device)
+    best_c = torch.empty(B, 0, dtype=torch.int64, device=like.device)
+    for n0 in range(0, N, chunk):
+        s = score(n0, min(N, n0 + chunk))
+        rows = torch.arange(n0, n0 + s.shape[1], device=like.device).expand(B, -1)
+        cls = torch.where(torch.isnan(s), _NAN, _REAL)
+        if exclude is not None:
+            hit = (rows.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
+            cls = torch.where(hit, _EXCLUDED, cls)
+        best_s, best_i, best_c = _top_candidates(
+            torch.cat([best_s, s], 1), torch.cat([best_i, rows], 1), torch.cat([best_c, cls], 1), k
+        )
+    return best_s, best_i, best_c
+
+
 def search(
     query: Tensor, keys: Tensor, k: int, exclude: Tensor | None = None, chunk: int = 1 << 16
 ) -> tuple[Tensor, Tensor]:
@@ -70,22 +94,10 @@ def search(
     """
     ct = compute_dtype(query, keys)
     q = query.to(ct)
-    B, N = q.shape[0], keys.shape[0]
-    if exclude is not None and bool(((exclude < -1) | (exclude >= N)).any()):
-        raise ValueError(f"exclude holds values that are neither rows of keys (N={N}) nor -1")
-    best_s = q.new_empty(B, 0)
-    best_i = torch.empty(B, 0, dtype=torch.int64, device=q.device)
-    best_c = torch.empty(B, 0, dtype=torch.int64, device=q.device)
-    for n0 in range(0, N, chunk):
-        s = q @ keys[n0 : n0 + chunk].to(ct).T
-        rows = torch.arange(n0, n0 + s.shape[1], device=q.device).expand(B, -1)
-        cls = torch.where(torch.isnan(s), _NAN, _REAL)
-        if exclude is not None:
-            hit = (rows.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
-            cls = torch.where(hit, _EXCLUDED, cls)
-        best_s, best_i, best_c = _top_candidates(
-            torch.cat([best_s, s], 1), torch.cat([best_i, rows], 1), torch.cat([best_c, cls], 1), k
-        )
+    N = keys.shape[0]
+    best_s, best_i, best_c = _select_chunked(
+        lambda n0, n1: q @ keys[n0:n1].to(ct).T, q.shape[0], N, k, exclude, chunk, q
+    )
     if best_i.shape[1] < k or bool((best_c == _EXCLUDED).any()):
         raise ValueError(f"k={k} exceeds the number of selectable rows (N={N} minus excluded)")
     return best_i, best_s
@@ -186,25 +198,15 @@ def retrieve_attend_int8(
     (same order) are attended as in `attend`."""
     with torch.no_grad():
         q_codes, _ = quantize_rows(query)
-        B, N = query.shape[0], codes.shape[0]
-        if exclude is not None and bool(((exclude < -1) | (exclude >= N)).any()):
-            raise ValueError(f"exclude holds values that are neither rows of keys (N={N}) nor -1")
-        best_s = torch.empty(B, 0, device=query.device)
-        best_i = torch.empty(B, 0, dtype=torch.int64, device=query.device)
-        best_c = torch.empty(B, 0, dtype=torch.int64, device=query.device)
-        for n0 in range(0, N, chunk):
-            s = coarse_scores(q_codes, codes[n0 : n0 + chunk], scales[n0 : n0 + chunk])
-            rows = torch.arange(n0, n0 + s.shape[1], device=query.device).expand(B, -1)
-            cls = torch.where(torch.isnan(s), _NAN, _REAL)
-            if exclude is not None:
-                hit = (rows.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
-                cls = torch.where(hit, _EXCLUDED, cls)
-            best_s, best_i, best_c = _top_candidates(
-                torch.cat([best_s, s], 1),
-                torch.cat([best_i, rows], 1),
-                torch.cat([best_c, cls], 1),
-                candidates,
-            )
+        _, best_i, best_c = _select_chunked(
+            lambda n0, n1: coarse_scores(q_codes, codes[n0:n1], scales[n0:n1]),
+            query.shape[0],
+            codes.shape[0],
+            candidates,
+            exclude,
+            chunk,
+            torch.empty(0, device=query.device),
+        )
     return rerank_attend(
         query, keys, values, best_i, best_c == _EXCLUDED, k, attn_query, temperature
     )

@@ -348,9 +348,10 @@ void merge(const Args& a) {
   check(cudaGetLastError(), "merge kernel launch");
 }
 
+bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // The tensor-core search applies: query terms of the keys' type, 16-byte aligned rows.
 bool use_mma(const Args& a) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return a.plan.mma && a.query_terms.present() && a.query_terms.dtype == a.keys.dtype &&
          a.query.shape[1] % 8 == 0 && aligned(a.query_terms.data) && aligned(a.keys.data) &&
          a.keys.strides[0] % 8 == 0;
@@ -358,7 +359,6 @@ bool use_mma(const Args& a) {
 
 // The int8 search applies: int8 query codes and key codes, rows of whole 16-byte segments.
 bool use_int8(const Args& a) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return a.plan.mma && a.query_terms.present() && a.query_terms.dtype == DType::i8 &&
          a.codes.dtype == DType::i8 && a.key_scales.dtype == DType::f32 &&
          a.query.shape[1] % 16 == 0 && aligned(a.query_terms.data) && aligned(a.codes.data) &&
@@ -398,8 +398,7 @@ void launch(const Args& a) {
   const int64_t qblocks = (B + p.queries - 1) / p.queries;
   const size_t s1 = search_smem(p.queries, p.pow2, d);
   constexpr int V = 16 / sizeof(TK);  // elements per 16-byte load
-  const bool vec = reinterpret_cast<uintptr_t>(a.keys.data) % 16 == 0 &&
-                   a.keys.strides[0] % V == 0 && d % V == 0;
+  const bool vec = aligned(a.keys.data) && a.keys.strides[0] % V == 0 && d % V == 0;
   set_smem(search_kernel<TK>, s1);
   search_kernel<TK><<<dim3(unsigned(qblocks), unsigned(p.splits)), kThreads, s1, st>>>(
       a.query.ptr<float>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0], exclude, E, a.candidates,
