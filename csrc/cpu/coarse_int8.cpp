@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "exclusions.h"
 #include "reco/topk.h"
 #include "retrieve_attend.h"
 
@@ -162,12 +163,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void interleave_block(
 
 // Scores the interleaved block for Q queries at once (qg[i]: query i's groups of 4 bytes, offset
 // by 128): each 64-byte vector of the block is loaded once for all Q. Offers every row that can
-// enter query i's heap h[i]; rows r0 .. r0 + rows - 1.
+// enter query i's heap h[i] and is not excluded for query q0 + i; rows r0 .. r0 + rows - 1.
 template <int Q>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void score_block(
     const uint32_t* const* qg, const uint8_t* block, const int32_t* ksum16, const float* scales,
-    int64_t r0, int64_t rows, int64_t d, TopKHeap<float>* const* h,
-    const std::vector<int64_t>* const* banned) {
+    int64_t r0, int64_t rows, int64_t d, TopKHeap<float>* const* h, const Exclusions& ex,
+    int64_t q0) {
   const int64_t G = d / 4, groups = (rows + 15) / 16;
   for (int64_t rg = 0; rg < groups; rg += 4) {
     const int m = static_cast<int>(std::min<int64_t>(4, groups - rg));
@@ -203,8 +204,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void score_block(
           hit = static_cast<__mmask16>(hit & (hit - 1));
           const int64_t r = r0 + first + lane;
           if (lanes[lane] < h[i]->worst_score()) continue;  // the worst rose since the compare
-          const std::vector<int64_t>& ban = *banned[i];
-          if (!ban.empty() && std::binary_search(ban.begin(), ban.end(), r)) continue;
+          if (ex.contains(q0 + i, r)) continue;
           h[i]->push(lanes[lane], r);
         }
       }
@@ -224,26 +224,6 @@ bool has_vnni() { return false; }
 bool has_avx2() { return false; }
 #endif
 
-// Sorted exclude rows per query (-1 padding dropped).
-std::vector<std::vector<int64_t>> exclusions(const CoarseInt8Args& a) {
-  const int64_t B = a.query_codes.shape[0];
-  std::vector<std::vector<int64_t>> ex(B);
-  if (!a.exclude.present()) return ex;
-  const int64_t E = a.exclude.shape[1], N = a.codes.shape[0];
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t* e = a.exclude.ptr<const int64_t>() + b * a.exclude.strides[0];
-    for (int64_t i = 0; i < E; ++i) {
-      if (e[i] < -1 || e[i] >= N)
-        throw std::invalid_argument("exclude[" + std::to_string(b) + ", " + std::to_string(i) +
-                                    "] = " + std::to_string(e[i]) + " is not a row of keys (N=" +
-                                    std::to_string(N) + ") nor -1 padding");
-      if (e[i] >= 0) ex[b].push_back(e[i]);
-    }
-    std::sort(ex[b].begin(), ex[b].end());
-  }
-  return ex;
-}
-
 }  // namespace
 
 bool coarse_int8_uses_vnni() { return has_vnni(); }
@@ -258,7 +238,8 @@ void coarse_int8(const CoarseInt8Args& a) {
         "coarse_int8: query_codes [B, d] and codes [N, d] int8 with unit inner stride, "
         "scales [N] float32 contiguous");
   if (c < 1 || c > N) throw std::invalid_argument("coarse_int8: candidates must be in [1, N]");
-  const auto ex = exclusions(a);
+  check_exclude(a.exclude, B, N);
+  const Exclusions ex = make_exclusions(a.exclude, B);
   const bool vnni = has_vnni(), avx2 = !vnni && has_avx2();
   const int threads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N / 16384)));
@@ -306,16 +287,16 @@ void coarse_int8(const CoarseInt8Args& a) {
             const int n = nq - i >= 4 ? 4 : 1;
             const uint32_t* qg[4];
             TopKHeap<float>* hp[4];
-            const std::vector<int64_t>* ban[4];
             for (int j = 0; j < n; ++j) {
               qg[j] = reinterpret_cast<const uint32_t*>(qu.data() + (i + j) * d);
               hp[j] = &heaps[i + j];
-              ban[j] = &ex[b0 + i + j];
             }
             if (n == 4)
-              score_block<4>(qg, block.data(), ksum.data(), scales + r0, r0, r1 - r0, d, hp, ban);
+              score_block<4>(qg, block.data(), ksum.data(), scales + r0, r0, r1 - r0, d, hp, ex,
+                             b0 + i);
             else
-              score_block<1>(qg, block.data(), ksum.data(), scales + r0, r0, r1 - r0, d, hp, ban);
+              score_block<1>(qg, block.data(), ksum.data(), scales + r0, r0, r1 - r0, d, hp, ex,
+                             b0 + i);
             i += n;
           }
           continue;
@@ -327,7 +308,6 @@ void coarse_int8(const CoarseInt8Args& a) {
         for (int64_t i = 0; i < nq; ++i) {
           const int8_t* q = q0 + i * a.query_codes.strides[0];
           TopKHeap<float>& h = heaps[i];
-          const std::vector<int64_t>& banned = ex[b0 + i];
           for (int64_t r = r0; r < r1; r += 4) {
             const int8_t* k[4];
             for (int j = 0; j < 4; ++j)  // past r1, repeat the last row (its dots are dropped)
@@ -346,9 +326,7 @@ void coarse_int8(const CoarseInt8Args& a) {
             for (int j = 0; j < 4 && r + j < r1; ++j) {
               // float32(dot) * scale, each rounded once, as reference.coarse_scores.
               const float s = float(dots[j]) * scales[r + j];
-              if (s < h.worst_score()) continue;
-              if (!banned.empty() && std::binary_search(banned.begin(), banned.end(), r + j))
-                continue;
+              if (s < h.worst_score() || ex.contains(b0 + i, r + j)) continue;
               h.push(s, r + j);
             }
           }

@@ -105,6 +105,23 @@ Level default_level() {
   return levels[n - 1];
 }
 
+void check_exclude(const TensorView& exclude, int64_t B, int64_t N) {
+  if (!exclude.present()) return;
+  expect(exclude, "exclude", 2);
+  if (exclude.dtype != DType::i64) fail("exclude must be int64");
+  if (exclude.shape[0] != B) fail("exclude " + shape_str(exclude) + " must be [B, E]");
+  const int64_t E = exclude.shape[1];
+  const int64_t* e = exclude.ptr<const int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < E; ++j) {
+      const int64_t r = e[b * exclude.strides[0] + j];
+      if (r < -1 || r >= N)
+        fail("exclude[" + std::to_string(b) + ", " + std::to_string(j) +
+             "] = " + std::to_string(r) + " is not a row of keys (N=" + std::to_string(N) +
+             ") nor -1 padding");
+    }
+}
+
 void check_args(const RetrieveAttendArgs& a) {
   expect(a.query, "query", 2);
   expect(a.keys, "keys", 2);
@@ -137,21 +154,7 @@ void check_args(const RetrieveAttendArgs& a) {
     H = a.attn_query.shape[1];
     if (H < 1) fail("attn_query must have H >= 1");
   }
-  if (a.exclude.present()) {
-    expect(a.exclude, "exclude", 2);
-    if (a.exclude.dtype != DType::i64) fail("exclude must be int64");
-    if (a.exclude.shape[0] != B) fail("exclude " + shape_str(a.exclude) + " must be [B, E]");
-    const int64_t E = a.exclude.shape[1];
-    const int64_t* e = a.exclude.ptr<const int64_t>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = 0; j < E; ++j) {
-        const int64_t r = e[b * a.exclude.strides[0] + j];
-        if (r < -1 || r >= N)
-          fail("exclude[" + std::to_string(b) + ", " + std::to_string(j) +
-               "] = " + std::to_string(r) + " is not a row of keys (N=" + std::to_string(N) +
-               ") nor -1 padding");
-      }
-  }
+  check_exclude(a.exclude, B, N);
   const DType acc = a.query.dtype;
   struct Out {
     const TensorView& t;

@@ -34,6 +34,8 @@ int available_levels(Level* out, int capacity);
 Level default_level();
 
 void check_args(const RetrieveAttendArgs& a);
+// exclude (absent, or [B, E] int64 of rows in [0, N) or -1): std::invalid_argument otherwise.
+void check_exclude(const TensorView& exclude, int64_t B, int64_t N);
 void retrieve_attend(const RetrieveAttendArgs& a, Level level);
 
 // The coarse search of fused_retrieve_attend_int8 (coarse_int8.cpp): per query, the `candidates`

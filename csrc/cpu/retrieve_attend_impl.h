@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #endif
 
+#include "exclusions.h"
 #include "reco/topk.h"
 #include "retrieve_attend.h"
 
@@ -182,35 +183,6 @@ void copy_rows(const T* src, int64_t ld, int64_t rows, int64_t d, T* dst, int64_
 // ---- exclusions ---------------------------------------------------------------------------
 
 // Per query, the sorted distinct rows it must not select.
-struct Exclusions {
-  std::vector<int64_t> rows;
-  std::vector<int64_t> start;  // B + 1 offsets
-  bool any = false;
-
-  bool contains(int64_t b, int64_t row) const {
-    return any && std::binary_search(rows.begin() + start[b], rows.begin() + start[b + 1], row);
-  }
-};
-
-Exclusions make_exclusions(const RetrieveAttendArgs& a) {
-  Exclusions ex;
-  const int64_t B = a.query.shape[0];
-  ex.start.assign(B + 1, 0);
-  if (!a.exclude.present() || a.exclude.shape[1] == 0) return ex;
-  ex.any = true;
-  const int64_t E = a.exclude.shape[1];
-  const int64_t* e = a.exclude.ptr<const int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t* row = e + b * a.exclude.strides[0];
-    for (int64_t j = 0; j < E; ++j)
-      if (row[j] >= 0) ex.rows.push_back(row[j]);
-    std::sort(ex.rows.begin() + ex.start[b], ex.rows.end());
-    ex.rows.erase(std::unique(ex.rows.begin() + ex.start[b], ex.rows.end()), ex.rows.end());
-    ex.start[b + 1] = static_cast<int64_t>(ex.rows.size());
-  }
-  return ex;
-}
-
 // ---- search -------------------------------------------------------------------------------
 
 // Heaps for a chunk of queries, one set per thread: slot (t, b) holds k entries.
@@ -549,7 +521,7 @@ void with_dtype(DType t, F&& f) {
 
 template <typename Acc>
 void run(const RetrieveAttendArgs& a) {
-  const Exclusions ex = make_exclusions(a);
+  const Exclusions ex = make_exclusions(a.exclude, a.query.shape[0]);
   with_dtype(a.keys.dtype, [&](auto kt) {
     using KT = decltype(kt);
     if constexpr (std::is_same<Acc, float>::value && std::is_same<KT, double>::value)
