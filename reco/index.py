@@ -47,6 +47,22 @@ def _as_table(x: Tensor | EmbeddingTable, name: str) -> EmbeddingTable:
 PAD_ROW = torch.iinfo(torch.int64).max
 
 
+def check_exclude_rows(exclude: Tensor | None, rows: int) -> None:
+    """ValueError where exclude [B, E] int64 holds a value that is neither a row of an N = rows
+    memory nor -1 (padding): the fused op's check, with its message, naming the first such entry
+    in row-major order. For callers that split the rows before the op sees them (shards, ranks),
+    so that each part's op cannot tell a row of another part from an out-of-range one."""
+    if exclude is None or exclude.numel() == 0:
+        return
+    bad = (exclude < -1) | (exclude >= rows)
+    if bool(bad.any()):
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"exclude[{b}, {j}] = {int(exclude[b, j])} is not a row of keys (N={rows}) "
+            "nor -1 padding"
+        )
+
+
 def mask_excluded(scores: Tensor, rows: Tensor, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
     """Candidates whose row is in exclude[b] become padding (NaN, PAD_ROW), which ranks after
     every real row in merge_topk."""
@@ -196,6 +212,7 @@ class Index:
             or exclude.shape[0] != query.shape[0]
         ):
             raise ValueError("exclude must be an int64 tensor [B, E] (-1 = padding)")
+        check_exclude_rows(exclude, self.rows)
 
     def search(self, query: Tensor, k: int, *, exclude: Tensor | None = None) -> SearchResult:
         """The k keys of largest inner product with each query [B, d], best first."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 from topk_check import assert_topk_match
 
+import reco
 from reco import reference
 from reco.index import Index
 from reco.memory import EncoderInfo, Memory, MemoryWriter, ModalityInfo
@@ -162,3 +163,33 @@ def test_bad_arguments(memory):
         Index(memory.keys("image"), torch.randn(5, 3))
     with pytest.raises(KeyError, match="no 'audio' embeddings"):
         memory.keys("audio")
+
+
+@pytest.mark.parametrize("backend", sorted(EXACT))
+@pytest.mark.parametrize("bad", [1000, 1001, 5000, -2, -7])
+def test_out_of_range_exclude_raises_the_ops_error(memory, backend, bad):
+    """Rows >= N or < -1 in exclude: the same ValueError as the op, over shards or one tensor."""
+    keys, values = memory.keys("image").materialize(), memory.values("text").materialize()
+    g = torch.Generator().manual_seed(bad % 97)
+    q = _queries(seed=9)
+    exclude = torch.randint(-1, 1000, (9, 6), generator=g)
+    exclude[int(torch.randint(9, (1,), generator=g)), int(torch.randint(6, (1,), generator=g))] = (
+        bad
+    )
+    exclude[8, 5] = bad  # a second bad value: the message names the first, as the op does
+    with pytest.raises(ValueError) as want:
+        reco.fused_retrieve_attend(q, keys, values, 5, exclude=exclude)
+    indexes = [
+        Index.from_memory(memory, backend=backend, **EXACT[backend]),
+        Index(keys, values, backend=backend, **EXACT[backend]),
+    ]
+    for index in indexes:
+        with pytest.raises(ValueError) as got:
+            index.search(q, 5, exclude=exclude)
+        assert str(got.value) == str(want.value)
+        with pytest.raises(ValueError) as got:
+            index.retrieve_attend(q, 5, exclude=exclude)
+        assert str(got.value) == str(want.value)
+        with pytest.raises(ValueError) as got:
+            index.search_candidates(q, 5, exclude=exclude)
+        assert str(got.value) == str(want.value)
