@@ -50,6 +50,27 @@ def _check_tensor(name: str, t: object, dims: str, ndim: int) -> Tensor:
     return t
 
 
+_SYMBOLIC = (torch.SymInt, torch.SymFloat)
+
+
+def check_temperature(temperature: object, *, value: bool = True) -> None:
+    """TypeError unless temperature is a real number; ValueError unless it is finite and > 0.
+
+    Under torch.compile a temperature that is not a literal (a module attribute, with
+    dynamic=True) is a SymFloat whose value is unknown while tracing, and a literal one is
+    traced into the graph; neither may raise there. So the public functions test the value
+    only in eager mode (value=True, not compiling), the fake kernels never, and every real
+    kernel always, with the same message: a bad temperature raises ValueError when the op runs,
+    compiled or not.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, *_SYMBOLIC)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not value or isinstance(temperature, _SYMBOLIC) or torch.compiler.is_compiling():
+        return
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
 def check_retrieve_attend_args(
     query: Tensor,
     keys: Tensor,
@@ -58,10 +79,13 @@ def check_retrieve_attend_args(
     attn_query: Optional[Tensor],
     temperature: float,
     exclude: Optional[Tensor],
+    *,
+    check_value: bool = True,
 ) -> None:
     """Raises TypeError/ValueError naming the bad argument; checks shapes, dtypes and devices only.
 
     Checks that need the data (exclude rows in range, k <= N minus excluded) run in the kernels.
+    check_value=False leaves the temperature's value to the op's kernels (see check_temperature).
     """
     _check_tensor("query", query, "[B, d]", 2)
     _check_tensor("keys", keys, "[N, d]", 2)
@@ -82,10 +106,7 @@ def check_retrieve_attend_args(
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= N:
         raise ValueError(f"k={k} must be in [1, N] where N={N} is the number of keys")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.SymFloat)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_temperature(temperature, value=check_value)
     for name, t in (("keys", keys), ("values", values)):
         if t.device != query.device:
             raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
@@ -324,7 +345,9 @@ if _C is not None and getattr(_C, "with_cuda", False):
 
 @_fused_retrieve_attend.register_fake
 def _fused_retrieve_attend_fake(query, keys, values, k, attn_query, temperature, exclude):
-    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    check_retrieve_attend_args(
+        query, keys, values, k, attn_query, temperature, exclude, check_value=False
+    )
     return _empty_outputs(query, keys, values, k, attn_query)
 
 
@@ -411,7 +434,7 @@ def fused_retrieve_attend(
     check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
     return RetrieveAttend(
         *torch.ops.reco.fused_retrieve_attend(
-            query, keys, values, k, attn_query, float(temperature), exclude
+            query, keys, values, k, attn_query, torch.sym_float(temperature), exclude
         )
     )
 
@@ -529,7 +552,9 @@ if _C is not None:
 def _fused_retrieve_attend_int8_fake(
     query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
 ):
-    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    check_retrieve_attend_args(
+        query, keys, values, k, attn_query, temperature, exclude, check_value=False
+    )
     check_int8_args(query, codes, scales, keys, k, candidates)
     return _empty_outputs(query, keys, values, k, attn_query)
 
@@ -637,7 +662,7 @@ def fused_retrieve_attend_int8(
             k,
             candidates,
             attn_query,
-            float(temperature),
+            torch.sym_float(temperature),  # a SymFloat under torch.compile stays symbolic
             exclude,
         )
     )

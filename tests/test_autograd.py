@@ -140,3 +140,74 @@ def test_indices_are_not_differentiable():
     r = reco.fused_retrieve_attend(query, keys, values, 3)
     assert not r.indices.requires_grad
     assert r.output.requires_grad and r.scores.requires_grad
+
+
+class _Retriever(torch.nn.Module):
+    """Holds its memory and its temperature as attributes, as a model would."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, temperature, int8: bool):
+        super().__init__()
+        self.keys, self.values, self.temperature, self.int8 = keys, values, temperature, int8
+        self.codes, self.scales = reco.quantize_keys(keys)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if self.int8:
+            r = reco.fused_retrieve_attend_int8(
+                q, self.codes, self.scales, self.keys, self.values, 4, temperature=self.temperature
+            )
+        else:
+            r = reco.fused_retrieve_attend(
+                q, self.keys, self.values, 4, temperature=self.temperature
+            )
+        return r.output
+
+
+def _retriever(temperature, int8: bool) -> _Retriever:
+    g = torch.Generator().manual_seed(7)
+    return _Retriever(
+        torch.randn(300, 8, generator=g), torch.randn(300, 5, generator=g), temperature, int8
+    )
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+def test_compile_dynamic_with_a_module_temperature(int8):
+    """A temperature held by the module (not a literal) traces under fullgraph=True, dynamic=True,
+    and is not baked into the graph."""
+    torch._dynamo.reset()
+    model = _retriever(0.3, int8)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(8)
+    for B, temperature in ((3, 0.3), (7, 0.3), (5, 0.05), (2, 2)):
+        model.temperature = temperature
+        q = torch.randn(B, 8, generator=g)
+        want = model(q)
+        torch.testing.assert_close(compiled(q), want, rtol=1e-6, atol=1e-6)
+        # The temperature matters here: a stale one would not match.
+        assert not torch.allclose(want, _retriever(1.0, int8)(q))
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0, float("inf")])
+def test_invalid_module_temperature_raises_eager_and_compiled(int8, bad):
+    torch._dynamo.reset()
+    model = _retriever(0.5, int8)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    q = torch.randn(3, 8)
+    compiled(q)  # traced once with a valid temperature
+    model.temperature = bad
+    match = r"temperature must be finite and > 0, got "
+    with pytest.raises(ValueError, match=match):
+        model(q)
+    with pytest.raises(ValueError, match=match):
+        compiled(q)
+    torch._dynamo.reset()  # traced first with the bad temperature
+    with pytest.raises(ValueError, match=match):
+        torch.compile(model, fullgraph=True, dynamic=True)(q)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["exact", "int8"])
+def test_tensor_temperature_is_refused(int8):
+    """The schema takes temperature as a float: a 0-dim tensor is refused by name."""
+    model = _retriever(torch.tensor(0.3), int8)
+    with pytest.raises(TypeError, match=r"temperature must be a float, got Tensor"):
+        model(torch.randn(3, 8))
