@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import reco.memory.store as store
 from reco.memory import (
     EncoderInfo,
     Memory,
@@ -35,6 +36,18 @@ def _batch(rng, n, start):
         "source": [f"s{start + i}" for i in range(n)],
     }
     return img, txt, labels, meta
+
+
+def _raise_at(point, nth=1, exc=KeyboardInterrupt):
+    """A fault hook that raises exc at the nth time the commit sequence reaches point."""
+    seen = []
+
+    def hook(p):
+        seen.append(p)
+        if seen.count(point) == nth and p == point:
+            raise exc()
+
+    return hook
 
 
 def _write(path, batches, shard_rows=10, **kw):
@@ -90,22 +103,32 @@ def test_files_are_memory_mapped(tmp_path):
     assert mapped_from is not None and mapped_from.endswith("shards/00000/image_emb.npy")
 
 
-def test_uncommitted_rows_vanish_and_debris_is_removed(tmp_path):
+def test_uncommitted_rows_vanish_and_only_journaled_debris_is_removed(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     w = MemoryWriter(tmp_path / "m", MODS, has_labels=True, shard_rows=8)
     img, txt, lab, meta = _batch(rng, 8, 0)
     w.add({"image": img, "text": txt}, labels=lab, metadata=meta, progress={"consumed": 8})
     img, txt, lab, meta = _batch(rng, 3, 8)
     w.add({"image": img, "text": txt}, labels=lab, metadata=meta, progress={"consumed": 11})
-    # A crash: the second batch was never committed; a half-written shard lies around.
+    # A crash in the middle of writing the second shard: its files lie in a journaled folder.
+    monkeypatch.setattr(store, "_fault_hook", _raise_at("shard:file", 2, SystemExit))
+    with pytest.raises(SystemExit):
+        w.commit()
+    monkeypatch.setattr(store, "_fault_hook", None)
+    (debris,) = [p for p in (tmp_path / "m" / "shards").iterdir() if ".tmp-" in p.name]
+    # A folder the writer did not create (no journal lists it) is never treated as debris.
     (tmp_path / "m" / "shards" / "00001.tmp-999").mkdir()
-    (tmp_path / "m" / "shards" / "00001.tmp-999" / "image_emb.npy").write_bytes(b"garbage")
+    (tmp_path / "m" / "shards" / "00001.tmp-999" / "notes.txt").write_text("the user's")
     w._release()
     mem = Memory.open(tmp_path / "m")
     assert mem.rows == 8 and mem.manifest.progress == {"consumed": 8}
     with MemoryWriter(tmp_path / "m", MODS, has_labels=True) as w2:
         assert w2.rows == 8 and w2.progress == {"consumed": 8}
-        assert not (tmp_path / "m" / "shards" / "00001.tmp-999").exists()
+        assert not debris.exists()
+        assert (tmp_path / "m" / "shards" / "00001.tmp-999" / "notes.txt").read_text() == "the user's"
+        img, txt, lab, meta = _batch(rng, 3, 8)
+        w2.add({"image": img, "text": txt}, labels=lab, metadata=meta, progress={"consumed": 11})
+    assert Memory.open(tmp_path / "m", verify="full").rows == 11
 
 
 def test_second_writer_is_refused(tmp_path):
@@ -205,3 +228,228 @@ def test_disk_full_keeps_the_last_commit(tmp_path):
     assert mem.rows > 0
     assert mem.rows == sum(50 * (i + 1) for i in range(len(mem.manifest.shards)))
     assert not list((tmp_path / "m" / "shards").glob("*.tmp*"))
+
+
+# ---- crash safety: an interrupt or a write failure at every step of the commit sequence --------
+
+SRC = {"kind": "test", "path": "/data/rows"}
+ROWS, BATCH = 8, 2
+
+
+def _rows():
+    rng = np.random.default_rng(7)
+    return _batch(rng, ROWS, 0)
+
+
+def _build(path, shard_rows=3, source=SRC, append=False):
+    """A deterministic resumable build: batches of BATCH rows, progress = rows consumed."""
+    img, txt, lab, meta = _rows()
+    with MemoryWriter(
+        path,
+        MODS,
+        has_labels=True,
+        label_names=["a", "b", "c"],
+        shard_rows=shard_rows,
+        source=source,
+        append=append,
+    ) as w:
+        for s in range(int(w.progress.get("consumed", 0)), ROWS, BATCH):
+            sl = slice(s, s + BATCH)
+            w.add(
+                {"image": img[sl], "text": txt[sl]},
+                labels=lab[sl],
+                metadata={c: v[sl] for c, v in meta.items()},
+                progress={"consumed": s + BATCH},
+            )
+
+
+def _contents(path):
+    mem = Memory.open(path, verify="full")
+    return (
+        mem.keys("image").materialize().numpy(),
+        mem.values("text").materialize().numpy(),
+        mem.labels.numpy(),
+        mem.metadata(range(mem.rows)),
+        mem.manifest.progress,
+    )
+
+
+def _assert_same(a, b):
+    for x, y in zip(a[:3], b[:3]):
+        np.testing.assert_array_equal(x, y)
+    assert a[3:] == b[3:]
+
+
+def _fault_points(tmp_path, monkeypatch):
+    points = []
+    monkeypatch.setattr(store, "_fault_hook", points.append)
+    _build(tmp_path / "reference")
+    monkeypatch.setattr(store, "_fault_hook", None)
+    return points
+
+
+def _nth_point_raises(nths, exc):
+    count = [0]
+
+    def hook(p):
+        count[0] += 1
+        if count[0] in nths:
+            raise exc()
+
+    return hook
+
+
+def _check_interrupted(path):
+    """After an interrupt: the committed manifest loads, every file it names is intact, and
+    everything else under shards/ is listed in the journal (so the next writer may remove it)."""
+    if not (path / "manifest.json").exists():
+        return
+    man = store.read_manifest(path)
+    if man.rows:
+        Memory.open(path, verify="full")
+    journal = path / ".journal.json"
+    listed = set(json.loads(journal.read_text())["created"]) if journal.exists() else set()
+    for p in (path / "shards").iterdir() if (path / "shards").exists() else ():
+        assert p.name in {s.name for s in man.shards} or p.name in listed, p
+
+
+@pytest.mark.parametrize("second", [None, 2], ids=["once", "again-while-exiting"])
+def test_interrupt_at_every_step_leaves_a_loadable_memory_that_resumes(
+    tmp_path, monkeypatch, second
+):
+    """Ctrl-C at each step of every commit (and a second Ctrl-C while the writer's exit commits
+    what was buffered): the last commit loads, and resuming gives the uninterrupted memory."""
+    points = _fault_points(tmp_path, monkeypatch)
+    want = _contents(tmp_path / "reference")
+    assert len(points) > 30
+    for i in range(1, len(points) + 1):
+        path = tmp_path / f"run{i}"
+        nths = {i} if second is None else {i, i + second}
+        monkeypatch.setattr(store, "_fault_hook", _nth_point_raises(nths, KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            _build(path)
+        monkeypatch.setattr(store, "_fault_hook", None)
+        _check_interrupted(path)
+        _build(path)
+        _assert_same(_contents(path), want)
+        left = sorted(p.name for p in (path / "shards").iterdir())
+        assert left == sorted(s.name for s in store.read_manifest(path).shards), (i, left)
+
+
+def test_write_failure_at_every_step_keeps_the_last_commit(tmp_path, monkeypatch):
+    points = _fault_points(tmp_path, monkeypatch)
+    want = _contents(tmp_path / "reference")
+
+    class DiskFull(OSError):
+        def __init__(self):
+            super().__init__(28, "No space left on device")
+
+    for i in range(1, len(points) + 1):
+        path = tmp_path / f"run{i}"
+        monkeypatch.setattr(store, "_fault_hook", _nth_point_raises({i}, DiskFull))
+        with pytest.raises(OSError):
+            _build(path)
+        monkeypatch.setattr(store, "_fault_hook", None)
+        _check_interrupted(path)
+        _build(path)
+        _assert_same(_contents(path), want)
+
+
+def test_commit_after_the_commit_point_is_idempotent(tmp_path, monkeypatch):
+    """The interrupt seen in the field: just after the manifest is replaced. The writer's exit
+    commits again; the shard just committed must stay, once."""
+    w = MemoryWriter(tmp_path / "m", MODS, shard_rows=100)
+    emb = {"image": np.ones((3, 12), np.float32), "text": np.ones((3, 5), np.float32)}
+    w.add(emb, progress={"consumed": 3})
+    monkeypatch.setattr(store, "_fault_hook", _raise_at("manifest:replaced", 1))
+    with pytest.raises(KeyboardInterrupt):
+        w.commit()
+    monkeypatch.setattr(store, "_fault_hook", None)
+    w.commit()
+    w.commit()
+    w.close()
+    mem = Memory.open(tmp_path / "m", verify="full")
+    assert mem.rows == 3 and len(mem.manifest.shards) == 1
+    assert mem.manifest.progress == {"consumed": 3}
+
+
+def test_a_folder_that_is_not_a_memory_is_refused_and_left_alone(tmp_path):
+    user = tmp_path / "photos"
+    (user / "shards").mkdir(parents=True)
+    (user / "shards" / "2024.jpg").write_bytes(b"the user's photo")
+    (user / "notes.txt").write_text("keep me")
+    before = sorted(str(p.relative_to(user)) for p in user.rglob("*"))
+    with pytest.raises(ValueError, match=r"photos is not empty and is not a reco memory"):
+        MemoryWriter(user, MODS)
+    assert sorted(str(p.relative_to(user)) for p in user.rglob("*")) == before
+    assert (user / "shards" / "2024.jpg").read_bytes() == b"the user's photo"
+    with pytest.raises(ValueError, match="is a file, not a memory folder"):
+        MemoryWriter(user / "notes.txt", MODS)
+    # An empty folder, or one that only holds a crashed writer's own lock, is a new memory.
+    (tmp_path / "empty").mkdir()
+    MemoryWriter(tmp_path / "empty", MODS).close()
+    (tmp_path / "lockonly").mkdir()
+    (tmp_path / "lockonly" / ".lock").touch()
+    MemoryWriter(tmp_path / "lockonly", MODS).close()
+
+
+def _clip_retrieval_folder(root, parts=2, rows=4, dim=8, seed=0):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (root / sub).mkdir(parents=True)
+    for i in range(parts):
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", rng.standard_normal((rows, dim), "f4"))
+        np.save(root / "text_emb" / f"text_emb_{i}.npy", rng.standard_normal((rows, dim), "f4"))
+        caps = [f"part {i} row {r}" for r in range(rows)]
+        pq.write_table(pa.table({"caption": caps}), root / "metadata" / f"metadata_{i}.parquet")
+    return root
+
+
+def test_build_memory_cli_refuses_a_users_folder(tmp_path, capsys):
+    from reco.cli import main
+
+    src = _clip_retrieval_folder(tmp_path / "laion")
+    user = tmp_path / "out"
+    (user / "shards" / "a").mkdir(parents=True)
+    (user / "shards" / "a" / "thesis.tex").write_text("years of work")
+    (user / "shards" / "b.txt").write_text("more")
+    code = main(["build-memory", str(user), "--clip-retrieval", str(src), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "out is not empty and is not a reco memory" in err and "Traceback" not in err
+    assert (user / "shards" / "a" / "thesis.tex").read_text() == "years of work"
+    assert (user / "shards" / "b.txt").read_text() == "more"
+    assert not (user / "manifest.json").exists()
+
+
+def test_resume_only_continues_the_same_source(tmp_path):
+    _build(tmp_path / "m", source=SRC)
+    first = _contents(tmp_path / "m")
+    other = {"kind": "test", "path": "/data/other"}
+    with pytest.raises(store.MemorySourceError, match="built from another source") as e:
+        _build(tmp_path / "m", source=other)
+    assert "append" in str(e.value) and "another folder" in str(e.value)
+    _assert_same(_contents(tmp_path / "m"), first)  # untouched
+    _build(tmp_path / "m", source=other, append=True)  # all rows of the other source, after
+    mem = Memory.open(tmp_path / "m", verify="full")
+    assert mem.rows == 2 * ROWS
+    np.testing.assert_array_equal(
+        mem.keys("image").materialize().numpy(), np.concatenate([first[0], first[0]])
+    )
+    assert mem.manifest.source == other and mem.manifest.history == [SRC]
+    _build(tmp_path / "m", source=other)  # the same source again: nothing left to add
+    assert Memory.open(tmp_path / "m").rows == 2 * ROWS
+
+
+def test_a_second_commit_of_an_interrupted_append_resumes_it(tmp_path, monkeypatch):
+    _build(tmp_path / "m")
+    other = {"kind": "test", "path": "/data/other"}
+    monkeypatch.setattr(store, "_fault_hook", _raise_at("shard:file", 4))
+    with pytest.raises(KeyboardInterrupt):
+        _build(tmp_path / "m", source=other, append=True)
+    monkeypatch.setattr(store, "_fault_hook", None)
+    _build(tmp_path / "m", source=other, append=True)
+    assert Memory.open(tmp_path / "m", verify="full").rows == 2 * ROWS

@@ -8,15 +8,21 @@ A memory folder:
     shards/00000/labels.npy        optional int64 [rows]
     shards/00000/metadata.parquet  one row per item: caption, source, label_name, ...
     .lock                          held (flock) by the one writer
+    .journal.json                  the shard folders a writer has created and not yet committed
 
-Only shards listed in the manifest exist for readers; anything else under shards/ is the debris of
-an interrupted write and is removed by the next writer.
+Only shards listed in the manifest exist for readers. A writer removes only what its journal lists
+and the manifest does not name: nothing else in the folder is ever deleted.
+
+Every name read from the manifest is untrusted: shard, modality and file names must be single
+path components (letters, digits, `_`, `-`, `.`), and readers also check that each path resolves
+inside the memory folder after following symlinks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,17 +31,37 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 LOCK_FILE = ".lock"
+JOURNAL_FILE = ".journal.json"
+# The writer's own temporary files: replaced atomically, so whatever holds these names is its own.
+MANIFEST_TMP = MANIFEST_FILE + ".tmp"
+JOURNAL_TMP = JOURNAL_FILE + ".tmp"
+RESERVED = frozenset({LOCK_FILE, JOURNAL_FILE, MANIFEST_TMP, JOURNAL_TMP})
 EMBEDDING_DTYPES = ("float16", "float32")
 METADATA_FILE = "metadata.parquet"
 LABELS_FILE = "labels.npy"
+MAX_MANIFEST_BYTES = 1 << 28  # 256 MiB: millions of shards; a bound on what a reader loads
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class MemoryFormatError(ValueError):
     """A memory folder, manifest or shard that is missing, malformed, or fails its checks."""
 
 
+class MemorySourceError(MemoryFormatError):
+    """A build into an existing memory from a source other than the one it was built from."""
+
+
 def embedding_file(modality: str) -> str:
     return f"{modality}_emb.npy"
+
+
+def check_name(name: object, what: str) -> str:
+    """name if it is one safe path component (no separators, not `.`/`..`), else an error."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+        raise MemoryFormatError(f"corrupt manifest: {what} {name!r} is not a plain file name")
+    return name
 
 
 @dataclass(frozen=True)
@@ -76,10 +102,17 @@ class Manifest:
     # What the builder had consumed from its source when the last shard was committed (resume).
     progress: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    # Earlier sources, oldest first, when rows from another source were appended.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
         return sum(s.rows for s in self.shards)
+
+    def required_files(self) -> list[str]:
+        """The files every shard holds."""
+        files = [embedding_file(m) for m in self.modalities] + [METADATA_FILE]
+        return files + ([LABELS_FILE] if self.has_labels else [])
 
     def to_json(self) -> str:
         d = {
@@ -92,51 +125,139 @@ class Manifest:
             "shards": [dataclasses.asdict(s) for s in self.shards],
             "progress": self.progress,
             "source": self.source,
+            "history": self.history,
         }
         return json.dumps(d, indent=1, sort_keys=False)
 
     @classmethod
-    def from_json(cls, text: str, where: str = "manifest.json") -> Manifest:
+    def from_json(cls, text: str | bytes, where: str = "manifest.json") -> Manifest:
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MemoryFormatError(f"{where} is not UTF-8 JSON text ({e})") from None
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MemoryFormatError(f"{where} is not valid JSON ({e})") from e
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise MemoryFormatError(f"{where} is not valid JSON ({e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise MemoryFormatError(f"{where} is not a reco memory manifest")
         if d.get("version") != FORMAT_VERSION:
             raise MemoryFormatError(
-                f"{where} has format version {d.get('version')}; this reco reads {FORMAT_VERSION}"
+                f"{where} has format version {d.get('version')!r}; this reco reads {FORMAT_VERSION}"
             )
         try:
-            modalities = {
-                m: ModalityInfo(
-                    dim=int(v["dim"]), dtype=str(v["dtype"]), encoder=EncoderInfo(**v["encoder"])
-                )
-                for m, v in d["modalities"].items()
-            }
-            shards = [
-                ShardInfo(
-                    name=str(s["name"]),
-                    rows=int(s["rows"]),
-                    files={f: FileInfo(**fi) for f, fi in s["files"].items()},
-                )
-                for s in d["shards"]
-            ]
-            m = cls(
-                modalities=modalities,
-                has_labels=bool(d["has_labels"]),
-                label_names=d.get("label_names"),
-                shards=shards,
-                progress=dict(d.get("progress") or {}),
-                source=dict(d.get("source") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise MemoryFormatError(f"{where} is malformed: {e!r}") from e
+            m = _parse(d)
+        except MemoryFormatError as e:
+            raise MemoryFormatError(f"{where}: {e}") from None
         if m.rows != d.get("rows"):
             raise MemoryFormatError(
-                f"{where} says rows={d.get('rows')} but its shards hold {m.rows}"
+                f"{where} says rows={d.get('rows')!r} but its shards hold {m.rows}"
             )
-        for name, info in m.modalities.items():
-            if info.dtype not in EMBEDDING_DTYPES or info.dim < 1:
-                raise MemoryFormatError(f"{where}: modality {name!r} has dim/dtype {info}")
         return m
+
+
+def _bad(what: str, value: object, want: str) -> MemoryFormatError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return MemoryFormatError(f"corrupt manifest: {what} is {shown}, expected {want}")
+
+
+def _get(d: dict, key: str, what: str) -> Any:
+    if key not in d:
+        raise MemoryFormatError(f"corrupt manifest: {what} lacks {key!r}")
+    return d[key]
+
+
+def _int(value: object, what: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _bad(what, value, f"an integer >= {low}")
+    return value
+
+
+def _str_or_none(value: object, what: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _bad(what, value, "a string or null")
+    return value
+
+
+def _dict(value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise _bad(what, value, "an object")
+    return value
+
+
+def _parse(d: dict) -> Manifest:
+    mods = _dict(_get(d, "modalities", "the manifest"), "modalities")
+    if not mods:
+        raise MemoryFormatError("corrupt manifest: it lists no modalities")
+    modalities = {}
+    for name, v in mods.items():
+        check_name(name, "modality")
+        what = f"modality {name!r}"
+        v = _dict(v, what)
+        dtype = _get(v, "dtype", what)
+        if dtype not in EMBEDDING_DTYPES:
+            raise _bad(f"{what} dtype", dtype, f"one of {EMBEDDING_DTYPES}")
+        enc = _dict(_get(v, "encoder", what), f"{what} encoder")
+        ename = _get(enc, "name", f"{what} encoder")
+        if not isinstance(ename, str):
+            raise _bad(f"{what} encoder name", ename, "a string")
+        modalities[name] = ModalityInfo(
+            dim=_int(_get(v, "dim", what), f"{what} dim", 1),
+            dtype=dtype,
+            encoder=EncoderInfo(
+                ename,
+                _str_or_none(enc.get("checkpoint"), f"{what} encoder checkpoint"),
+                _str_or_none(enc.get("sha256"), f"{what} encoder sha256"),
+            ),
+        )
+    has_labels = _get(d, "has_labels", "the manifest")
+    if not isinstance(has_labels, bool):
+        raise _bad("has_labels", has_labels, "true or false")
+    label_names = d.get("label_names")
+    if label_names is not None and (
+        not isinstance(label_names, list) or not all(isinstance(n, str) for n in label_names)
+    ):
+        raise _bad("label_names", label_names, "a list of strings or null")
+    shard_list = _get(d, "shards", "the manifest")
+    if not isinstance(shard_list, list):
+        raise _bad("shards", shard_list, "a list")
+    m = Manifest(
+        modalities=modalities,
+        has_labels=has_labels,
+        label_names=label_names,
+        progress=_dict(d.get("progress") or {}, "progress"),
+        source=_dict(d.get("source") or {}, "source"),
+    )
+    history = d.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise _bad("history", history, "a list of objects")
+    m.history = history
+    required = m.required_files()
+    seen: set[str] = set()
+    for i, s in enumerate(shard_list):
+        s = _dict(s, f"shard {i}")
+        name = check_name(_get(s, "name", f"shard {i}"), f"shard {i} name")
+        if name in seen:
+            raise MemoryFormatError(f"corrupt manifest: shard {name!r} is listed twice")
+        seen.add(name)
+        what = f"shard {name!r}"
+        files = {}
+        for fname, fi in _dict(_get(s, "files", what), f"{what} files").items():
+            check_name(fname, f"{what} file")
+            fi = _dict(fi, f"{what} file {fname!r}")
+            digest = _get(fi, "sha256", f"{what} file {fname!r}")
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                raise _bad(f"{what} file {fname!r} sha256", digest, "64 hex digits")
+            files[fname] = FileInfo(
+                bytes=_int(_get(fi, "bytes", f"{what} file {fname!r}"), f"{what} bytes", 0),
+                sha256=digest,
+            )
+        missing = [f for f in required if f not in files]
+        if missing:
+            raise MemoryFormatError(f"corrupt manifest: {what} lists no {', '.join(missing)}")
+        m.shards.append(
+            ShardInfo(name=name, rows=_int(_get(s, "rows", what), f"{what} rows", 0), files=files)
+        )
+    return m

@@ -1,22 +1,39 @@
 """Writing and reading memory folders.
 
-Writes are crash-safe: a shard is written into a temporary folder (every file fsynced), renamed
-into place, and only then listed in a new manifest (written to a temporary file, fsynced, renamed).
-A crash at any point leaves the last committed manifest, and every shard it lists, intact; the next
-writer removes the debris. One writer at a time holds an flock on `.lock` (released by the kernel if
-the process dies, so `kill -9` never leaves a stale lock).
+The crash-safety contract: at any point of a write (a crash, `kill -9`, Ctrl-C, a full disk), the
+folder holds the last committed manifest and every file it names, intact, and a new writer resumes
+from there. A commit is a sequence of atomic steps:
+
+1. the journal (`.journal.json`, replaced atomically) records the shard folder names about to be
+   created;
+2. the shard is written into a temporary folder, every file and the folder fsynced, and renamed
+   into place;
+3. a new manifest naming the shard is written to a temporary file, fsynced and renamed over
+   `manifest.json` (the commit point);
+4. the journal is cleared.
+
+Cleanup after an interrupted commit removes only the journal's names that the manifest on disk
+does not list; no code path deletes a file that a committed manifest names, nor a file the writer
+did not create. One writer at a time holds an flock on `.lock` (released by the kernel if the
+process dies, so `kill -9` never leaves a stale lock). Readers open only regular files inside the
+memory folder, of the size the manifest gives.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import errno
 import fcntl
 import hashlib
 import io
+import json
 import os
+import secrets
 import shutil
-from collections.abc import Mapping, Sequence
+import stat
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +42,24 @@ import torch
 from torch import Tensor
 
 from .manifest import (
+    EMBEDDING_DTYPES,
+    JOURNAL_FILE,
+    JOURNAL_TMP,
     LABELS_FILE,
     LOCK_FILE,
     MANIFEST_FILE,
+    MANIFEST_TMP,
+    MAX_MANIFEST_BYTES,
     METADATA_FILE,
+    RESERVED,
     SHARDS_DIR,
     FileInfo,
     Manifest,
     MemoryFormatError,
+    MemorySourceError,
     ModalityInfo,
     ShardInfo,
+    check_name,
     embedding_file,
 )
 
@@ -47,6 +72,25 @@ class MemoryWriteError(OSError):
     """A write failed (disk full, I/O error); the memory stays at its last commit."""
 
 
+# Fault points: tests set this to a callable that raises at a named step of a commit.
+_fault_hook: Callable[[str], None] | None = None
+
+
+def _fault(point: str) -> None:
+    if _fault_hook is not None:
+        _fault_hook(point)
+
+
+def as_path(path: object, what: str = "path") -> Path:
+    """A str, bytes or os.PathLike argument as a Path; anything else is a TypeError."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        p = os.fsdecode(path)
+        if p and "\0" not in p:
+            return Path(p)
+        raise ValueError(f"{what} must be a non-empty path without NUL bytes, got {path!r}")
+    raise TypeError(f"{what} must be a path (str, bytes or os.PathLike), got {type(path).__name__}")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -56,11 +100,24 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_synced(path: Path, data: bytes) -> FileInfo:
-    with open(path, "wb") as f:
+    with open(path, "xb") as f:  # never overwrites: every name written is fresh or reserved
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     return FileInfo(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def _replace_synced(root: Path, tmp_name: str, final_name: str, data: bytes, step: str) -> None:
+    """Atomically replaces root/final_name by data (through the reserved root/tmp_name)."""
+    tmp = root / tmp_name
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    _write_synced(tmp, data)
+    _fault(f"{step}:written")
+    os.replace(tmp, root / final_name)
+    _fault(f"{step}:replaced")
+    _fsync_dir(root)
+    _fault(f"{step}:synced")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -73,31 +130,152 @@ def _parquet_bytes(columns: Mapping[str, list]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        table = pa.table(dict(columns))
+    except (pa.ArrowException, TypeError, ValueError) as e:
+        raise ValueError(f"metadata columns cannot be stored in Parquet ({e})") from None
     buf = io.BytesIO()
-    pq.write_table(pa.table(dict(columns)), buf)
+    pq.write_table(table, buf)
     return buf.getvalue()
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
     """Atomically replaces root/manifest.json: the commit point of every write."""
-    tmp = root / (MANIFEST_FILE + ".tmp")
-    _write_synced(tmp, manifest.to_json().encode())
-    os.replace(tmp, root / MANIFEST_FILE)
-    _fsync_dir(root)
+    _replace_synced(root, MANIFEST_TMP, MANIFEST_FILE, manifest.to_json().encode(), "manifest")
+
+
+def inside(root: Path, path: Path, what: str) -> Path:
+    """path with symlinks resolved, if it lies inside root (resolved); else a corrupt-manifest
+    error naming what."""
+    real, top = path.resolve(), root.resolve()
+    if real != top and top not in real.parents:
+        raise MemoryFormatError(
+            f"corrupt manifest: {what} resolves to {real}, outside the memory folder {top}"
+        )
+    return real
+
+
+def open_regular(path: Path, expect_bytes: int | None, what: str, limit: int | None = None) -> int:
+    """A read-only descriptor of path if it is a regular file of expect_bytes bytes (or at most
+    limit bytes); FIFOs, devices and folders are refused without blocking."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise MemoryFormatError(f"{what} {path} is missing") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MemoryFormatError(f"{what} {path} is not a regular file")
+        if expect_bytes is not None and st.st_size != expect_bytes:
+            raise MemoryFormatError(
+                f"{what} {path} is {st.st_size} bytes, the manifest says {expect_bytes} "
+                "(truncated or replaced)"
+            )
+        if limit is not None and st.st_size > limit:
+            raise MemoryFormatError(f"{what} {path} is {st.st_size} bytes, over {limit}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_bounded(fd: int, size: int) -> Iterator[bytes]:
+    """Exactly size bytes of fd in blocks (a file that changes size while read is an error)."""
+    left = size
+    while left:
+        block = os.read(fd, min(left, 1 << 24))
+        if not block:
+            raise MemoryFormatError(f"a file shrank while it was read ({left} bytes short)")
+        left -= len(block)
+        yield block
+    if os.read(fd, 1):
+        raise MemoryFormatError("a file grew while it was read")
 
 
 def read_manifest(root: Path) -> Manifest:
     path = root / MANIFEST_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise MemoryFormatError(f"{root} is not a reco memory (no {MANIFEST_FILE})")
-    return Manifest.from_json(path.read_text(), where=str(path))
+    inside(root, path, MANIFEST_FILE)
+    fd = open_regular(path, None, "manifest", limit=MAX_MANIFEST_BYTES)
+    try:
+        data = b"".join(read_bounded(fd, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+    return Manifest.from_json(data, where=str(path))
 
 
-def _to_numpy(x: np.ndarray | Tensor) -> np.ndarray:
+def _to_numpy(x: object, what: str) -> np.ndarray:
     if isinstance(x, Tensor):
         x = x.detach().cpu()
         return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
-    return np.asarray(x)
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{what} must be an array, got {type(x).__name__}")
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{what} must hold real numbers, got dtype {a.dtype}")
+    return a
+
+
+@dataclass(frozen=True)
+class _Buffer:
+    """Rows added and not yet committed. add() replaces the whole buffer in one assignment, so
+    an interrupt leaves either the old or the new buffer, never half of one."""
+
+    arrays: dict[str, tuple[np.ndarray, ...]]
+    labels: tuple[np.ndarray, ...] = ()
+    meta: dict[str, tuple[list, ...]] = dataclasses.field(default_factory=dict)
+    rows: int = 0
+    progress: dict[str, Any] | None = None
+
+
+def _jsonable(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(json.dumps(dict(value or {}), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be a JSON-able dict ({e})") from None
+
+
+def _folder_is_free(root: Path) -> None:
+    """Refuses a folder that holds anything but this writer's own files (a new memory goes into a
+    new or empty folder; nothing of the user's is ever treated as debris)."""
+    try:
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in RESERVED)
+    except NotADirectoryError:
+        raise ValueError(f"{root} is a file, not a memory folder") from None
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{root} is not empty and is not a reco memory (no {MANIFEST_FILE}; it holds "
+            f"{shown}); build into a new or empty folder"
+        )
+
+
+def _check_modalities(modalities: object) -> dict[str, ModalityInfo]:
+    if not isinstance(modalities, Mapping) or not modalities:
+        raise ValueError(
+            "modalities must be a non-empty dict {name: ModalityInfo}, got "
+            f"{type(modalities).__name__} {modalities!r:.60}"
+        )
+    for name, info in modalities.items():
+        try:
+            check_name(name, "modality")
+        except MemoryFormatError:
+            raise ValueError(f"modality name {name!r} must be a plain file-name part") from None
+        if not isinstance(info, ModalityInfo):
+            raise TypeError(f"modalities[{name!r}] must be a ModalityInfo, got {info!r:.60}")
+        if isinstance(info.dim, bool) or not isinstance(info.dim, int) or info.dim < 1:
+            raise ValueError(f"modalities[{name!r}].dim must be an integer >= 1, got {info.dim}")
+        if info.dtype not in EMBEDDING_DTYPES:
+            raise ValueError(
+                f"modalities[{name!r}].dtype must be one of {EMBEDDING_DTYPES}, got {info.dtype!r}"
+            )
+    return dict(modalities)
+
+
+def _summary(source: Mapping[str, Any]) -> str:
+    text = json.dumps(source, sort_keys=True)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class MemoryWriter:
@@ -107,55 +285,101 @@ class MemoryWriter:
     whole `add` batches, so it may exceed `shard_rows` by less than one batch), on `commit()`, and
     on `close()`. `progress` (any JSON-able dict, e.g. how many source items were consumed) is
     committed with the rows it describes, so a builder resumes exactly after the last commit.
+
+    `source` identifies what the rows come from. An existing memory resumes only from the source it
+    records; another source is refused unless `append=True`, which starts that source from its
+    beginning (progress {}) and adds its rows after the memory's.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | bytes | os.PathLike,
         modalities: Mapping[str, ModalityInfo],
         *,
         has_labels: bool = False,
         label_names: Sequence[str] | None = None,
         shard_rows: int = 1 << 16,
         source: Mapping[str, Any] | None = None,
+        append: bool = False,
     ) -> None:
-        if shard_rows < 1:
-            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
-        self.root = Path(path)
+        self._lock_fd: int | None = None
+        if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+            raise ValueError(f"shard_rows must be an integer >= 1, got {shard_rows!r}")
+        modalities = _check_modalities(modalities)
+        if label_names is not None:
+            if isinstance(label_names, (str, bytes)) or not all(
+                isinstance(n, str) for n in label_names
+            ):
+                raise TypeError(f"label_names must be a list of strings, got {label_names!r:.60}")
+            label_names = list(label_names)
+        self.root = as_path(path)
         self.shard_rows = shard_rows
+        wanted_source = None if source is None else _jsonable(source, "source")
+        if self.root.exists() and not (self.root / MANIFEST_FILE).exists():
+            _folder_is_free(self.root)  # before creating anything in it
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock()
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            wanted = Manifest(
+                modalities=modalities,
+                has_labels=bool(has_labels),
+                label_names=label_names,
+                source=wanted_source or {},
+            )
+            if (self.root / MANIFEST_FILE).exists() or (self.root / MANIFEST_FILE).is_symlink():
+                self.manifest = read_manifest(self.root)
+                self._check_compatible(wanted)
+                self._recover()
+            else:
+                _folder_is_free(self.root)
+                self._recover()
+                write_manifest(self.root, wanted)
+                self.manifest = wanted
+            (self.root / SHARDS_DIR).mkdir(exist_ok=True)
+            inside(self.root, self.root / SHARDS_DIR, SHARDS_DIR)
+            self._source, self._history = self.manifest.source, self.manifest.history
+            self._progress = self.manifest.progress
+            if wanted_source is not None and wanted_source != self.manifest.source:
+                self._switch_source(wanted_source, append)
+        except BaseException:
+            self._release()
+            raise
+        self._buf = self._empty()
+        # The shard name and buffer a commit was writing, until it has finished or been settled.
+        self._inflight: tuple[str, _Buffer] | None = None
+
+    def _lock(self) -> None:
+        lock = self.root / LOCK_FILE
+        if lock.is_symlink():
+            raise MemoryFormatError(f"{lock} is a symlink; a memory's lock file must be its own")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            os.close(fd)
             raise MemoryLockedError(
                 f"{self.root} is being written by another process (it holds {LOCK_FILE}); "
                 "wait for it to finish or stop it, then resume"
             ) from None
-        try:
-            wanted = Manifest(
-                modalities=dict(modalities),
-                has_labels=has_labels,
-                label_names=list(label_names) if label_names is not None else None,
-                source=dict(source or {}),
+        self._lock_fd = fd
+
+    def _switch_source(self, source: dict[str, Any], append: bool) -> None:
+        have = self.manifest
+        if not have.rows and not have.progress:  # nothing consumed yet: the new source starts
+            self._source = source
+            return
+        if not append:
+            raise MemorySourceError(
+                f"{self.root} was built from another source ({_summary(have.source)}), not "
+                f"this one ({_summary(source)}); a resume continues only the same source. To add "
+                "this source's rows to the memory, append (append=True, or `reco build-memory "
+                "--append`); to build it alone, use another folder"
             )
-            if (self.root / MANIFEST_FILE).exists():
-                self.manifest = read_manifest(self.root)
-                self._check_compatible(wanted)
-            else:
-                self.manifest = wanted
-                write_manifest(self.root, self.manifest)
-            self._remove_debris()
-        except BaseException:
-            self._release()
-            raise
-        self._pending: dict[str, list[np.ndarray]] = {m: [] for m in self.manifest.modalities}
-        self._pending_labels: list[np.ndarray] = []
-        self._pending_meta: dict[str, list] = {}
-        self._pending_rows = 0
-        self._pending_progress: dict[str, Any] | None = None
+        self._source, self._progress = source, {}
+        self._history = [*have.history, have.source]
+
+    def _empty(self) -> _Buffer:
+        return _Buffer(arrays={m: () for m in self.manifest.modalities})
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -165,8 +389,8 @@ class MemoryWriter:
 
     @property
     def progress(self) -> dict[str, Any]:
-        """The progress recorded with the last commit ({} for a new memory)."""
-        return dict(self.manifest.progress)
+        """The progress recorded with the last commit of this source ({} for a new one)."""
+        return dict(self._progress)
 
     def _check_compatible(self, wanted: Manifest) -> None:
         have = self.manifest
@@ -183,16 +407,63 @@ class MemoryWriter:
                 "use a new folder"
             )
 
-    def _remove_debris(self) -> None:
+    # -- the journal ---------------------------------------------------------------------------
+    def _journal(self) -> list[str]:
+        """The shard folder names the journal lists (untrusted: each must be a plain name)."""
+        path = self.root / JOURNAL_FILE
+        if not path.exists() and not path.is_symlink():
+            return []
+        inside(self.root, path, JOURNAL_FILE)
+        fd = open_regular(path, None, "journal", limit=1 << 20)
+        try:
+            data = b"".join(read_bounded(fd, os.fstat(fd).st_size))
+        finally:
+            os.close(fd)
+        try:
+            names = json.loads(data.decode("utf-8"))["created"]
+            if not isinstance(names, list):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise MemoryFormatError(f"{path} is corrupt; nothing was removed") from None
+        return [check_name(n, "journal entry") for n in names]
+
+    def _write_journal(self, names: list[str]) -> None:
+        data = json.dumps({"created": names}).encode()
+        _replace_synced(self.root, JOURNAL_TMP, JOURNAL_FILE, data, "journal")
+
+    def _recover(self) -> None:
+        """Removes what an interrupted commit left: the journal's names that the manifest on disk
+        does not list (read again here, so a committed shard is never removed)."""
+        names = self._journal()
+        if (self.root / MANIFEST_FILE).exists():
+            committed = {s.name for s in read_manifest(self.root).shards}
+        else:
+            committed = set()
         shards = self.root / SHARDS_DIR
-        shards.mkdir(exist_ok=True)
-        keep = {s.name for s in self.manifest.shards}
-        for p in shards.iterdir():
-            if p.name not in keep:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        tmp = self.root / (MANIFEST_FILE + ".tmp")
-        if tmp.exists():
-            tmp.unlink()
+        for name in names:
+            if name in committed:
+                continue
+            p = shards / name
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                inside(self.root, p, f"journal entry {name!r}")
+                shutil.rmtree(p)
+        for tmp in (MANIFEST_TMP, JOURNAL_TMP):
+            p = self.root / tmp
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+        if names:
+            (self.root / JOURNAL_FILE).unlink()
+            _fsync_dir(self.root)
+
+    def _free_name(self) -> str:
+        """The next shard number that neither the manifest nor the folder uses."""
+        used = {s.name for s in self.manifest.shards}
+        n = len(self.manifest.shards)
+        while f"{n:05d}" in used or os.path.lexists(self.root / SHARDS_DIR / f"{n:05d}"):
+            n += 1
+        return f"{n:05d}"
 
     # -- writing -------------------------------------------------------------------------------
     def add(
@@ -204,14 +475,18 @@ class MemoryWriter:
         progress: Mapping[str, Any] | None = None,
     ) -> None:
         """Buffers n rows: embeddings[m] [n, dim] per modality, labels [n], metadata columns [n]."""
-        if set(embeddings) != set(self.manifest.modalities):
+        if self._lock_fd is None:
+            raise ValueError(f"the writer of {self.root} is closed")
+        if not isinstance(embeddings, Mapping) or set(embeddings) != set(self.manifest.modalities):
+            got = sorted(embeddings) if isinstance(embeddings, Mapping) else embeddings
             raise ValueError(
-                f"embeddings must have exactly the modalities {sorted(self.manifest.modalities)}, "
-                f"got {sorted(embeddings)}"
+                f"embeddings must be a dict with exactly the modalities "
+                f"{sorted(self.manifest.modalities)}, got {got!r:.80}"
             )
-        arrays = {m: _to_numpy(x) for m, x in embeddings.items()}
         n = None
-        for m, a in arrays.items():
+        arrays = {}
+        for m, x in embeddings.items():
+            a = _to_numpy(x, f"embeddings[{m!r}]")
             info = self.manifest.modalities[m]
             if a.ndim != 2 or a.shape[1] != info.dim:
                 raise ValueError(
@@ -223,107 +498,162 @@ class MemoryWriter:
             n = a.shape[0]
             if not np.isfinite(a).all():
                 raise ValueError(f"embeddings[{m!r}] contains NaN or inf")
+            stored = a.astype(info.dtype, copy=False)
+            if not np.isfinite(stored).all():
+                raise ValueError(
+                    f"embeddings[{m!r}] has values beyond {info.dtype}'s range "
+                    f"(max {float(np.finfo(info.dtype).max):g})"
+                )
+            arrays[m] = stored
         assert n is not None
+        buf = self._buf
+        new_labels = buf.labels
         if self.manifest.has_labels:
             if labels is None:
                 raise ValueError("this memory has labels: pass labels=[n] int64")
-            lab = np.asarray(_to_numpy(labels) if isinstance(labels, Tensor) else labels)
-            if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
+            lab = _to_numpy(labels, "labels")
+            if lab.shape != (n,) or lab.dtype.kind not in "iu":
                 raise ValueError(f"labels must be [n={n}] integers, got {lab.shape} {lab.dtype}")
-            self._pending_labels.append(lab.astype(np.int64))
+            names = self.manifest.label_names
+            if n and (lab.min() < 0 or (names is not None and lab.max() >= len(names))):
+                top = f"{len(names) - 1}" if names is not None else "..."
+                raise ValueError(f"labels must lie in [0, {top}], got {lab.min()}..{lab.max()}")
+            new_labels = (*buf.labels, lab.astype(np.int64))
         elif labels is not None:
             raise ValueError("this memory was created without labels (has_labels=False)")
         meta = dict(metadata or {})
-        if self._pending_rows and set(meta) != set(self._pending_meta):
-            raise ValueError(
-                f"metadata columns {sorted(meta)} differ from {sorted(self._pending_meta)}"
-            )
+        if buf.rows and set(meta) != set(buf.meta):
+            raise ValueError(f"metadata columns {sorted(meta)} differ from {sorted(buf.meta)}")
+        new_meta = dict(buf.meta)
         for col, values in meta.items():
+            if not isinstance(col, str):
+                raise TypeError(f"metadata column names must be strings, got {col!r}")
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+                raise TypeError(
+                    f"metadata[{col!r}] must be a list of {n} values, got {type(values).__name__}"
+                )
             if len(values) != n:
                 raise ValueError(f"metadata[{col!r}] has {len(values)} values for {n} rows")
-            self._pending_meta.setdefault(col, []).extend(values)
-        for m, a in arrays.items():
-            self._pending[m].append(a.astype(self.manifest.modalities[m].dtype, copy=False))
-        self._pending_rows += n
-        if progress is not None:
-            self._pending_progress = dict(progress)
-        if self._pending_rows >= self.shard_rows:
+            new_meta[col] = (*new_meta.get(col, ()), list(values))
+        self._buf = _Buffer(
+            arrays={m: (*buf.arrays[m], arrays[m]) for m in buf.arrays},
+            labels=new_labels,
+            meta=new_meta,
+            rows=buf.rows + n,
+            progress=(_jsonable(progress, "progress") if progress is not None else buf.progress),
+        )
+        if self._buf.rows >= self.shard_rows:
             self.commit()
 
     def set_progress(self, progress: Mapping[str, Any]) -> None:
         """Records progress without rows (e.g. the last source items were all skipped); it is
         committed with the next commit."""
-        self._pending_progress = dict(progress)
+        self._buf = dataclasses.replace(self._buf, progress=_jsonable(progress, "progress"))
+
+    def _settle(self) -> None:
+        """After an interrupted commit: adopts the manifest on disk (the commit point either was
+        reached or was not) and removes the uncommitted files the journal lists."""
+        inflight, self._inflight = self._inflight, None
+        disk = read_manifest(self.root)
+        if inflight is not None and inflight[0] in {s.name for s in disk.shards}:
+            self._adopt(disk, inflight[1])
+        self._recover()
+
+    def _adopt(self, manifest: Manifest, committed: _Buffer) -> None:
+        """Takes manifest as the last commit, which holds the rows (and progress) of committed."""
+        self.manifest, self._progress = manifest, manifest.progress
+        if self._buf is committed:  # rows added after an interrupt are kept
+            self._buf = self._empty()
 
     def commit(self) -> None:
-        """Writes the pending rows as one shard and commits the manifest."""
-        if self._pending_rows == 0:
-            if self._pending_progress is not None:
-                self._commit_manifest(None)
+        """Writes the pending rows as one shard and commits the manifest. Idempotent: after an
+        interrupt anywhere inside it, calling it again commits each row exactly once."""
+        if self._lock_fd is None:
+            raise ValueError(f"the writer of {self.root} is closed")
+        if self._inflight is not None:
+            self._settle()
+        buf = self._buf
+        if buf.rows == 0:
+            if buf.progress is not None:
+                self._commit_manifest(None, buf.progress)
+                self._adopt(self.manifest, buf)
             return
-        name = f"{len(self.manifest.shards):05d}"
+        files = self._encode(buf)  # before touching the disk: bad metadata fails here
+        name = self._free_name()
         shards = self.root / SHARDS_DIR
-        tmp = shards / f"{name}.tmp-{os.getpid()}"
+        tmp_name = f"{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = shards / tmp_name
+        self._inflight = (name, buf)
         try:
+            self._write_journal([tmp_name, name])
             tmp.mkdir()
-            files = {}
-            for m, parts in self._pending.items():
-                files[embedding_file(m)] = _write_synced(
-                    tmp / embedding_file(m), _npy_bytes(np.concatenate(parts))
-                )
-            if self.manifest.has_labels:
-                files[LABELS_FILE] = _write_synced(
-                    tmp / LABELS_FILE, _npy_bytes(np.concatenate(self._pending_labels))
-                )
-            meta = self._pending_meta or {"row": list(range(self._pending_rows))}
-            files[METADATA_FILE] = _write_synced(tmp / METADATA_FILE, _parquet_bytes(meta))
+            _fault("shard:mkdir")
+            infos = {}
+            for fname, data in files.items():
+                infos[fname] = _write_synced(tmp / fname, data)
+                _fault("shard:file")
             _fsync_dir(tmp)
+            _fault("shard:synced")
             os.rename(tmp, shards / name)
+            _fault("shard:renamed")
             _fsync_dir(shards)
-            self._commit_manifest(ShardInfo(name=name, rows=self._pending_rows, files=files))
+            _fault("shard:dir-synced")
+            self._commit_manifest(ShardInfo(name=name, rows=buf.rows, files=infos), buf.progress)
+            _fault("committed")
+            self._adopt(self.manifest, buf)
+            _fault("adopted")
+            self._inflight = None
+            self._write_journal([])
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(shards / name, ignore_errors=True)
+            try:
+                self._settle()
+            except OSError:
+                pass
             what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EFBIG) else str(e)
             raise MemoryWriteError(
                 e.errno,
                 f"writing shard {name} of {self.root} failed ({what}); the memory stays at its "
                 f"last commit ({self.rows} rows) and a new writer resumes from there",
             ) from e
-        self._pending = {m: [] for m in self.manifest.modalities}
-        self._pending_labels = []
-        self._pending_meta = {}
-        self._pending_rows = 0
 
-    def _commit_manifest(self, shard: ShardInfo | None) -> None:
-        shards = self.manifest.shards + ([shard] if shard is not None else [])
-        progress = (
-            self._pending_progress if self._pending_progress is not None else self.manifest.progress
-        )
+    def _encode(self, buf: _Buffer) -> dict[str, bytes]:
+        files = {
+            embedding_file(m): _npy_bytes(np.concatenate(parts)) for m, parts in buf.arrays.items()
+        }
+        if self.manifest.has_labels:
+            files[LABELS_FILE] = _npy_bytes(np.concatenate(buf.labels))
+        meta = {c: [v for part in parts for v in part] for c, parts in buf.meta.items()}
+        files[METADATA_FILE] = _parquet_bytes(meta or {"row": list(range(buf.rows))})
+        return files
+
+    def _commit_manifest(self, shard: ShardInfo | None, progress: dict[str, Any] | None) -> None:
         new = Manifest(
             modalities=self.manifest.modalities,
             has_labels=self.manifest.has_labels,
             label_names=self.manifest.label_names,
-            shards=shards,
-            progress=progress,
-            source=self.manifest.source,
+            shards=self.manifest.shards + ([shard] if shard is not None else []),
+            progress=progress if progress is not None else self._progress,
+            source=self._source,
+            history=self._history,
         )
         write_manifest(self.root, new)
         self.manifest = new
-        self._pending_progress = None
 
     # -- closing -------------------------------------------------------------------------------
     def _release(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def close(self, commit: bool = True) -> None:
         """Commits pending rows (unless commit=False) and releases the lock."""
         try:
-            if commit and self._lock_fd is not None:
-                self.commit()
+            if self._lock_fd is not None:
+                if commit:
+                    self.commit()
+                elif self._inflight is not None:
+                    self._settle()
         finally:
             self._release()
 
@@ -370,13 +700,11 @@ class EmbeddingTable:
         return self.rows
 
     def __getitem__(self, rows: Tensor) -> Tensor:
-        """Gathers rows (an int64 tensor of any shape) into [..., dim]."""
-        rows = torch.as_tensor(rows, dtype=torch.int64)
+        """Gathers rows (integers of any shape, in [0, rows)) into [..., dim]."""
+        rows = as_rows(rows, self.rows)
         if len(self.shards) == 1:
             return self.shards[0][rows.to(self.device)]
         flat = rows.reshape(-1).cpu()
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.rows):
-            raise IndexError(f"row ids must be in [0, {self.rows})")
         out = torch.empty(flat.numel(), self.dim, dtype=self.dtype, device=self.device)
         bounds = torch.tensor(self.offsets[1:-1], dtype=torch.int64)
         which = torch.searchsorted(bounds, flat, right=True)  # the shard holding each row
@@ -402,24 +730,35 @@ class EmbeddingTable:
         return EmbeddingTable([self.materialize(device, dtype)])
 
 
+def as_rows(rows: object, n: int, what: str = "rows") -> Tensor:
+    """rows (a tensor, array or sequence of integers) as an int64 tensor, each in [0, n)."""
+    if isinstance(rows, (str, bytes)):
+        raise TypeError(f"{what} must be integers, got {type(rows).__name__} {rows!r:.40}")
+    if isinstance(rows, Tensor):
+        t = rows
+    else:
+        a = np.asarray(rows)
+        if a.dtype.kind not in "iu" and a.size:
+            raise TypeError(f"{what} must be integers, got dtype {a.dtype}")
+        t = torch.from_numpy(a.astype(np.int64, copy=False))
+    if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
+        raise TypeError(f"{what} must be integers, got {t.dtype}")
+    t = t.to(torch.int64)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+        raise IndexError(f"{what} must be in [0, {n}), got {int(t.min())}..{int(t.max())}")
+    return t
+
+
 def _open_npy(path: Path, rows: int, cols: int | None, dtype: str, expect_bytes: int) -> Tensor:
-    if not path.is_file():
-        raise MemoryFormatError(f"shard file {path} is missing")
-    size = path.stat().st_size
-    if size != expect_bytes:
-        raise MemoryFormatError(
-            f"shard file {path} is {size} bytes, the manifest says {expect_bytes} "
-            "(truncated or replaced)"
-        )
+    os.close(open_regular(path, expect_bytes, "shard file"))
     try:
         arr = np.load(path, mmap_mode="c", allow_pickle=False)
     except (ValueError, OSError) as e:
         raise MemoryFormatError(f"shard file {path} is not a readable .npy ({e})") from e
     want = (rows,) if cols is None else (rows, cols)
-    if arr.shape != want or arr.dtype != np.dtype(dtype):
-        raise MemoryFormatError(
-            f"shard file {path} holds {arr.dtype} {arr.shape}, the manifest says {dtype} {want}"
-        )
+    if not isinstance(arr, np.ndarray) or arr.shape != want or arr.dtype != np.dtype(dtype):
+        got = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise MemoryFormatError(f"shard file {path} holds {got}, the manifest says {dtype} {want}")
     return torch.from_numpy(arr)
 
 
@@ -440,12 +779,12 @@ class Memory:
         self._meta_cache: dict[int, Any] = {}
 
     @classmethod
-    def open(cls, path: str | os.PathLike, verify: str = "size") -> Memory:
+    def open(cls, path: str | bytes | os.PathLike, verify: str = "size") -> Memory:
         """Opens a memory. verify: "size" (file sizes and .npy headers, cheap) or "full" (also
         the sha256 of every file). Raises MemoryFormatError naming the bad file."""
         if verify not in ("size", "full"):
             raise ValueError(f"verify must be 'size' or 'full', got {verify!r}")
-        root = Path(path)
+        root = as_path(path)
         manifest = read_manifest(root)
         if not manifest.shards:
             raise MemoryFormatError(f"{root} holds no committed rows yet")
@@ -453,10 +792,10 @@ class Memory:
         labels = []
         for shard in manifest.shards:
             d = root / SHARDS_DIR / shard.name
+            for fname in shard.files:
+                inside(root, d / fname, f"shard {shard.name!r} file {fname!r}")
             for m, info in manifest.modalities.items():
                 f = embedding_file(m)
-                if f not in shard.files:
-                    raise MemoryFormatError(f"shard {shard.name} lists no {f}")
                 parts[m].append(
                     _open_npy(d / f, shard.rows, info.dim, info.dtype, shard.files[f].bytes)
                 )
@@ -464,8 +803,7 @@ class Memory:
                 size = shard.files[LABELS_FILE].bytes
                 labels.append(_open_npy(d / LABELS_FILE, shard.rows, None, "int64", size))
             meta = d / METADATA_FILE
-            if not meta.is_file() or meta.stat().st_size != shard.files[METADATA_FILE].bytes:
-                raise MemoryFormatError(f"shard file {meta} is missing or truncated")
+            os.close(open_regular(meta, shard.files[METADATA_FILE].bytes, "shard file"))
         mem = cls(
             root,
             manifest,
@@ -478,17 +816,22 @@ class Memory:
 
     def verify(self, rows: tuple[int, int] | None = None) -> None:
         """Checks the sha256 of every shard file (or of the shards holding rows [start, stop))
-        against the manifest."""
+        against the manifest. Reads only regular files inside the memory, each at most the size
+        the manifest gives."""
         offsets = self._tables[self.modalities[0]].offsets
         for s, shard in enumerate(self.manifest.shards):
             if rows is not None and not (offsets[s] < rows[1] and rows[0] < offsets[s + 1]):
                 continue
             for fname, info in shard.files.items():
                 path = self.root / SHARDS_DIR / shard.name / fname
+                inside(self.root, path, f"shard {shard.name!r} file {fname!r}")
+                fd = open_regular(path, info.bytes, "shard file")
                 h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 24), b""):
+                try:
+                    for block in read_bounded(fd, info.bytes):
                         h.update(block)
+                finally:
+                    os.close(fd)
                 if h.hexdigest() != info.sha256:
                     raise MemoryFormatError(f"shard file {path} fails its sha256 check (corrupt)")
 
@@ -518,20 +861,38 @@ class Memory:
     def labels(self) -> Tensor | None:
         return self._labels
 
-    def metadata(self, rows: Sequence[int]) -> list[dict[str, Any]]:
+    def metadata(self, rows: Sequence[int] | Tensor | np.ndarray) -> list[dict[str, Any]]:
         """The metadata rows (caption, source, ...) of the given row ids."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        ids = as_rows(rows, self.rows).reshape(-1).tolist()
         offsets = self._tables[self.modalities[0]].offsets
         out = []
-        for r in rows:
-            r = int(r)
-            if not 0 <= r < self.rows:
-                raise IndexError(f"row {r} is outside the memory's {self.rows} rows")
+        for r in ids:
             s = bisect.bisect_right(offsets, r) - 1
             if s not in self._meta_cache:
-                path = self.root / SHARDS_DIR / self.manifest.shards[s].name / METADATA_FILE
-                self._meta_cache[s] = pq.read_table(path).to_pylist()
+                shard = self.manifest.shards[s]
+                path = self.root / SHARDS_DIR / shard.name / METADATA_FILE
+                inside(self.root, path, f"shard {shard.name!r} file {METADATA_FILE!r}")
+                size = shard.files[METADATA_FILE].bytes
+                fd = open_regular(path, size, "shard file")
+                try:
+                    data = b"".join(read_bounded(fd, size))
+                finally:
+                    os.close(fd)
+                try:
+                    table = pq.read_table(pa.BufferReader(data))
+                except (pa.ArrowException, OSError, ValueError) as e:
+                    raise MemoryFormatError(
+                        f"shard file {path} is not readable Parquet ({e})"
+                    ) from None
+                if table.num_rows != shard.rows:
+                    raise MemoryFormatError(
+                        f"shard file {path} has {table.num_rows} rows, the manifest says "
+                        f"{shard.rows}"
+                    )
+                self._meta_cache[s] = table.to_pylist()
             out.append(self._meta_cache[s][r - offsets[s]])
         return out
 
