@@ -125,7 +125,8 @@ def test_uncommitted_rows_vanish_and_only_journaled_debris_is_removed(tmp_path, 
     with MemoryWriter(tmp_path / "m", MODS, has_labels=True) as w2:
         assert w2.rows == 8 and w2.progress == {"consumed": 8}
         assert not debris.exists()
-        assert (tmp_path / "m" / "shards" / "00001.tmp-999" / "notes.txt").read_text() == "the user's"
+        notes = tmp_path / "m" / "shards" / "00001.tmp-999" / "notes.txt"
+        assert notes.read_text() == "the user's"
         img, txt, lab, meta = _batch(rng, 3, 8)
         w2.add({"image": img, "text": txt}, labels=lab, metadata=meta, progress={"consumed": 11})
     assert Memory.open(tmp_path / "m", verify="full").rows == 11
