@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import reference
-from .index import PAD_ROW, Index, mask_excluded, merge_candidates
+from .index import PAD_ROW, Index, check_exclude_rows, mask_excluded, merge_candidates
 from .memory import EmbeddingTable, Memory, MemoryFormatError
 from .ops import RetrieveAttend
 
@@ -147,11 +147,29 @@ class ShardedIndex:
         local = query is not None and (mode == "each" or self.rank == 0)
         B = query.shape[0] if local else 0
         H = attn_query.shape[1] if (local and attn_query is not None) else 0
-        E = exclude.shape[1] if (local and exclude is not None) else 0
+        bad_exclude = None
+        if local and exclude is not None:
+            try:
+                check_exclude_rows(exclude, self.rows)
+            except ValueError as e:
+                bad_exclude = e
+        E = exclude.shape[1] if (local and exclude is not None and bad_exclude is None) else 0
         grad = int(local and query.requires_grad and torch.is_grad_enabled())
-        # Sizes first: batches may differ by rank.
-        sizes = torch.tensor([B, H, E, grad], dtype=torch.int64, device=self.device)
+        # Sizes first (batches may differ by rank), with a flag for a bad exclude: every rank
+        # learns of it before any search, so that all raise and none waits in a collective.
+        sizes = torch.tensor(
+            [B, H, E, grad, bad_exclude is not None], dtype=torch.int64, device=self.device
+        )
         meta = torch.stack(self._all_gather(sizes)).cpu()
+        if bool(meta[:, 4].any()):
+            if bad_exclude is not None:
+                raise bad_exclude
+            bad = [str(r) for r in range(self.world) if meta[r, 4]]
+            who = f"rank {bad[0]}" if len(bad) == 1 else f"ranks {', '.join(bad)}"
+            raise ShardedIndexError(
+                f"rank {self.rank}: the exclude of {who} holds rows outside the memory "
+                f"(N={self.rows}); its ValueError names them"
+            )
         counts = meta[:, 0].tolist()
         heads = {h for h in meta[:, 1].tolist() if h} or {0}
         if len(heads) > 1:

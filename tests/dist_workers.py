@@ -107,7 +107,35 @@ def _verify(rank, world, args, result):
     ShardedIndex(args["memory"], "image", "text", verify="full")
 
 
-SCENARIOS = {"equal": _equal, "ddp": _ddp, "dead_rank": _dead_rank, "verify": _verify}
+def _bad_exclude(rank, world, args, result):
+    """Per case, the ranks listed in case["bad"] put an out-of-range row into their exclude;
+    records what every rank raised, then checks that the ranks still retrieve together."""
+    from reco.distributed import ShardedIndex
+
+    index = ShardedIndex(args["memory"], "image", "text")
+    for c, case in enumerate(args["cases"]):
+        g = torch.Generator().manual_seed(31 * c + rank)
+        ex = torch.randint(-1, index.rows, (3, 4), generator=g)
+        if rank in case["bad"]:
+            ex[int(torch.randint(3, (1,), generator=g)), 1:] = case["value"]
+        q = query_batch(rank, c, 3, index.dim)
+        result[c] = {"query": q, "exclude": ex}
+        try:
+            index.retrieve_attend(q, 4, exclude=ex)
+            result[c]["raised"] = None
+        except Exception as e:
+            result[c]["raised"] = (type(e).__name__, str(e))
+    r = index.retrieve_attend(query_batch(rank, 99, 2, index.dim), 4)
+    result["after"] = r.indices
+
+
+SCENARIOS = {
+    "equal": _equal,
+    "ddp": _ddp,
+    "dead_rank": _dead_rank,
+    "verify": _verify,
+    "bad_exclude": _bad_exclude,
+}
 
 
 def ddp_train(rank: int, world: int, init_file: str, out: str, which: str = "long_tail") -> None:

@@ -116,9 +116,10 @@ def test_bytes_exchanged_do_not_grow_with_the_memory(tmp_path):
         bytes_by_rows[rows] = ranks[0][0]["bytes"]
     assert bytes_by_rows[700] == bytes_by_rows[7000]
     # Received per rank: from each of the world ranks, the B x k candidates of its own queries
-    # (float32 value + float32 score + int64 id), plus the gathered queries and sizes; no N.
+    # (float32 value + float32 score + int64 id), plus the gathered queries and the five sizes
+    # and flags; no N.
     world, B, k, d, dv = 2, 4, 8, 16, 6
-    assert bytes_by_rows[700] == world * (B * k * (dv * 4 + 4 + 8) + B * d * 4 + 4 * 8)
+    assert bytes_by_rows[700] == world * (B * k * (dv * 4 + 4 + 8) + B * d * 4 + 5 * 8)
 
 
 def test_training_under_ddp_matches_one_process(tmp_path):
@@ -165,6 +166,29 @@ def test_a_dead_rank_gives_an_error_not_a_hang(tmp_path):
     res = torch.load(out / "rank0.pt", weights_only=False)
     assert "ShardedIndexError" in res["error"] and "Restart every rank" in res["error"]
     assert res["seconds"] < 60
+
+
+def test_out_of_range_exclude_raises_the_ops_error_on_every_rank(tmp_path):
+    """A rank whose exclude holds a row >= N or < -1 raises the op's ValueError (same message);
+    the other ranks raise ShardedIndexError naming it; then all still retrieve together."""
+    mem = _memory(tmp_path / "m", 1400)
+    keys, values = mem.keys("image").materialize(), mem.values("text").materialize()
+    cases = [{"bad": [0], "value": 1400}, {"bad": [1], "value": -2}, {"bad": [0, 1], "value": 9999}]
+    ranks = _spawn(2, "bad_exclude", {"memory": str(tmp_path / "m"), "cases": cases}, tmp_path)
+    for r, res in enumerate(ranks):
+        assert "error" not in res, res.get("traceback")
+        for c, case in enumerate(cases):
+            q, ex = res[c]["query"], res[c]["exclude"]
+            if r in case["bad"]:
+                with pytest.raises(ValueError) as want:
+                    reco.fused_retrieve_attend(q, keys, values, 4, exclude=ex)
+                assert res[c]["raised"] == ("ValueError", str(want.value)), (r, c)
+            else:
+                name, msg = res[c]["raised"]
+                assert name == "ShardedIndexError", (r, c)
+                assert f"rank {case['bad'][0]}" in msg and "exclude" in msg
+        want = reco.fused_retrieve_attend(query_batch(r, 99, 2, 16), keys, values, 4)
+        assert torch.equal(res["after"], want.indices)
 
 
 def test_a_corrupt_shard_fails_on_every_rank(tmp_path):
