@@ -152,3 +152,36 @@ def test_bad_configs():
     with pytest.raises(ValueError, match="self_token"):
         att = MemoryAttention(MemoryAttentionConfig(8, 8, heads=1, self_token=True))
         att.fused_forward(torch.randn(1, 8), torch.randn(5, 8), torch.randn(5, 8), 2)
+
+
+@pytest.mark.parametrize(
+    ("make", "field", "value"),
+    [
+        (lambda v: FusionConfig(dim=32, heads=v), "heads", 0),
+        (lambda v: FusionConfig(dim=32, heads=v), "heads", -2),
+        (lambda v: FusionConfig(dim=v, heads=1), "dim", 0),
+        (lambda v: FusionConfig(dim=32, heads=4, mlp_ratio=v), "mlp_ratio", float("nan")),
+        (lambda v: FusionConfig(dim=32, heads=4, mlp_ratio=v), "mlp_ratio", 0.0),
+        (lambda v: FusionConfig(dim=32, heads=4, dropout=v), "dropout", float("nan")),
+        (lambda v: FusionConfig(dim=32, heads=4, dropout=v), "dropout", 1.0),
+        (lambda v: MemoryAttentionConfig(8, 8, heads=v), "heads", 0),
+        (lambda v: MemoryAttentionConfig(8, 8, heads=v), "heads", -2),
+        (lambda v: MemoryAttentionConfig(8, 8, dim=v, heads=1), "dim", 0),
+        (lambda v: MemoryAttentionConfig(v, 8, heads=1), "query_dim", 0),
+        (lambda v: MemoryAttentionConfig(8, v, heads=1), "value_dim", -3),
+        (lambda v: MemoryAttentionConfig(8, 8, heads=1, drop_retrieved=v), "drop_retrieved", -0.1),
+        (
+            lambda v: MemoryAttentionConfig(8, 8, heads=1, drop_retrieved=v),
+            "drop_retrieved",
+            float("nan"),
+        ),
+        (lambda v: RECOConfig(k=v), "k", 0),
+        (lambda v: RECOConfig(near_duplicate=v), "near_duplicate", float("nan")),
+    ],
+)
+def test_out_of_range_config_values_name_the_field(make, field, value):
+    """ValueError naming the field (not a ZeroDivisionError, nor a model that trains to NaN)."""
+    with pytest.raises(ValueError, match=rf"^{field} must be .*, got {value}"):
+        make(value).validate()
+    with pytest.raises(TypeError, match=rf"^{field} must be"):
+        make("3").validate()

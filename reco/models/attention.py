@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import fused_retrieve_attend
+from ._checks import check_number
 from .retrieval import Retrieved, Retriever
 
 
@@ -32,11 +33,14 @@ class MemoryAttentionConfig:
     residual: bool = True
 
     def validate(self) -> None:
+        check_number("query_dim", self.query_dim, integer=True, ge=1)
+        check_number("value_dim", self.value_dim, integer=True, ge=1)
+        check_number("dim", self.dim, integer=True, ge=1, optional=True)
+        check_number("heads", self.heads, integer=True, ge=1)
         width = self.dim or self.query_dim
         if width % self.heads:
             raise ValueError(f"attention width {width} is not divisible by heads={self.heads}")
-        if not 0.0 <= self.drop_retrieved < 1.0:
-            raise ValueError(f"drop_retrieved must be in [0, 1), got {self.drop_retrieved}")
+        check_number("drop_retrieved", self.drop_retrieved, ge=0.0, lt=1.0)
 
 
 class MemoryAttention(nn.Module):

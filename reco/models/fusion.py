@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_number
 from .retrieval import Retriever
 
 Modality = Literal["image", "text"]
@@ -32,8 +33,14 @@ class FusionConfig:
     zero_init: bool = True
 
     def validate(self) -> None:
+        check_number("dim", self.dim, integer=True, ge=1)
+        check_number("heads", self.heads, integer=True, ge=1)
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
+        check_number("mlp_ratio", self.mlp_ratio, gt=0.0)
+        if int(self.dim * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} leaves no MLP width at dim={self.dim}")
+        check_number("dropout", self.dropout, ge=0.0, lt=1.0)
 
 
 class FusionTransformer(nn.Module):
@@ -98,6 +105,10 @@ class RECOConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     near_duplicate: float | None = None  # mask retrieved items at cosine >= this to the query
 
+    def validate(self) -> None:
+        check_number("k", self.k, integer=True, ge=1)
+        check_number("near_duplicate", self.near_duplicate, optional=True)
+
 
 class RECO(nn.Module):
     """One FusionTransformer per modality on top of frozen CLIP embeddings."""
@@ -105,6 +116,7 @@ class RECO(nn.Module):
     def __init__(self, cfg: RECOConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or RECOConfig()
+        self.cfg.validate()
         self.image_fusion = FusionTransformer(self.cfg.fusion)
         self.text_fusion = FusionTransformer(self.cfg.fusion)
 
