@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -269,7 +270,7 @@ def _contents(path):
     return (
         mem.keys("image").materialize().numpy(),
         mem.values("text").materialize().numpy(),
-        mem.labels.numpy(),
+        None if mem.labels is None else mem.labels.numpy(),
         mem.metadata(range(mem.rows)),
         mem.manifest.progress,
     )
@@ -277,7 +278,9 @@ def _contents(path):
 
 def _assert_same(a, b):
     for x, y in zip(a[:3], b[:3]):
-        np.testing.assert_array_equal(x, y)
+        assert (x is None) == (y is None)
+        if x is not None:
+            np.testing.assert_array_equal(x, y)
     assert a[3:] == b[3:]
 
 
@@ -454,3 +457,279 @@ def test_a_second_commit_of_an_interrupted_append_resumes_it(tmp_path, monkeypat
     monkeypatch.setattr(store, "_fault_hook", None)
     _build(tmp_path / "m", source=other, append=True)
     assert Memory.open(tmp_path / "m", verify="full").rows == 2 * ROWS
+
+
+# ---- names and files read from a memory are untrusted ------------------------------------------
+
+
+def _edit_manifest(path, edit):
+    man = path / "manifest.json"
+    d = json.loads(man.read_text())
+    edit(d)
+    man.write_text(json.dumps(d))
+
+
+def _shard0(d):
+    return d["shards"][0]
+
+
+def _rename_file(d, old, new):
+    files = _shard0(d)["files"]
+    files[new] = files.pop(old)
+
+
+CORRUPT = {
+    "shard-parent": (
+        lambda d: _shard0(d).update(name="../../x"),
+        r"shard 0 name '\.\./\.\./x' is not a plain file name",
+    ),
+    "shard-absolute": (
+        lambda d: _shard0(d).update(name="/etc"),
+        r"shard 0 name '/etc' is not a plain file name",
+    ),
+    "file-key-traversal": (
+        lambda d: _rename_file(d, "labels.npy", "../../../../../../etc/passwd"),
+        r"file '\.\./\.\./.*passwd' is not a plain file name",
+    ),
+    "duplicate-shard": (
+        lambda d: d.update(shards=d["shards"] + d["shards"][:1], rows=d["rows"] + 4),
+        r"shard '00000' is listed twice",
+    ),
+    "modalities-list": (lambda d: d.update(modalities=["image"]), r"modalities is \['image'\]"),
+    "modalities-empty": (lambda d: d.update(modalities={}), "lists no modalities"),
+    "labels-without-file": (
+        lambda d: _shard0(d)["files"].pop("labels.npy"),
+        r"shard '00000' lists no labels\.npy",
+    ),
+    "rows-string": (lambda d: _shard0(d).update(rows="4"), r"rows is '4', expected an integer"),
+    "dim-float": (
+        lambda d: d["modalities"]["image"].update(dim=12.0),
+        r"modality 'image' dim is 12\.0, expected an integer",
+    ),
+    "sha-not-hex": (
+        lambda d: _shard0(d)["files"]["labels.npy"].update(sha256="zz"),
+        "sha256 is 'zz', expected 64 hex digits",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT))
+def test_corrupt_manifests_give_one_line_errors(tmp_path, capsys, case):
+    from reco.cli import main
+
+    edit, match = CORRUPT[case]
+    _write(tmp_path / "m", [4])
+    _edit_manifest(tmp_path / "m", edit)
+    with pytest.raises(MemoryFormatError, match=match):
+        Memory.open(tmp_path / "m")
+    assert main(["memory", "info", str(tmp_path / "m"), "--verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("reco memory: error:") and "manifest.json" in err
+
+
+def test_binary_manifest(tmp_path, capsys):
+    from reco.cli import main
+
+    _write(tmp_path / "m", [4])
+    (tmp_path / "m" / "manifest.json").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(MemoryFormatError, match="is not UTF-8 JSON text"):
+        Memory.open(tmp_path / "m")
+    assert main(["memory", "info", str(tmp_path / "m")]) == 2
+    assert "not UTF-8 JSON text" in capsys.readouterr().err
+
+
+@pytest.fixture
+def alarm():
+    """Turns a hang into a failure (the bug this guards against is a read that never ends)."""
+    import signal
+
+    def fail(*_):
+        raise TimeoutError("hung reading a file")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_symlinks_out_of_the_memory_are_refused(tmp_path, alarm):
+    _write(tmp_path / "m", [4])
+    shard = tmp_path / "m" / "shards" / "00000"
+    secret = tmp_path / "secret.npy"
+    (shard / "labels.npy").rename(secret)
+    (shard / "labels.npy").symlink_to(secret)
+    with pytest.raises(MemoryFormatError, match=r"labels\.npy' resolves to .*secret\.npy, outside"):
+        Memory.open(tmp_path / "m")
+    (shard / "labels.npy").unlink()
+    (shard / "labels.npy").symlink_to("/dev/zero")
+    with pytest.raises(MemoryFormatError, match="outside the memory folder"):
+        Memory.open(tmp_path / "m", verify="full")
+    (shard / "labels.npy").unlink()
+    secret.rename(shard / "labels.npy")
+    man = tmp_path / "m" / "manifest.json"
+    man.rename(tmp_path / "elsewhere.json")
+    man.symlink_to("/dev/zero")
+    with pytest.raises(MemoryFormatError, match=r"manifest\.json resolves to /dev/zero"):
+        Memory.open(tmp_path / "m")
+    with pytest.raises(MemoryFormatError, match="outside the memory folder"):
+        MemoryWriter(tmp_path / "m", MODS, has_labels=True)
+
+
+def test_non_regular_files_are_refused_without_blocking(tmp_path, alarm, capsys):
+    from reco.cli import main
+
+    _write(tmp_path / "m", [4])
+    f = tmp_path / "m" / "shards" / "00000" / "metadata.parquet"
+    f.unlink()
+    os.mkfifo(f)  # a reader that opened it would wait forever for a writer
+    with pytest.raises(MemoryFormatError, match=r"metadata\.parquet is not a regular file"):
+        Memory.open(tmp_path / "m")
+    assert main(["memory", "info", str(tmp_path / "m"), "--verify"]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+
+
+def test_metadata_reads_are_checked(tmp_path):
+    _write(tmp_path / "m", [4])
+    mem = Memory.open(tmp_path / "m")
+    with pytest.raises(TypeError, match="rows must be integers, got str"):
+        mem.metadata("12")  # would be rows 1 and 2
+    with pytest.raises(TypeError, match="rows must be integers, got dtype float64"):
+        mem.metadata([1.7])
+    with pytest.raises(IndexError, match=r"rows must be in \[0, 4\)"):
+        mem.keys("image")[torch.tensor([-1])]  # would be the last row
+    assert mem.metadata(np.array([3]))[0]["caption"] == "item 3"
+    f = tmp_path / "m" / "shards" / "00000" / "metadata.parquet"
+    size = f.stat().st_size
+    f.write_bytes(b"PAR1" + b"\x07" * (size - 8) + b"PAR1")  # garbled, same size
+    with pytest.raises(MemoryFormatError, match=r"metadata\.parquet is not readable Parquet"):
+        Memory.open(tmp_path / "m").metadata([0])
+
+
+def test_path_arguments(tmp_path):
+    _write(tmp_path / "m", [4])
+    assert Memory.open(os.fsencode(tmp_path / "m")).rows == 4  # bytes, as os functions take
+    with pytest.raises(TypeError, match=r"path must be a path \(str, bytes or os.PathLike\)"):
+        Memory.open(12)
+    with pytest.raises(TypeError, match="path must be a path"):
+        MemoryWriter(None, MODS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"modalities": ["image", "text"]}, "modalities must be a non-empty dict"),
+        ({"modalities": {}}, "modalities must be a non-empty dict"),
+        ({"modalities": {"../x": MODS["image"]}}, "modality name '../x'"),
+        ({"shard_rows": 0}, "shard_rows must be an integer >= 1, got 0"),
+        ({"shard_rows": 2.5}, "shard_rows must be an integer >= 1, got 2.5"),
+        ({"label_names": "abc"}, "label_names must be a list of strings"),
+    ],
+)
+def test_bad_writer_arguments(tmp_path, kwargs, match):
+    kw = {"modalities": MODS, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=match):
+        MemoryWriter(tmp_path / "m", **kw)
+    assert not (tmp_path / "m").exists()  # refused before anything was created
+
+
+def test_a_refused_writer_prints_nothing_at_exit():
+    script = (
+        "from reco.memory import MemoryWriter\n"
+        "try:\n    MemoryWriter('/nonexistent/m', {}, shard_rows=0)\n"
+        "except ValueError as e:\n    print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0 and "refused: shard_rows" in out.stdout
+    assert out.stderr == "", out.stderr  # no "Exception ignored in __del__" traceback
+
+
+@pytest.mark.parametrize(
+    ("emb", "match"),
+    [
+        ({"image": [["a"] * 12] * 2}, r"embeddings\['image'\] must hold real numbers"),
+        ({"image": "abcdefghijkl"}, r"embeddings\['image'\] must be an array, got str"),
+        ({"image": np.full((2, 12), 1e30, np.float32)}, r"beyond float16's range"),
+    ],
+)
+def test_bad_rows_are_refused_before_anything_is_stored(tmp_path, emb, match):
+    full = {"image": np.ones((2, 12), np.float32), "text": np.ones((2, 5), np.float32), **emb}
+    with MemoryWriter(tmp_path / "m", MODS) as w:
+        with pytest.raises((ValueError, TypeError), match=match):
+            w.add(full)
+        w.add({"image": np.ones((2, 12)), "text": np.ones((2, 5))}, metadata={"c": ["x", "y"]})
+        with pytest.raises(TypeError, match=r"metadata\['c'\] must be a list of 2 values"):
+            w.add({"image": np.ones((2, 12)), "text": np.ones((2, 5))}, metadata={"c": "xy"})
+    assert Memory.open(tmp_path / "m").rows == 2
+
+
+@pytest.mark.slow
+def test_random_sigints_during_a_build_never_lose_a_commit(tmp_path):
+    """Real Ctrl-C: SIGINT at a random time into `reco build-memory --shard-rows 1` (one commit a
+    part), 50 times. Each time the memory loads, and resuming gives the uninterrupted memory."""
+    import random
+    import signal
+    import time
+
+    from reco.cli import main
+
+    src = _clip_retrieval_folder(tmp_path / "laion", parts=12, rows=2)
+    ROWS_ALL = 24
+
+    def argv(out):
+        return ["build-memory", str(out), "--clip-retrieval", str(src), "--shard-rows", "1"]
+
+    assert main([*argv(tmp_path / "ref"), "--no-progress"]) == 0
+    ref = tmp_path / "ref"
+    want = _contents(ref)
+    child = (
+        "import sys\nimport reco.memory.builders\nfrom reco.cli import main\n"
+        "print('ready', flush=True)\n"
+        "sys.exit(main(sys.argv[1:] + ['--no-progress']))\n"
+    )
+
+    def start(out):
+        p = subprocess.Popen(
+            [sys.executable, "-c", child, *argv(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert p.stdout.readline().strip() == "ready"
+        return p
+
+    # The window to interrupt: from "ready" until the last commit is on disk.
+    p = start(tmp_path / "timing")
+    began = time.monotonic()
+    while p.poll() is None:
+        man = tmp_path / "timing" / "manifest.json"
+        if man.exists() and json.loads(man.read_text())["rows"] == ROWS_ALL:
+            break
+        time.sleep(0.005)
+    build_s = time.monotonic() - began
+    assert p.wait(timeout=120) == 0
+    rng = random.Random(0)
+    outcomes = {"mid-build": 0, "before the first commit": 0, "after the last": 0}
+    for t in range(50):
+        out = tmp_path / f"try{t}"
+        p = start(out)
+        time.sleep(rng.uniform(0, build_s))
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        # Only the interrupt itself may show (SIGINT after main returned kills silently).
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        assert (
+            last in ("", "KeyboardInterrupt")
+            or last.startswith("KeyboardInterrupt:")
+            or (last.startswith("reco build-memory: interrupted"))
+        ), err
+        _check_interrupted(out)
+        rows = store.read_manifest(out).rows if (out / "manifest.json").exists() else 0
+        if rows:
+            Memory.open(out, verify="full")
+        done = "mid-build" if 0 < rows < ROWS_ALL else "after the last"
+        outcomes[done if rows else "before the first commit"] += 1
+        assert main([*argv(out), "--no-progress"]) == 0, t
+        _assert_same(_contents(out), want)
+    print(outcomes, f"build {build_s:.1f} s")
+    assert outcomes["mid-build"] >= 25, outcomes

@@ -498,7 +498,8 @@ class MemoryWriter:
             n = a.shape[0]
             if not np.isfinite(a).all():
                 raise ValueError(f"embeddings[{m!r}] contains NaN or inf")
-            stored = a.astype(info.dtype, copy=False)
+            with np.errstate(over="ignore"):
+                stored = a.astype(info.dtype, copy=False)
             if not np.isfinite(stored).all():
                 raise ValueError(
                     f"embeddings[{m!r}] has values beyond {info.dtype}'s range "
