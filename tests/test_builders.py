@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -268,3 +270,352 @@ def test_random_weights_are_refused_without_the_flag(tiny_clip):
         OpenCLIPEncoder(tiny_clip[0])
     with pytest.warns(UserWarning, match="random weights"):
         OpenCLIPEncoder(tiny_clip[0], allow_random_weights=True, device="cpu")
+
+
+# ---- regression tests: every bad input is a clear error, never a silent wrong memory -----------
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fails a test that blocks (e.g. on a FIFO) instead of letting it hang."""
+
+    def fail(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _part(root, n, img=None, txt=None, meta=None, dim=8, rows=4, seed=0, name=None):
+    """Writes one clip-retrieval part (img_emb, text_emb, metadata); None entries are random;
+    name overrides the part's number as written in the file names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed + 100 * n)
+    tag = str(n) if name is None else name
+    if img is None:
+        img = rng.standard_normal((rows, dim)).astype(np.float32)
+    rows = len(img) if img is not False else rows
+    if txt is None:
+        txt = rng.standard_normal((rows, dim)).astype(np.float32)
+    if meta is None:
+        meta = pa.table({"caption": [f"part {n} row {i}" for i in range(rows)]})
+    for sub, arr in (("img_emb", img), ("text_emb", txt)):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        if arr is not False:
+            np.save(root / sub / f"{sub}_{tag}.npy", arr)
+    (root / "metadata").mkdir(parents=True, exist_ok=True)
+    if meta is not False:
+        pq.write_table(meta, root / "metadata" / f"metadata_{tag}.parquet")
+    return img
+
+
+def _import(tmp_path, folder, out="mem", **kw):
+    return builders.import_clip_retrieval(tmp_path / out, folder, progress_bar=False, **kw)
+
+
+def test_clip_retrieval_parts_are_paired_by_number(tmp_path):
+    # img_emb 0, 2 against text_emb/metadata 0, 1: refused, not paired by position.
+    folder = tmp_path / "gap"
+    _part(folder, 0)
+    _part(folder, 1, img=False)
+    _part(folder, 2, txt=False, meta=False)
+    with pytest.raises(ValueError, match=r"part 1: no img_emb.*part 2: no text_emb, no metadata"):
+        _import(tmp_path, folder)
+    # img_emb_1 and img_emb_01 are the same part twice.
+    folder = tmp_path / "dup"
+    _part(folder, 0)
+    _part(folder, 1)
+    _part(folder, 1, name="01", txt=False, meta=False)
+    with pytest.raises(ValueError, match=r"img_emb_01\.npy and img_emb_1\.npy are both part 1"):
+        _import(tmp_path, folder)
+    assert not (tmp_path / "mem").exists()
+    # Numbers, not names, pair parts: zero-padded image files, plain text and metadata files, and
+    # part 10 after part 9.
+    folder = tmp_path / "padded"
+    imgs = [_part(folder, n, txt=False, meta=False, name=f"{n:03d}") for n in range(11)]
+    for n in range(11):
+        _part(folder, n, img=False)
+    report = _import(tmp_path, folder, dedup=False)
+    assert report.rows == 44
+    mem = Memory.open(tmp_path / "mem")
+    assert mem.metadata([40])[0]["caption"] == "part 10 row 0"
+    want = torch.nn.functional.normalize(torch.from_numpy(np.concatenate(imgs)), dim=1)
+    torch.testing.assert_close(mem.keys("image").materialize().float(), want, atol=1e-3, rtol=0)
+
+
+def test_clip_retrieval_huge_and_tiny_rows_are_normalised(tmp_path):
+    rng = np.random.default_rng(5)
+    img = rng.standard_normal((6, 8)).astype(np.float32)
+    img[1] *= 1e30  # its squared norm overflows float32
+    img[2] *= 1e-30  # its squared norm underflows float32
+    img[3] = np.finfo(np.float32).max
+    _part(tmp_path / "laion", 0, img=img)
+    _import(tmp_path, tmp_path / "laion", dtype="float32")
+    got = Memory.open(tmp_path / "mem").keys("image").materialize()
+    want = img.astype(np.float64) / np.linalg.norm(img.astype(np.float64), axis=1, keepdims=True)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "sub, bad, what", [("img_emb", np.nan, "NaN or inf"), ("text_emb", np.inf, "NaN or inf"),
+                       ("img_emb", 0.0, "all zeros")]
+)  # fmt: skip
+def test_clip_retrieval_rows_that_cannot_be_normalised_are_refused(tmp_path, sub, bad, what):
+    rng = np.random.default_rng(6)
+    arrays = {s: rng.standard_normal((5, 8)).astype(np.float32) for s in ("img_emb", "text_emb")}
+    arrays[sub][3] = bad if bad == 0.0 else 1.0
+    arrays[sub][3, 2] = bad
+    _part(tmp_path / "laion", 0, img=arrays["img_emb"], txt=arrays["text_emb"])
+    with pytest.raises(ValueError, match=rf"{sub}_0\.npy: row 3 .*{what}"):
+        _import(tmp_path, tmp_path / "laion")
+
+
+def test_clip_retrieval_captions(tmp_path):
+    import pyarrow as pa
+
+    # A binary caption column is UTF-8 text.
+    caps = ["a caf\u00e9", "plain", "\u732b"]
+    meta = pa.table({"caption": pa.array([c.encode() for c in caps], pa.binary())})
+    _part(tmp_path / "binary", 0, meta=meta, rows=3)
+    _import(tmp_path, tmp_path / "binary")
+    assert [m["caption"] for m in Memory.open(tmp_path / "mem").metadata(range(3))] == caps
+    # Bytes that are not UTF-8: refused, naming the file and the row.
+    meta = pa.table({"caption": pa.array([b"ok", b"ok too", b"\xff\xfe"], pa.binary())})
+    _part(tmp_path / "latin", 0, meta=meta, rows=3)
+    with pytest.raises(ValueError, match=r"metadata_0\.parquet: row 2: .*not UTF-8"):
+        _import(tmp_path, tmp_path / "latin", out="mem2")
+    # No caption column: refused, unless captions=False (then there are none).
+    _part(tmp_path / "nocap", 0, meta=pa.table({"url": ["u0", "u1", "u2"]}), rows=3)
+    with pytest.raises(ValueError, match=r"metadata_0\.parquet has no 'caption' column"):
+        _import(tmp_path, tmp_path / "nocap", out="mem3")
+    report = _import(tmp_path, tmp_path / "nocap", out="mem3", captions=False)
+    assert report.rows == 3
+    meta = Memory.open(tmp_path / "mem3").metadata(range(3))
+    assert [(m["caption"], m["source"]) for m in meta] == [(None, "u0"), (None, "u1"), (None, "u2")]
+    # A caption column of numbers is not text.
+    _part(tmp_path / "ints", 0, meta=pa.table({"caption": [1, 2, 3]}), rows=3)
+    with pytest.raises(ValueError, match=r"metadata_0\.parquet: the 'caption' column is int64"):
+        _import(tmp_path, tmp_path / "ints", out="mem4")
+
+
+def test_caption_table_rows_must_be_well_formed(tmp_path):
+    (tmp_path / "short.csv").write_text("path,caption\na.png,a cat\nb.png\n")
+    with pytest.raises(ValueError, match=r"short\.csv:3: 1 fields, the header has 2"):
+        builders.iter_caption_table(tmp_path / "short.csv")
+    (tmp_path / "long.csv").write_text("path,caption\na.png,a cat,extra\n")
+    with pytest.raises(ValueError, match=r"long\.csv:2: 3 fields, the header has 2"):
+        builders.iter_caption_table(tmp_path / "long.csv")
+    (tmp_path / "nohead.csv").write_text("")
+    with pytest.raises(ValueError, match=r"nohead\.csv has no header row"):
+        builders.iter_caption_table(tmp_path / "nohead.csv")
+    (tmp_path / "t.jsonl").write_text(
+        '{"path": "a.png", "caption": "ok"}\n{"path": 5, "caption": "x"}\n'
+    )
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: 'path' must be a string, got int"):
+        builders.iter_caption_table(tmp_path / "t.jsonl")
+    (tmp_path / "u.jsonl").write_text('{"path": "a.png", "caption": ["a", "b"]}\n')
+    with pytest.raises(ValueError, match=r"u\.jsonl:1: 'caption' must be a string, got list"):
+        builders.iter_caption_table(tmp_path / "u.jsonl")
+    (tmp_path / "v.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"v\.jsonl:1: not a JSON object"):
+        builders.iter_caption_table(tmp_path / "v.jsonl")
+    (tmp_path / "w.csv").write_bytes(b"path,caption\na.png,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"w\.csv:2: not UTF-8 text"):
+        builders.iter_caption_table(tmp_path / "w.csv")
+
+
+def test_webdataset_samples_without_a_caption(tmp_path, encoder):
+    rng = np.random.default_rng(7)
+    png = [_png_bytes(_image(rng)) for _ in range(4)]
+    _write_tar(
+        tmp_path / "a.tar",
+        [
+            ("k0", {"jpg": png[0], "txt": b"a cat"}),
+            ("k1", {"jpg": png[1]}),  # no .txt
+            ("k2", {"png": png[2], "txt": b"a dog"}),
+        ],
+    )
+    report = builders.build_from_items(
+        tmp_path / "mem",
+        builders.iter_webdataset([tmp_path / "a.tar"]),
+        image_encoder=encoder,
+        progress_bar=False,
+    )
+    assert (report.rows, report.missing_caption, report.empty_caption) == (2, 1, 0)
+    assert "1 without a caption" in report.summary()
+    # A shard in which no sample has a caption: refused, naming the shard.
+    _write_tar(tmp_path / "b.tar", [("k0", {"jpg": png[3], "cls": b"1"})])
+    with pytest.raises(ValueError, match=r"b\.tar has no \.txt captions"):
+        list(builders.iter_webdataset([tmp_path / "b.tar"]))
+    # Caption bytes that are not UTF-8: refused, naming the sample.
+    _write_tar(tmp_path / "c.tar", [("k0", {"jpg": png[3], "txt": b"caf\xe9"})])
+    with pytest.raises(ValueError, match=r"c\.tar#k0: the caption is not UTF-8"):
+        list(builders.iter_webdataset([tmp_path / "c.tar"]))
+
+
+def test_source_identity(tmp_path, caption_set, image_tree):
+    table = builders.iter_caption_table(caption_set)
+    s = table.source
+    assert s == {
+        "kind": "captions",
+        "path": str(caption_set.resolve()),
+        "image_root": str(caption_set.parent.resolve()),
+        "fingerprint": hashlib.sha256(caption_set.read_bytes()).hexdigest(),
+    }
+    assert builders.iter_caption_table(caption_set).source == s
+    with open(caption_set, "a") as f:
+        f.write("img/000.png,one more,cat\n")
+    assert builders.iter_caption_table(caption_set).source["fingerprint"] != s["fingerprint"]
+
+    tree = builders.iter_image_folder(image_tree, "a photo of a {}.")
+    assert set(tree.source) == {"kind", "path", "template", "fingerprint"}
+    assert tree.source["kind"] == "image_folder" and tree.source["path"] == str(
+        image_tree.resolve()
+    )
+    assert builders.iter_image_folder(image_tree, "a {}.").source["template"] == "a {}."
+    (image_tree / "bee" / "6.png").write_bytes((image_tree / "bee" / "0.png").read_bytes())
+    assert (
+        builders.iter_image_folder(image_tree).source["fingerprint"] != tree.source["fingerprint"]
+    )
+
+    _write_tar(tmp_path / "a.tar", [("k", {"txt": b"x"})])
+    _write_tar(tmp_path / "b.tar", [("k", {"txt": b"y"})])
+    wds = builders.iter_webdataset([tmp_path / "a.tar", tmp_path / "b.tar"]).source
+    assert wds["kind"] == "webdataset" and set(wds) == {"kind", "paths", "fingerprint"}
+    assert wds["paths"] == [str((tmp_path / n).resolve()) for n in ("a.tar", "b.tar")]
+    swapped = builders.iter_webdataset([tmp_path / "b.tar", tmp_path / "a.tar"]).source
+    assert swapped["fingerprint"] != wds["fingerprint"]
+
+    _part(tmp_path / "laion", 0)
+    cr = builders.clip_retrieval_source(tmp_path / "laion")
+    assert cr["kind"] == "clip_retrieval" and cr["path"] == str((tmp_path / "laion").resolve())
+    assert cr["captions"] is True and set(cr) == {"kind", "path", "captions", "fingerprint"}
+    assert builders.clip_retrieval_source(tmp_path / "laion", captions=False)["captions"] is False
+    _part(tmp_path / "laion", 1)
+    assert builders.clip_retrieval_source(tmp_path / "laion")["fingerprint"] != cr["fingerprint"]
+
+
+def test_another_source_is_refused_unless_appended(tmp_path, caption_set, encoder):
+    from reco.memory.manifest import MemoryFormatError
+
+    kw = {"image_encoder": encoder, "progress_bar": False, "label_names": CLASSES}
+    first = builders.build_from_items(
+        tmp_path / "mem", builders.iter_caption_table(caption_set), **kw
+    )
+    assert first.rows == 40
+    other = tmp_path / "other.csv"
+    rows = [f"img/{i:03d}.png,another caption {i},cat" for i in range(30, 40)]
+    rows += [f"new/{i}.png,a new image {i},dog" for i in range(3)]
+    rng = np.random.default_rng(8)
+    (tmp_path / "new").mkdir()
+    for i in range(3):
+        _image(rng).save(tmp_path / "new" / f"{i}.png")
+    other.write_text("path,caption,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(MemoryFormatError, match="another source"):
+        builders.build_from_items(tmp_path / "mem", builders.iter_caption_table(other), **kw)
+    report = builders.build_from_items(
+        tmp_path / "mem", builders.iter_caption_table(other), append=True, **kw
+    )
+    # The new source is read from its first item: its 3 new images are added, the 10 images
+    # already in the memory are exact duplicates.
+    assert (report.resumed_from, report.added, report.duplicates, report.rows) == (0, 3, 10, 43)
+    mem = Memory.open(tmp_path / "mem")
+    assert mem.manifest.source == builders.iter_caption_table(other).source
+    assert mem.metadata([42])[0]["caption"] == "a new image 2"
+    # Resuming the appended source continues it (and adds nothing more).
+    again = builders.build_from_items(tmp_path / "mem", builders.iter_caption_table(other), **kw)
+    assert (again.resumed_from, again.added) == (13, 0)
+
+
+def test_clip_retrieval_from_another_folder_is_refused_unless_appended(tmp_path):
+    from reco.memory.manifest import MemoryFormatError
+
+    _part(tmp_path / "a", 0, seed=1)
+    _part(tmp_path / "b", 0, seed=2)
+    assert _import(tmp_path, tmp_path / "a").rows == 4
+    with pytest.raises(MemoryFormatError, match="another source"):
+        _import(tmp_path, tmp_path / "b")
+    report = _import(tmp_path, tmp_path / "b", append=True)
+    assert (report.resumed_from, report.added, report.rows) == (0, 4, 8)
+    assert _import(tmp_path, tmp_path / "b").added == 0
+
+
+def test_source_files_must_be_regular(tmp_path):
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    with _deadline(20):
+        for path in (fifo, tmp_path, "/dev/zero"):
+            with pytest.raises(ValueError, match=rf"{path}: not a regular file"):
+                builders.iter_caption_table(path)
+        os.mkfifo(tmp_path / "fifo.tar")
+        with pytest.raises(ValueError, match=r"fifo\.tar: not a regular file"):
+            list(builders.iter_webdataset([tmp_path / "fifo.tar"]))
+    with pytest.raises(ValueError, match=r"missing\.csv: no such file"):
+        builders.iter_caption_table(tmp_path / "missing.csv")
+
+
+def test_image_reads_are_bounded(tmp_path, encoder):
+    rng = np.random.default_rng(9)
+    (tmp_path / "img").mkdir()
+    _image(rng).save(tmp_path / "img" / "ok.png")
+    _image(rng, 64).save(tmp_path / "img" / "big.png")
+    os.mkfifo(tmp_path / "img" / "fifo.png")
+    limit = (tmp_path / "img" / "ok.png").stat().st_size
+    rows = "img/ok.png,fine\nimg/fifo.png,a fifo\n/dev/zero,endless zeros\nimg/big.png,too big\n"
+    (tmp_path / "t.csv").write_text("path,caption\n" + rows)
+    items = builders.iter_caption_table(tmp_path / "t.csv", max_image_bytes=limit)
+    with _deadline(60):
+        report = builders.build_from_items(
+            tmp_path / "mem", items, image_encoder=encoder, progress_bar=False
+        )
+    assert (report.rows, report.unreadable) == (1, 3)
+    # A tar member over the limit is unreadable too.
+    _write_tar(
+        tmp_path / "a.tar",
+        [("k0", {"png": _png_bytes(_image(rng, 64)), "txt": b"big"}), ("k1", {"txt": b"x"})],
+    )
+    items = builders.iter_webdataset([tmp_path / "a.tar"], max_image_bytes=limit)
+    report = builders.build_from_items(
+        tmp_path / "mem2", items, image_encoder=encoder, progress_bar=False
+    )
+    assert (report.rows, report.unreadable) == (0, 2)
+
+
+def test_build_arguments_are_checked_before_anything_is_written(tmp_path, caption_set, encoder):
+    items = builders.iter_caption_table(caption_set)
+    for kw, what in (
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"shard_rows": -1}, "shard_rows must be an integer >= 1"),
+        ({"label_names": ["cat", "dog", "cat"]}, "label_names holds 'cat' twice"),
+        ({"label_names": []}, "label_names is empty"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            builders.build_from_items(tmp_path / "mem", items, image_encoder=encoder, **kw)
+    _part(tmp_path / "laion", 0)
+    for kw, what in (
+        ({"chunk_rows": 0}, "chunk_rows must be an integer >= 1"),
+        ({"shard_rows": 0}, "shard_rows must be an integer >= 1"),
+        ({"dtype": "int8"}, "dtype must be"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            _import(tmp_path, tmp_path / "laion", **kw)
+    assert not (tmp_path / "mem").exists()
+    with pytest.raises(ValueError, match="template"):
+        builders.iter_image_folder(tmp_path, "a {} of a {}")
+
+
+def test_near_duplicate_filter_refuses_rows_it_cannot_compare():
+    e = np.ones((3, 4), np.float32)
+    e[1, 2] = np.nan
+    with pytest.raises(ValueError, match="eval_embeddings row 1 holds NaN or inf"):
+        builders.NearDuplicateFilter(e)
+    e[1] = 0
+    with pytest.raises(ValueError, match="eval_embeddings row 1 is all zeros"):
+        builders.NearDuplicateFilter(e)
