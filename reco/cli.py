@@ -54,73 +54,167 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encode-batch-size", type=int, default=64)
 
 
-def _encoders(args: argparse.Namespace):
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _add_model_configs(paths: list[str], flag: str = "--model-config") -> None:
+    """Registers open_clip model configs (files or folders of them) after checking each: open_clip
+    keeps a registered path for good, so a bad file would break every later model lookup."""
+    if not paths:
+        return
+    import open_clip
+
+    for given in paths:
+        path = Path(given)
+        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+        for f in files:
+            if not f.is_file():
+                raise ValueError(f"{flag} {given}: no such file or folder (or not a regular file)")
+            if f.suffix != ".json" or f.stat().st_size > 1 << 24:
+                raise ValueError(f"{flag} {f}: not an open_clip model config (.json)")
+            try:
+                cfg = json.loads(f.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{flag} {f}: not a JSON model config ({e})") from None
+            if not isinstance(cfg, dict) or not all(
+                k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")
+            ):
+                raise ValueError(
+                    f"{flag} {f}: not an open_clip model config (it needs embed_dim, vision_cfg "
+                    "and text_cfg)"
+                )
+        open_clip.add_model_config(path)
+
+
+def _open_clip(model: str, pretrained: str | None, flag: str, **kw):
+    """An OpenCLIPEncoder; a checkpoint that does not load is an error naming flag."""
+    import pickle
+
     from reco.encoders import OpenCLIPEncoder
 
+    try:
+        return OpenCLIPEncoder(model, pretrained, **kw)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        if pretrained is None:
+            raise
+        raise ValueError(
+            f"{flag} {pretrained} cannot be loaded as a checkpoint of {model} ({_one_line(e)})"
+        ) from None
+
+
+def _encoders(args: argparse.Namespace):
     if args.model is None:
         raise ValueError("--model is required (an open_clip architecture name)")
-    if args.model_config:
-        import open_clip
+    if args.device is not None:
+        import torch
 
-        for cfg in args.model_config:
-            open_clip.add_model_config(cfg)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ValueError(f"--device {args.device!r} is not a device ({e})") from None
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0 or (device.index is not None and device.index >= count):
+                raise ValueError(f"--device {args.device}: this machine has {count} CUDA devices")
+    _add_model_configs(args.model_config)
     kw = {
         "device": args.device,
         "batch_size": args.encode_batch_size,
         "allow_random_weights": args.allow_random_weights,
     }
-    image = OpenCLIPEncoder(args.model, args.pretrained, **kw)
+    image = _open_clip(args.model, args.pretrained, "--pretrained", **kw)
     if args.text_model is None:
         return image, image
-    return image, OpenCLIPEncoder(args.text_model, args.text_pretrained, **kw)
+    return image, _open_clip(args.text_model, args.text_pretrained, "--text-pretrained", **kw)
+
+
+_SOURCES = ("--captions", "--image-folder", "--webdataset", "--clip-retrieval")
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+def _check_build_args(args: argparse.Namespace) -> str:
+    """The source flag given; every option checked against it before anything is read."""
+    given = [f for f in _SOURCES if getattr(args, f[2:].replace("-", "_")) is not None]
+    if len(given) != 1:
+        raise ValueError(
+            "give exactly one source: --captions, --image-folder, --webdataset or --clip-retrieval"
+        )
+    kind = given[0]
+    for flag in ("--shard-rows", "--batch-size", "--encode-batch-size"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    t = args.near_dup_threshold
+    if t is not None and not -1.0 <= t <= 1.0:
+        raise ValueError(f"--near-dup-threshold must be a cosine in [-1, 1], got {t}")
+    if t is not None and args.near_dup_eval is None:
+        raise ValueError("--near-dup-threshold needs --near-dup-eval")
+    only = {
+        "--image-root": ("--captions", args.image_root),
+        "--template": ("--image-folder", args.template),
+        "--label-names": ("--webdataset", args.label_names),
+        "--encoder-name": ("--clip-retrieval", args.encoder_name),
+        "--text-encoder-name": ("--clip-retrieval", args.text_encoder_name),
+        "--no-captions": ("--clip-retrieval", args.no_captions or None),
+    }
+    for flag, (source, value) in only.items():
+        if value is not None and kind != source:
+            raise ValueError(f"{flag} applies to {source} only")
+    if kind == "--clip-retrieval":
+        for flag in ("--model", "--pretrained", "--text-model", "--text-pretrained"):
+            if getattr(args, flag[2:].replace("-", "_")) is not None:
+                raise ValueError(
+                    f"{flag} does not apply to --clip-retrieval (its embeddings are imported as "
+                    "they are; name their encoder with --encoder-name)"
+                )
+    elif args.text_pretrained is not None and args.text_model is None:
+        raise ValueError("--text-pretrained needs --text-model (--pretrained is --model's)")
+    return kind
 
 
 def _build_memory(args: argparse.Namespace) -> int:
     from reco.memory import builders
 
-    sources = [args.captions, args.image_folder, args.webdataset, args.clip_retrieval]
-    if sum(s is not None for s in sources) != 1:
-        raise ValueError(
-            "give exactly one source: --captions, --image-folder, --webdataset or --clip-retrieval"
-        )
+    kind = _check_build_args(args)
     near = None
     if args.near_dup_eval is not None:
-        import numpy as np
-
-        near = builders.NearDuplicateFilter(np.load(args.near_dup_eval), args.near_dup_threshold)
+        threshold = 0.95 if args.near_dup_threshold is None else args.near_dup_threshold
+        near = builders.NearDuplicateFilter.from_file(
+            args.near_dup_eval, threshold, what="--near-dup-eval"
+        )
     common = {
         "dtype": args.dtype,
         "shard_rows": args.shard_rows,
         "dedup": not args.no_dedup,
         "near_duplicates": near,
+        "append": args.append,
         "progress_bar": not args.no_progress,
     }
-    if args.clip_retrieval is not None:
+    if kind == "--clip-retrieval":
         report = builders.import_clip_retrieval(
             args.out,
             args.clip_retrieval,
-            image_encoder=args.encoder_name,
+            image_encoder=args.encoder_name or "unknown",
             text_encoder=args.text_encoder_name,
+            captions=not args.no_captions,
             **common,
         )
     else:
-        image_enc, text_enc = _encoders(args)
-        label_names = None
-        if args.captions is not None:
-            items = list(builders.iter_caption_table(args.captions, args.image_root))
-            names = sorted({i.label_name for i in items if i.label_name is not None})
-            label_names = names or None
-            source = {"captions": str(args.captions)}
-        elif args.image_folder is not None:
-            items = builders.iter_image_folder(args.image_folder, args.template)
-            label_names = sorted(p.name for p in Path(args.image_folder).iterdir() if p.is_dir())
-            source = {"image_folder": str(args.image_folder), "template": args.template}
+        # The source is read and checked before the encoders load (a bad table fails at once).
+        if kind == "--captions":
+            items = builders.iter_caption_table(args.captions, args.image_root)
+            label_names = items.label_names
+        elif kind == "--image-folder":
+            items = builders.iter_image_folder(args.image_folder, args.template or DEFAULT_TEMPLATE)
+            label_names = items.label_names
         else:
             items = builders.iter_webdataset(args.webdataset)
+            label_names = None
             if args.label_names is not None:
-                label_names = Path(args.label_names).read_text().split("\n")
-                label_names = [n for n in label_names if n]
-            source = {"webdataset": [str(s) for s in args.webdataset]}
+                label_names = builders.read_label_names(args.label_names, "--label-names")
+        image_enc, text_enc = _encoders(args)
         report = builders.build_from_items(
             args.out,
             items,
@@ -128,7 +222,6 @@ def _build_memory(args: argparse.Namespace) -> int:
             text_encoder=text_enc,
             label_names=label_names,
             batch_size=args.batch_size,
-            source=source,
             **common,
         )
     print(report.summary())
@@ -160,7 +253,6 @@ def _memory_info(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     import torch
 
-    from reco.encoders import OpenCLIPEncoder
     from reco.index import Index
     from reco.memory import Memory
 
@@ -171,13 +263,13 @@ def _search(args: argparse.Namespace) -> int:
     info = mem.manifest.modalities[query_modality].encoder
     model = args.model or info.name.removeprefix("open_clip:")
     pretrained = args.pretrained or info.checkpoint
-    if args.model_config:
-        import open_clip
-
-        for cfg in args.model_config:
-            open_clip.add_model_config(cfg)
-    enc = OpenCLIPEncoder(
-        model, pretrained, device=args.device, allow_random_weights=args.allow_random_weights
+    _add_model_configs(args.model_config)
+    enc = _open_clip(
+        model,
+        pretrained,
+        "--pretrained",
+        device=args.device,
+        allow_random_weights=args.allow_random_weights,
     )
     if enc.sha256 is not None and info.sha256 is not None and enc.sha256 != info.sha256:
         raise ValueError(
@@ -254,14 +346,10 @@ def _class_prompts(cfg, built, test):
             "zero-shot needs zero_shot.class_embeddings, zero_shot.class_names or "
             "label names in the test memory"
         )
-    from reco.encoders import OpenCLIPEncoder
-
     if zs.model_config is not None:
-        import open_clip
-
-        open_clip.add_model_config(zs.model_config)
+        _add_model_configs([zs.model_config], "zero_shot.model_config")
     info = built.memory.manifest.modalities["text"].encoder
-    enc = OpenCLIPEncoder(info.name.removeprefix("open_clip:"), info.checkpoint)
+    enc = _open_clip(info.name.removeprefix("open_clip:"), info.checkpoint, "the checkpoint")
     texts = [t.format(n) for n in names for t in zs.templates]
     return enc.encode_texts(texts).unflatten(0, (len(names), len(zs.templates)))
 
@@ -361,21 +449,16 @@ def _explain(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from reco.encoders import OpenCLIPEncoder
-
     cfg, built, _ = _load_trained(args)
     query_modality = cfg.longtail.query_modality if cfg.method == "longtail" else "image"
     if query_modality != "image":
         raise ValueError("explain shows image queries; this experiment queries with texts")
     info = built.train_memory.manifest.modalities["image"].encoder
-    if args.model_config:
-        import open_clip
-
-        for c in args.model_config:
-            open_clip.add_model_config(c)
-    enc = OpenCLIPEncoder(
+    _add_model_configs(args.model_config)
+    enc = _open_clip(
         args.model or info.name.removeprefix("open_clip:"),
         args.pretrained or info.checkpoint,
+        "--pretrained",
         allow_random_weights=args.allow_random_weights,
     )
     image = Image.open(args.image).convert("RGB")
@@ -473,19 +556,36 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--captions", help="CSV (path,caption[,label]) or JSONL table of images")
     src.add_argument("--image-root", help="folder that relative paths in --captions start from")
     src.add_argument("--image-folder", help="ImageFolder tree: <dir>/<class>/<image>")
-    src.add_argument("--template", default="a photo of a {}.", help="caption for --image-folder")
+    src.add_argument(
+        "--template",
+        help=f"caption for --image-folder, '{{}}' the class (default {DEFAULT_TEMPLATE!r})",
+    )
     src.add_argument("--webdataset", nargs="+", help="WebDataset tar shards (.jpg + .txt)")
     src.add_argument("--label-names", help="file of label names, one a line (--webdataset)")
     src.add_argument("--clip-retrieval", help="folder with img_emb/, text_emb/, metadata/")
-    src.add_argument("--encoder-name", default="unknown", help="encoder of --clip-retrieval data")
+    src.add_argument("--encoder-name", help="encoder of --clip-retrieval data (default 'unknown')")
     src.add_argument("--text-encoder-name", help="text encoder of --clip-retrieval data")
+    src.add_argument(
+        "--no-captions",
+        action="store_true",
+        help="--clip-retrieval metadata without a caption column: import no captions",
+    )
     _add_encoder_args(b)
     b.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     b.add_argument("--batch-size", type=int, default=256, help="items encoded per commit batch")
     b.add_argument("--shard-rows", type=int, default=1 << 16)
     b.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
     b.add_argument("--near-dup-eval", help=".npy [M, d] image embeddings of an evaluation set")
-    b.add_argument("--near-dup-threshold", type=float, default=0.95)
+    b.add_argument(
+        "--near-dup-threshold", type=float, help="cosine for --near-dup-eval (default 0.95)"
+    )
+    b.add_argument(
+        "--append",
+        action="store_true",
+        help="add this source's rows to a memory built from another source (this source is "
+        "read from its start; images already in the memory are dropped as duplicates unless "
+        "--no-dedup). Without it, an existing memory resumes only the source it was built from",
+    )
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_build_memory)
 
@@ -576,8 +676,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
-        print(f"reco {args.command}: error: {e}", file=sys.stderr)
+        print(f"reco {args.command}: error: {_one_line(e, 2000)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = "; run the same command to resume" if args.command == "build-memory" else ""
+        print(f"reco {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
