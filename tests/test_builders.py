@@ -335,6 +335,12 @@ def test_clip_retrieval_parts_are_paired_by_number(tmp_path):
     _part(folder, 1, name="01", txt=False, meta=False)
     with pytest.raises(ValueError, match=r"img_emb_01\.npy and img_emb_1\.npy are both part 1"):
         _import(tmp_path, folder)
+    # Parts 0 and 2 complete, part 1 nowhere: a gap in the numbers (an incomplete download).
+    folder = tmp_path / "hole"
+    _part(folder, 0)
+    _part(folder, 2)
+    with pytest.raises(ValueError, match=r"a gap in the numbers: no list has part 1\b"):
+        _import(tmp_path, folder)
     assert not (tmp_path / "mem").exists()
     # Numbers, not names, pair parts: zero-padded image files, plain text and metadata files, and
     # part 10 after part 9.

@@ -858,8 +858,8 @@ class _Part:
 
 def _clip_parts(folder: Path) -> list[_Part]:
     """The parts of a clip-retrieval folder, paired by the number in their names. A name that
-    does not parse, a number twice in one list, or a number missing from any of the three lists
-    is an error listing every such problem."""
+    does not parse, a number twice in one list, a number missing from any of the three lists, or
+    a gap in the numbers is an error listing every such problem."""
     _stat_folder(folder, "clip-retrieval folder")
     problems: list[str] = []
     found: list[dict[int, Path]] = []
@@ -888,6 +888,10 @@ def _clip_parts(folder: Path) -> list[_Part]:
         missing = [f"no {sub}" for (sub, _), got in zip(_LAYOUT, found) if n not in got]
         if missing:
             problems.append(f"part {n}: {', '.join(missing)}")
+    gaps = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers)) if numbers else []
+    if gaps:  # e.g. an interrupted download: parts 0 and 2, no part 1 anywhere
+        shown = ", ".join(map(str, gaps[:10])) + (", ..." if len(gaps) > 10 else "")
+        problems.append(f"a gap in the numbers: no list has part {shown}")
     if problems:
         shown = "; ".join(problems[:10])
         more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
