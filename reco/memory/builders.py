@@ -35,6 +35,10 @@ from torch import Tensor
 
 from ..encoders import Encoder
 from ..ops import fused_retrieve_attend
+from .files import flat as _flat
+from .files import open_regular as _open_regular
+from .files import read_regular
+from .files import stat_regular as _stat_regular
 from .manifest import METADATA_FILE, SHARDS_DIR, ModalityInfo
 from .store import MemoryWriter
 
@@ -116,39 +120,6 @@ def _check_dtype(dtype: object) -> None:
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
 
 
-_FILE_KINDS = {
-    stat.S_IFDIR: "a folder",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
-
-
-def _flat(e: BaseException) -> str:
-    """An exception's message on one line (tarfile's and Arrow's may span several)."""
-    return " ".join(str(e).split())
-
-
-def _not_regular(what: str, path: Path, mode: int) -> ValueError:
-    kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a file")
-    return ValueError(f"{what} {path}: not a regular file ({kind})")
-
-
-def _stat_regular(path: Path, what: str) -> os.stat_result:
-    """path's stat if it is a regular file; FIFOs, devices and folders are refused unopened
-    (opening a FIFO blocks, and a device may never end)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ValueError(f"{what} {path}: no such file") from None
-    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
-        raise ValueError(f"{what} {path}: cannot be read ({_flat(e)})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise _not_regular(what, path, st.st_mode)
-    return st
-
-
 def _stat_folder(path: Path, what: str) -> None:
     try:
         st = os.stat(path)
@@ -160,43 +131,8 @@ def _stat_folder(path: Path, what: str) -> None:
         raise ValueError(f"{what} {path}: not a folder")
 
 
-def _open_regular(path: Path, what: str, limit: int | None = None) -> int:
-    """A read-only descriptor of path if it is a regular file of at most limit bytes. Opened
-    non-blocking and checked after opening, so a FIFO or device is refused without a hang."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise ValueError(f"{what} {path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{what} {path}: cannot be read ({_flat(e)})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _not_regular(what, path, st.st_mode)
-        if limit is not None and st.st_size > limit:
-            raise ValueError(f"{what} {path}: {st.st_size} bytes, over the limit of {limit}")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _read_regular(path: Path, what: str, limit: int | None = None) -> bytes:
-    """The bytes of a regular file, read to its end but never past limit bytes."""
-    fd = _open_regular(path, what, limit)
-    try:
-        chunks, total = [], 0
-        while True:
-            want = 1 << 24 if limit is None else min(1 << 24, limit + 1 - total)
-            block = os.read(fd, want)
-            if not block:
-                return b"".join(chunks)
-            chunks.append(block)
-            total += len(block)
-            if limit is not None and total > limit:
-                raise ValueError(f"{what} {path}: grew past the limit of {limit} bytes")
-    finally:
-        os.close(fd)
+    return read_regular(path, what, limit=limit)
 
 
 def _file_reader(path: Path, limit: int) -> Callable[[], bytes]:

@@ -31,8 +31,7 @@ import json
 import os
 import secrets
 import shutil
-import stat
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import files
+from .files import as_path
 from .manifest import (
     EMBEDDING_DTYPES,
     JOURNAL_FILE,
@@ -79,16 +80,6 @@ _fault_hook: Callable[[str], None] | None = None
 def _fault(point: str) -> None:
     if _fault_hook is not None:
         _fault_hook(point)
-
-
-def as_path(path: object, what: str = "path") -> Path:
-    """A str, bytes or os.PathLike argument as a Path; anything else is a TypeError."""
-    if isinstance(path, (str, bytes, os.PathLike)):
-        p = os.fsdecode(path)
-        if p and "\0" not in p:
-            return Path(p)
-        raise ValueError(f"{what} must be a non-empty path without NUL bytes, got {path!r}")
-    raise TypeError(f"{what} must be a path (str, bytes or os.PathLike), got {type(path).__name__}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -145,51 +136,17 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
 
 
 def inside(root: Path, path: Path, what: str) -> Path:
-    """path with symlinks resolved, if it lies inside root (resolved); else a corrupt-manifest
-    error naming what."""
-    real, top = path.resolve(), root.resolve()
-    if real != top and top not in real.parents:
-        raise MemoryFormatError(
-            f"corrupt manifest: {what} resolves to {real}, outside the memory folder {top}"
-        )
-    return real
+    """path with symlinks resolved, if it lies inside the memory folder root; else a corrupt-
+    manifest error naming what."""
+    return files.inside(root, path, f"corrupt manifest: {what}", MemoryFormatError, "memory folder")
 
 
-def open_regular(path: Path, expect_bytes: int | None, what: str, limit: int | None = None) -> int:
-    """A read-only descriptor of path if it is a regular file of expect_bytes bytes (or at most
-    limit bytes); FIFOs, devices and folders are refused without blocking."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise MemoryFormatError(f"{what} {path} is missing") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise MemoryFormatError(f"{what} {path} is not a regular file")
-        if expect_bytes is not None and st.st_size != expect_bytes:
-            raise MemoryFormatError(
-                f"{what} {path} is {st.st_size} bytes, the manifest says {expect_bytes} "
-                "(truncated or replaced)"
-            )
-        if limit is not None and st.st_size > limit:
-            raise MemoryFormatError(f"{what} {path} is {st.st_size} bytes, over {limit}")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+def open_regular(path: Path, what: str, size: int | None = None, limit: int | None = None) -> int:
+    return files.open_regular(path, what, size=size, limit=limit, error=MemoryFormatError)
 
 
-def read_bounded(fd: int, size: int) -> Iterator[bytes]:
-    """Exactly size bytes of fd in blocks (a file that changes size while read is an error)."""
-    left = size
-    while left:
-        block = os.read(fd, min(left, 1 << 24))
-        if not block:
-            raise MemoryFormatError(f"a file shrank while it was read ({left} bytes short)")
-        left -= len(block)
-        yield block
-    if os.read(fd, 1):
-        raise MemoryFormatError("a file grew while it was read")
+def read_regular(path: Path, what: str, size: int | None = None, limit: int | None = None) -> bytes:
+    return files.read_regular(path, what, size=size, limit=limit, error=MemoryFormatError)
 
 
 def read_manifest(root: Path) -> Manifest:
@@ -197,11 +154,7 @@ def read_manifest(root: Path) -> Manifest:
     if not path.exists() and not path.is_symlink():
         raise MemoryFormatError(f"{root} is not a reco memory (no {MANIFEST_FILE})")
     inside(root, path, MANIFEST_FILE)
-    fd = open_regular(path, None, "manifest", limit=MAX_MANIFEST_BYTES)
-    try:
-        data = b"".join(read_bounded(fd, os.fstat(fd).st_size))
-    finally:
-        os.close(fd)
+    data = read_regular(path, "manifest", limit=MAX_MANIFEST_BYTES)
     return Manifest.from_json(data, where=str(path))
 
 
@@ -414,11 +367,7 @@ class MemoryWriter:
         if not path.exists() and not path.is_symlink():
             return []
         inside(self.root, path, JOURNAL_FILE)
-        fd = open_regular(path, None, "journal", limit=1 << 20)
-        try:
-            data = b"".join(read_bounded(fd, os.fstat(fd).st_size))
-        finally:
-            os.close(fd)
+        data = read_regular(path, "journal", limit=1 << 20)
         try:
             names = json.loads(data.decode("utf-8"))["created"]
             if not isinstance(names, list):
@@ -751,7 +700,7 @@ def as_rows(rows: object, n: int, what: str = "rows") -> Tensor:
 
 
 def _open_npy(path: Path, rows: int, cols: int | None, dtype: str, expect_bytes: int) -> Tensor:
-    os.close(open_regular(path, expect_bytes, "shard file"))
+    os.close(open_regular(path, "shard file", size=expect_bytes))
     try:
         arr = np.load(path, mmap_mode="c", allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -804,7 +753,7 @@ class Memory:
                 size = shard.files[LABELS_FILE].bytes
                 labels.append(_open_npy(d / LABELS_FILE, shard.rows, None, "int64", size))
             meta = d / METADATA_FILE
-            os.close(open_regular(meta, shard.files[METADATA_FILE].bytes, "shard file"))
+            os.close(open_regular(meta, "shard file", size=shard.files[METADATA_FILE].bytes))
         mem = cls(
             root,
             manifest,
@@ -826,10 +775,10 @@ class Memory:
             for fname, info in shard.files.items():
                 path = self.root / SHARDS_DIR / shard.name / fname
                 inside(self.root, path, f"shard {shard.name!r} file {fname!r}")
-                fd = open_regular(path, info.bytes, "shard file")
+                fd = open_regular(path, "shard file", size=info.bytes)
                 h = hashlib.sha256()
                 try:
-                    for block in read_bounded(fd, info.bytes):
+                    for block in files.read_blocks(fd, info.bytes, f"shard file {path}"):
                         h.update(block)
                 finally:
                     os.close(fd)
@@ -876,12 +825,7 @@ class Memory:
                 shard = self.manifest.shards[s]
                 path = self.root / SHARDS_DIR / shard.name / METADATA_FILE
                 inside(self.root, path, f"shard {shard.name!r} file {METADATA_FILE!r}")
-                size = shard.files[METADATA_FILE].bytes
-                fd = open_regular(path, size, "shard file")
-                try:
-                    data = b"".join(read_bounded(fd, size))
-                finally:
-                    os.close(fd)
+                data = read_regular(path, "shard file", size=shard.files[METADATA_FILE].bytes)
                 try:
                     table = pq.read_table(pa.BufferReader(data))
                 except (pa.ArrowException, OSError, ValueError) as e:
