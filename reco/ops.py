@@ -428,8 +428,10 @@ def fused_retrieve_attend(
     (-1 = padding). attn_query [B, H, dv] switches the attention logits from the scores to
     attn_query . values. Returns RetrieveAttend(output [B, H, dv], weights [B, H, k],
     indices [B, k] int64, scores [B, k]), float32 (float64 if any input is float64).
-    Ties go to the lower row; NaN scores rank below every number. Differentiable in query, keys,
-    values and attn_query through the selected rows. See DESIGN.md for the full contract.
+    Ties go to the lower row; NaN scores rank below every number. Scores are float32 arithmetic
+    with subnormals honoured (never flushed to zero) at every CPU SIMD level, whatever the
+    caller's flush-to-zero mode (torch.set_flush_denormal). Differentiable in query, keys, values
+    and attn_query through the selected rows. See DESIGN.md for the full contract.
     """
     check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
     return RetrieveAttend(

@@ -350,3 +350,176 @@ def test_matches_reference_scale():
         want, _ = reference.search(query.double(), kk.double(), 16)
         assert_topk_match(query, kk, got.indices, got.scores, want, _score_tol(query, kk))
         assert math.isclose(float(got.weights.sum()), 37.0, rel_tol=1e-5)
+
+
+# ---- subnormals: honoured at every SIMD level, as float32 arithmetic does ------------------------
+
+# Key elements are integers times 2^-133: |m| < 128 gives bfloat16 subnormals, 128 <= |m| < 256
+# the smallest normal binade [2^-126, 2^-125). Query elements in [2^-9, 2^-7) with 8 significant
+# bits are exact in bfloat16. Every product is then subnormal (below 2^-132) and a multiple of
+# 2^-149, so exact in float32; while the sum of |products| stays below 2^-125 every partial sum is
+# exact too, in any order: each level, and the reference, must give the very same scores.
+_KEY_ULP, _QUERY_ULP = 2.0**-133, 2.0**-16
+
+
+def _subnormal_keys(N: int, d: int, g: torch.Generator) -> torch.Tensor:
+    """float64 [N, d]: about 60% bfloat16 subnormals, 25% smallest normals, 15% zeros, random
+    signs."""
+    u = torch.rand(N, d, generator=g, dtype=torch.float64)
+    m = torch.where(
+        u < 0.6,
+        torch.randint(1, 128, (N, d), generator=g),
+        torch.where(u < 0.85, torch.randint(128, 256, (N, d), generator=g), 0),
+    )
+    sign = torch.randint(0, 2, (N, d), generator=g) * 2 - 1
+    return (m * sign).double() * _KEY_ULP
+
+
+def _small_queries(B: int, d: int, g: torch.Generator, positive: bool = False) -> torch.Tensor:
+    """float64 [B, d] in [2^-9, 2^-7), 8 significant bits (exact in bfloat16); signs random."""
+    m = torch.randint(128, 256, (B, d), generator=g) * (
+        1 + torch.randint(0, 2, (B, d), generator=g)
+    )
+    sign = 1 if positive else torch.randint(0, 2, (B, d), generator=g) * 2 - 1
+    return (m * sign).double() * _QUERY_ULP
+
+
+def _assert_exact_in_float32(query: torch.Tensor, keys: torch.Tensor) -> None:
+    """The premise of the subnormal tests: every partial sum below 2^-125 (so exact)."""
+    bound = query.double().abs() @ keys.double().abs().T
+    assert float(bound.max()) < 2.0**-125
+
+
+def _assert_same_as_reference(query, keys, k, exclude=None):
+    got = reco.fused_retrieve_attend(query, keys, keys, k, exclude=exclude)
+    want, want_scores = reference.search(query.double(), keys.double(), k, exclude)
+    want32, _ = reference.search(query, keys, k, exclude)  # float32 scoring, as the oracle's own
+    assert torch.equal(want32, want)
+    assert torch.equal(got.indices, want)
+    assert torch.equal(got.scores, want_scores.float())
+    return got
+
+
+# (B, N, d, k, excluded per query): the streaming (B <= 8, d a multiple of 32) and scratch paths,
+# d = 1 and d not a multiple of any vector width, N split over threads.
+SUBNORMAL_SHAPES = [
+    (1, 50, 1, 5, 0),
+    (3, 700, 7, 10, 4),
+    (5, 3000, 33, 16, 0),
+    (4, 40_000, 64, 32, 6),
+    (13, 5000, 100, 20, 3),
+    (20, 40_000, 127, 64, 0),
+]
+
+
+@pytest.mark.parametrize("shape", SUBNORMAL_SHAPES, ids=lambda s: "B{}-N{}-d{}-k{}-E{}".format(*s))
+@pytest.mark.parametrize("key_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float32], ids=["q-bf16", "q-fp32"])
+def test_subnormals_do_not_depend_on_the_level(cpu_level, shape, key_dtype, query_dtype):
+    """Mostly subnormal keys, and queries that make every product subnormal: every SIMD level
+    returns the reference's rows and scores exactly (avx512bf16's vdpbf16ps would read them as
+    zeros and select rows 0..k-1)."""
+    B, N, d, k, n_exclude = shape
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, key_dtype, query_dtype)).encode()))
+    keys = _subnormal_keys(N, d, g).to(key_dtype)
+    query = _small_queries(B, d, g).to(query_dtype)
+    _assert_exact_in_float32(query, keys)
+    exclude = torch.randint(-1, N, (B, n_exclude), generator=g) if n_exclude else None
+    got = _assert_same_as_reference(query, keys, k, exclude)
+    assert bool((got.scores != 0).all()) and len(set(got.scores.flatten().tolist())) > 1
+
+
+def test_subnormal_and_normal_key_blocks(cpu_level):
+    """Blocks of normal keys (fast bfloat16 path at avx512bf16) between blocks of subnormal ones
+    (float32 path), for one pass of queries: queries of positive elements select subnormal rows
+    (the normal rows score below zero for them), queries of negative elements normal rows; one
+    query has a subnormal element (never scored with vdpbf16ps)."""
+    g = torch.Generator().manual_seed(21)
+    N, d = 40_000, 64
+    keys = _subnormal_keys(N, d, g)
+    normal = torch.zeros(N, dtype=torch.bool)
+    for r0 in (0, 9000, 20_000, 33_000):  # each spans several blocks
+        normal[r0 : r0 + 4000] = True
+    # Normal rows: integers in [-3, 0] times 2^-100, so exact products and sums as well.
+    keys[normal] = -torch.randint(0, 4, (int(normal.sum()), d), generator=g).double() * 2.0**-100
+    keys = keys.bfloat16()
+    for B in (3, 12):  # the streaming and the scratch paths
+        query = _small_queries(B, d, g, positive=True)
+        query[1::2] *= -1
+        query[0, 5] = 3 * 2.0**-133  # a bfloat16 subnormal (its products round to 0)
+        query = query.bfloat16()
+        _assert_exact_in_float32(query, keys[~normal])
+        got = _assert_same_as_reference(query, keys, 24)
+        assert not bool(normal[got.indices[0::2]].any()) and bool(normal[got.indices[1::2]].all())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_caller_flush_to_zero_mode_is_ignored(cpu_level, threads):
+    """torch.set_flush_denormal(True) sets flush-to-zero on the calling thread only; the kernel
+    honours subnormals whatever that mode (else results would depend on the thread split)."""
+    g = torch.Generator().manual_seed(22)
+    keys = _subnormal_keys(40_000, 32, g).bfloat16()
+    query = _small_queries(5, 32, g).float()
+    want = reco.fused_retrieve_attend(query, keys, keys, 16)
+    before = torch.get_num_threads()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        torch.set_num_threads(threads)
+        got = reco.fused_retrieve_attend(query, keys, keys, 16)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(before)
+    for name in ("indices", "scores", "weights", "output"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert torch.equal(want.indices, reference.search(query.double(), keys.double(), 16)[0])
+
+
+def test_int8_caller_flush_to_zero_mode_is_ignored(cpu_level):
+    """The int8 coarse score float32(dot) * scale honours a subnormal scale (rows whose largest
+    element is below 127 * 2^-126) whatever the caller's flush-to-zero mode."""
+    g = torch.Generator().manual_seed(23)
+    keys = torch.randn(3000, 48, generator=g) * 2.0**-124
+    query_codes = reference.quantize_rows(torch.randn(4, 48, generator=g))[0]
+    codes, scales = reco.quantize_keys(keys)
+    assert bool((scales < 2.0**-126).all())
+
+    def coarse() -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.empty(4, 32, dtype=torch.int64)
+        scores = torch.empty(4, 32)
+        reco.ops._C.coarse_int8(query_codes, codes, scales, None, 32, rows, scores, 1)
+        return rows, scores
+
+    want_rows, want_scores = coarse()
+    # The reference's coarse scores, and no score flushed to zero.
+    torch.testing.assert_close(
+        want_scores, reference.coarse_scores(query_codes, codes, scales).gather(1, want_rows)
+    )
+    assert bool((want_scores != 0).all())
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        got_rows, got_scores = coarse()
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(got_rows, want_rows) and torch.equal(got_scores, want_scores)
+
+
+def test_subnormal_rows_do_not_make_results_depend_on_the_batch(cpu_level):
+    """Rows re-scored in float32 at avx512bf16 (subnormal elements, or too small for the query)
+    among ordinary ones: a query's result is bitwise the same alone or in any batch."""
+    g = torch.Generator().manual_seed(24)
+    keys = torch.randn(30_000, 64, generator=g)
+    tiny = torch.rand(30_000, generator=g) < 0.02
+    keys[tiny] *= 2.0**-128  # mostly bfloat16 subnormals
+    keys = keys.bfloat16()
+    values = torch.randn(30_000, 8, generator=g)
+    batch = torch.randn(37, 64, generator=g).bfloat16()
+    batch[::3, ::5] *= 2.0**-100  # exponents too small for vdpbf16ps against ordinary rows too
+    full = reco.fused_retrieve_attend(batch, keys, values, 10)
+    for B in (1, 2, 5, 8, 9, 37):
+        part = reco.fused_retrieve_attend(batch[-B:], keys, values, 10)
+        for name in ("indices", "scores", "weights", "output"):
+            assert torch.equal(getattr(part, name), getattr(full, name)[-B:]), (B, name)
+    want, _ = reference.search(batch.double(), keys.double(), 10)
+    assert_topk_match(batch, keys, full.indices, full.scores, want, _score_tol(batch, keys))

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "exclusions.h"
+#include "fp_mode.h"
 #include "reco/topk.h"
 #include "retrieve_attend.h"
 
@@ -239,6 +240,9 @@ void coarse_int8(const CoarseInt8Args& a) {
         "scales [N] float32 contiguous");
   if (c < 1 || c > N) throw std::invalid_argument("coarse_int8: candidates must be in [1, N]");
   check_exclude(a.exclude, B, N);
+  // Subnormal scales and scores honoured whatever the caller's mode (fp_mode.h): here for the
+  // merge on this thread, in the parallel region for every worker.
+  const HonourSubnormals fp_mode;
   const Exclusions ex = make_exclusions(a.exclude, B);
   const bool vnni = has_vnni(), avx2 = !vnni && has_avx2();
   const int threads =
@@ -264,6 +268,7 @@ void coarse_int8(const CoarseInt8Args& a) {
     }
 #pragma omp parallel num_threads(threads)
     {
+      const HonourSubnormals worker_fp_mode;
       const int t = omp_get_thread_num();
       const int64_t per = (N + threads - 1) / threads;
       const int64_t n0 = std::min(N, t * per), n1 = std::min(N, n0 + per);

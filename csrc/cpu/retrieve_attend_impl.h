@@ -5,6 +5,7 @@
 // stay in L2 (16-bit keys are widened to float there, exactly), scores register tiles of
 // QR queries x KR keys, and offers each score to that query's bounded heap. No B x N score
 // matrix exists. The per-thread heaps are merged, then values are gathered, softmaxed and summed.
+// Every level computes with subnormals honoured (fp_mode.h); see dot_is_exact for vdpbf16ps.
 #pragma once
 #if !defined(RECO_LEVEL_NS) || !defined(RECO_VW)
 #error "define RECO_LEVEL_NS and RECO_VW before including retrieve_attend_impl.h"
@@ -26,6 +27,7 @@
 #endif
 
 #include "exclusions.h"
+#include "fp_mode.h"
 #include "reco/topk.h"
 #include "retrieve_attend.h"
 
@@ -171,13 +173,138 @@ constexpr bool kHasBf16Dot = true;
 constexpr bool kHasBf16Dot = false;
 #endif
 
-// Copies rows of 16-bit keys unchanged into rows of width dpad, zero padded.
-template <typename T>
-void copy_rows(const T* src, int64_t ld, int64_t rows, int64_t d, T* dst, int64_t dpad) {
-  for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(dst + r * dpad, src + r * ld, d * sizeof(T));
-    std::memset(static_cast<void*>(dst + r * dpad + d), 0, (dpad - d) * sizeof(T));
+// ---- where vdpbf16ps is exact -------------------------------------------------------------
+//
+// vdpbf16ps reads subnormal inputs as zero and flushes subnormal results, whatever MXCSR says,
+// while the contract (and every other level) honours subnormals. It is used only where no input,
+// product or partial sum can be subnormal. A nonzero bfloat16 of biased exponent E >= 1 is a
+// multiple of 2^(E - 134), so if Eq + Ek >= 142 for every element pair, each product is a multiple
+// of 2^-126, and so is each partial sum (and its float32 rounding): nonzero ones are >= 2^-126 in
+// magnitude, normal. Eq is the least exponent over a query's nonzero elements, Ek over a key row's.
+
+#if defined(__AVX512BW__)
+// Folds (|v| bits) - 1 of 32 bfloat16 lanes into acc by unsigned minimum (zeros wrap to 0xffff,
+// out of the minimum's way).
+inline __m512i fold_magnitudes(__m512i acc, __m512i v) {
+  const __m512i magnitude = _mm512_set1_epi16(0x7fff), one = _mm512_set1_epi16(1);
+  return _mm512_min_epu16(acc, _mm512_sub_epi16(_mm512_and_si512(v, magnitude), one));
+}
+
+// The first n < 32 elements of x, the other lanes zero (never read).
+inline __m512i load_head(const bf16_t* x, int64_t n) {
+  return _mm512_maskz_loadu_epi16((__mmask32(1) << n) - 1, reinterpret_cast<const void*>(x));
+}
+
+// fold_magnitudes over x[0, n).
+inline __m512i fold_magnitudes(__m512i acc, const bf16_t* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    acc = fold_magnitudes(acc, _mm512_loadu_si512(reinterpret_cast<const void*>(x + i)));
+  return i < n ? fold_magnitudes(acc, load_head(x + i, n - i)) : acc;
+}
+
+// The exponent (as min_exponent returns it) of the least lane of a fold_magnitudes accumulator.
+inline int exponent_of_least(__m512i acc) {
+  const __m256i h =
+      _mm256_min_epu16(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
+  const __m128i q = _mm_min_epu16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  const int m = _mm_extract_epi16(_mm_minpos_epu16(q), 0);
+  return m == 0xffff ? 255 : (m + 1) >> 7;
+}
+#endif
+
+// The least biased exponent among the nonzero elements of x[0, n): 0 if one is subnormal, 255 if
+// all are zero.
+inline int min_exponent(const bf16_t* x, int64_t n) {
+#if defined(__AVX512BW__)
+  return exponent_of_least(fold_magnitudes(_mm512_set1_epi16(-1), x, n));
+#else
+  uint16_t m = 0xffff;  // (|x| bits) - 1 wraps zeros to 0xffff, out of the minimum's way
+  for (int64_t i = 0; i < n; ++i)
+    m = std::min<uint16_t>(m, static_cast<uint16_t>((x[i].bits & 0x7fffu) - 1u));
+  return m == 0xffff ? 255 : (m + 1) >> 7;
+#endif
+}
+
+constexpr bool dot_is_exact(int eq, int ek) { return eq > 0 && ek > 0 && eq + ek >= 142; }
+
+// A vdpbf16ps pass: per query slot its exponent (min_exponent), the least of them, and the
+// queries as float rows (width dpf, zero padded) for the pairs that fall back to float32 tiles.
+struct DotPass {
+  const uint8_t* eq;
+  int eq_min;
+  const float* qf;
+  int64_t dpf;
+};
+
+// One thread's view of a block of a vdpbf16ps pass: ek[r], each row's exponent; krow, one key row
+// widened to float. in_place: rows are read in place, and the first tile of queries measures each
+// row just before scoring it (one sequential stream, as the scoring's); else ek was filled before.
+struct DotBlock {
+  const DotPass* pass;
+  uint8_t* ek;
+  float* krow;
+  int64_t d;
+  bool in_place;
+};
+
+// Re-scores with the float32 tile (the same sums as a float32 pass) the scores s[qi * KR + j] of
+// queries slot0 + qi x rows r + j of the block kp (row stride ld) whose exponents ek[j] rule out
+// vdpbf16ps.
+template <int QR, int KR>
+__attribute__((noinline)) void rescore_inexact(const DotBlock& db, int64_t slot0, const bf16_t* kp,
+                                               int64_t ld, int64_t r, const uint8_t* ek, float* s) {
+  const DotPass& p = *db.pass;
+  for (int j = 0; j < KR; ++j) {
+    if (dot_is_exact(p.eq_min, ek[j])) continue;
+    bool widened = false;
+    for (int qi = 0; qi < QR; ++qi) {
+      if (dot_is_exact(p.eq[slot0 + qi], ek[j])) continue;
+      if (!widened) {
+        widen(kp + (r + j) * ld, db.krow, db.d);
+        std::fill(db.krow + db.d, db.krow + p.dpf, 0.0f);
+        widened = true;
+      }
+      score_tile<1, 1>(p.qf + (slot0 + qi) * p.dpf, p.dpf, db.krow, p.dpf, p.dpf, s + qi * KR + j);
+    }
   }
+}
+
+// Copies rows of bfloat16 keys unchanged into rows of width dpad, zero padded; returns the least
+// min_exponent of the rows (each measured while its copy is still in L1).
+inline int copy_rows_measured(const bf16_t* src, int64_t ld, int64_t rows, int64_t d, bf16_t* dst,
+                              int64_t dpad) {
+#if defined(__AVX512BW__)
+  // dpad is a multiple of 32 (vdpbf16ps tiles step 32 columns): whole vectors only.
+  __m512i acc = _mm512_set1_epi16(-1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const bf16_t* s = src + r * ld;
+    bf16_t* t = dst + r * dpad;
+    int64_t c = 0;
+    for (; c + 32 <= d; c += 32) {
+      const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(s + c));
+      _mm512_storeu_si512(reinterpret_cast<void*>(t + c), v);
+      acc = fold_magnitudes(acc, v);
+    }
+    if (c < d) {
+      const __m512i v = load_head(s + c, d - c);
+      _mm512_storeu_si512(reinterpret_cast<void*>(t + c), v);
+      acc = fold_magnitudes(acc, v);
+      c += 32;
+    }
+    for (; c < dpad; c += 32)
+      _mm512_storeu_si512(reinterpret_cast<void*>(t + c), _mm512_setzero_si512());
+  }
+  return exponent_of_least(acc);
+#else
+  int least = 255;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * dpad, src + r * ld, d * sizeof(bf16_t));
+    std::memset(static_cast<void*>(dst + r * dpad + d), 0, (dpad - d) * sizeof(bf16_t));
+    least = std::min(least, min_exponent(dst + r * dpad, d));
+  }
+  return least;
+#endif
 }
 
 // ---- exclusions ---------------------------------------------------------------------------
@@ -206,22 +333,31 @@ inline void offer(TopKHeap<S>& h, const Exclusions& ex, int64_t b, S s, int64_t 
   h.push(s, row);
 }
 
-template <int QR, int KR, typename QT, typename KT>
+// Fix: a vdpbf16ps pass's block where some (query, row) pair may not be dot_is_exact (db says
+// which), re-scored in float32; false everywhere else, the plain tile loop.
+template <int QR, int KR, bool Fix, typename QT, typename KT>
 void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int64_t rows,
                       int64_t row0, int64_t slot0, const int64_t* gid, HeapSet<float>& hs, int t,
-                      const Exclusions& ex) {
+                      const Exclusions& ex, const DotBlock* db) {
   // slot0: the tile's first query's heap slot; gid[qi]: its row in the batch.
   TopKHeap<float> heaps[QR];
   for (int qi = 0; qi < QR; ++qi) heaps[qi] = hs.heap(t, slot0 + qi);
   float s[QR * KR];
   int64_t r = 0;
   for (; r + KR <= rows; r += KR) {
+    if constexpr (Fix)
+      if (db->in_place && slot0 == 0)
+        for (int j = 0; j < KR; ++j) db->ek[r + j] = min_exponent(kp + (r + j) * ldk, db->d);
     score_tile<QR, KR>(q, dpad, kp + r * ldk, ldk, dpad, s);
+    if constexpr (Fix) rescore_inexact<QR, KR>(*db, slot0, kp, ldk, r, db->ek + r, s);
     for (int qi = 0; qi < QR; ++qi)
       for (int j = 0; j < KR; ++j) offer(heaps[qi], ex, gid[qi], s[qi * KR + j], row0 + r + j);
   }
   for (; r < rows; ++r) {
+    if constexpr (Fix)
+      if (db->in_place && slot0 == 0) db->ek[r] = min_exponent(kp + r * ldk, db->d);
     score_tile<QR, 1>(q, dpad, kp + r * ldk, ldk, dpad, s);
+    if constexpr (Fix) rescore_inexact<QR, 1>(*db, slot0, kp, ldk, r, db->ek + r, s);
     for (int qi = 0; qi < QR; ++qi) offer(heaps[qi], ex, gid[qi], s[qi], row0 + r);
   }
 }
@@ -230,22 +366,26 @@ void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int6
 // against one block of key rows, in tiles of up to 4 queries x KR keys. Every score is
 // accumulated in the same order whatever the tile shape, so a result does not depend on the
 // batch it came in.
-template <int KR, typename QT, typename KT>
+template <int KR, bool Fix = false, typename QT, typename KT>
 void score_block(const QT* qpad, int64_t dpad, const int64_t* gid, int64_t nq, const KT* kp,
                  int64_t ld, int64_t rows, int64_t r0, HeapSet<float>& hs, int t,
-                 const Exclusions& ex) {
+                 const Exclusions& ex, const DotBlock* db = nullptr) {
   int64_t i = 0;
   for (; i + 4 <= nq; i += 4)
-    score_block_rows<4, KR>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex);
+    score_block_rows<4, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex,
+                                 db);
   switch (nq - i) {
     case 3:
-      score_block_rows<3, KR>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex);
+      score_block_rows<3, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex,
+                                   db);
       break;
     case 2:
-      score_block_rows<2, KR>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex);
+      score_block_rows<2, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex,
+                                   db);
       break;
     case 1:
-      score_block_rows<1, KR>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex);
+      score_block_rows<1, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex,
+                                   db);
       break;
     default: break;
   }
@@ -254,10 +394,15 @@ void score_block(const QT* qpad, int64_t dpad, const int64_t* gid, int64_t nq, c
 // Up to this many queries, keys are streamed in place row after row (memory-bound regime).
 constexpr int64_t kStreamMaxQueries = 8;
 
+// Key block rows: about 192 KiB as float, which stays in L2 while every query tile passes over it.
+inline int64_t block_rows(int64_t dpad) {
+  return std::max<int64_t>(4, std::min<int64_t>(1024, (192 << 10) / (dpad * 4)) / 4 * 4);
+}
+
 // Scores the nq queries of a pass against key rows [n0, n1), offering into thread t's heaps.
-// QT = float: float32 tiles (keys widened exactly); QT = bf16_t: vdpbf16ps tiles.
-template <typename QT, typename KT>
-void search_range(const RetrieveAttendArgs& a, const QT* qpad, int64_t dpad, const int64_t* gid,
+// float32 tiles (keys widened exactly); search_range_dot scores vdpbf16ps passes.
+template <typename KT>
+void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, const int64_t* gid,
                   int64_t nq, int64_t n0, int64_t n1, HeapSet<float>& hs, int t,
                   const Exclusions& ex) {
   const int64_t d = a.keys.shape[1];
@@ -269,21 +414,48 @@ void search_range(const RetrieveAttendArgs& a, const QT* qpad, int64_t dpad, con
   // but read 4 rows at once, which the hardware prefetcher serves badly, so each block is first
   // copied (widened) sequentially into an L2-resident scratch.
   const bool direct = d == dpad && nq <= kStreamMaxQueries;
-  // A key block of about 192 KiB as float stays in L2 while every query tile passes over it.
-  const int64_t block =
-      std::max<int64_t>(4, std::min<int64_t>(1024, (192 << 10) / (dpad * 4)) / 4 * 4);
-  using ST = typename std::conditional<std::is_same<QT, float>::value, float, KT>::type;
-  std::vector<ST> scratch(direct ? 0 : block * dpad);
+  const int64_t block = block_rows(dpad);
+  std::vector<float> scratch(direct ? 0 : block * dpad);
   for (int64_t r0 = n0; r0 < n1; r0 += block) {
     const int64_t rows = std::min(block, n1 - r0);
     if (direct) {
       score_block<1>(qpad, dpad, gid, nq, keys + r0 * ldk, ldk, rows, r0, hs, t, ex);
     } else {
-      if constexpr (std::is_same<QT, float>::value)
-        widen_rows(keys + r0 * ldk, ldk, rows, d, scratch.data(), dpad);
-      else
-        copy_rows(keys + r0 * ldk, ldk, rows, d, scratch.data(), dpad);
+      widen_rows(keys + r0 * ldk, ldk, rows, d, scratch.data(), dpad);
       score_block<4>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, hs, t, ex);
+    }
+  }
+}
+
+// search_range for a vdpbf16ps pass (bfloat16 queries, KT = bf16_t keys), in the same two
+// regimes; blocks are copied unwidened. Rows whose exponents are not dot_is_exact with their
+// queries' are re-scored in float32: copied blocks are measured as they are copied (and skip the
+// per-row checks when all their rows pass); rows read in place are measured one by one.
+template <typename KT>
+void search_range_dot(const RetrieveAttendArgs& a, const bf16_t* qpad, int64_t dpad,
+                      const int64_t* gid, int64_t nq, int64_t n0, int64_t n1, HeapSet<float>& hs,
+                      int t, const Exclusions& ex, const DotPass& dot) {
+  const int64_t d = a.keys.shape[1];
+  const int64_t ldk = a.keys.strides[0];
+  const KT* keys = a.keys.ptr<const KT>();
+  const bool direct = d == dpad && nq <= kStreamMaxQueries;
+  const int64_t block = block_rows(dpad);
+  std::vector<bf16_t> scratch(direct ? 0 : block * dpad);
+  std::vector<uint8_t> ek(block);
+  std::vector<float> krow(dot.dpf);
+  const DotBlock db{&dot, ek.data(), krow.data(), d, direct};
+  for (int64_t r0 = n0; r0 < n1; r0 += block) {
+    const int64_t rows = std::min(block, n1 - r0);
+    if (direct) {
+      score_block<1, true>(qpad, dpad, gid, nq, keys + r0 * ldk, ldk, rows, r0, hs, t, ex, &db);
+      continue;
+    }
+    const int least = copy_rows_measured(keys + r0 * ldk, ldk, rows, d, scratch.data(), dpad);
+    if (dot_is_exact(dot.eq_min, least)) {
+      score_block<4>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, hs, t, ex);
+    } else {  // rare: measure row by row
+      for (int64_t r = 0; r < rows; ++r) ek[r] = min_exponent(scratch.data() + r * dpad, d);
+      score_block<4, true>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, hs, t, ex, &db);
     }
   }
 }
@@ -322,37 +494,41 @@ int64_t merge_heaps(const RetrieveAttendArgs& a, HeapSet<S>& hs, int threads, co
     return ranks_before(x.first, x.second, y.first, y.second);
   };
   int64_t short_query = -1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < nq; ++i) {
-    const int64_t b = gid[i];
-    std::vector<std::pair<S, int64_t>> cand;
-    cand.reserve(threads * k);
-    for (int t = 0; t < threads; ++t) {
-      TopKHeap<S> h = hs.heap(t, i);
-      for (int64_t j = 0; j < k; ++j)
-        if (h.row[j] != kEmptyRow) cand.emplace_back(h.score[j], h.row[j]);
-    }
-    const int64_t take = std::min<int64_t>(k, cand.size());
-    std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), order);
-    if constexpr (std::is_same<S, float>::value) {
-      const float* q = a.query.ptr<const float>() + b * a.query.strides[0];
-      for (int64_t j = 0; j < take; ++j) {
-        const KT* kr = a.keys.ptr<const KT>() + cand[j].second * a.keys.strides[0];
-        double s = 0.0;
-        for (int64_t c = 0; c < d; ++c) s += double(q[c]) * to_acc<double>(kr[c]);
-        cand[j].first = static_cast<float>(s);
+#pragma omp parallel num_threads(threads)
+  {
+    const HonourSubnormals fp_mode;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t b = gid[i];
+      std::vector<std::pair<S, int64_t>> cand;
+      cand.reserve(threads * k);
+      for (int t = 0; t < threads; ++t) {
+        TopKHeap<S> h = hs.heap(t, i);
+        for (int64_t j = 0; j < k; ++j)
+          if (h.row[j] != kEmptyRow) cand.emplace_back(h.score[j], h.row[j]);
       }
-      std::sort(cand.begin(), cand.begin() + take, order);
-    }
-    int64_t* idx = a.indices.ptr<int64_t>() + b * k;
-    S* sc = a.scores.ptr<S>() + b * k;
-    for (int64_t j = 0; j < take; ++j) {
-      sc[j] = cand[j].first;
-      idx[j] = cand[j].second;
-    }
-    if (take < k) {
+      const int64_t take = std::min<int64_t>(k, cand.size());
+      std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), order);
+      if constexpr (std::is_same<S, float>::value) {
+        const float* q = a.query.ptr<const float>() + b * a.query.strides[0];
+        for (int64_t j = 0; j < take; ++j) {
+          const KT* kr = a.keys.ptr<const KT>() + cand[j].second * a.keys.strides[0];
+          double s = 0.0;
+          for (int64_t c = 0; c < d; ++c) s += double(q[c]) * to_acc<double>(kr[c]);
+          cand[j].first = static_cast<float>(s);
+        }
+        std::sort(cand.begin(), cand.begin() + take, order);
+      }
+      int64_t* idx = a.indices.ptr<int64_t>() + b * k;
+      S* sc = a.scores.ptr<S>() + b * k;
+      for (int64_t j = 0; j < take; ++j) {
+        sc[j] = cand[j].first;
+        idx[j] = cand[j].second;
+      }
+      if (take < k) {
 #pragma omp critical(reco_short_query)
-      if (short_query < 0 || b < short_query) short_query = b;
+        if (short_query < 0 || b < short_query) short_query = b;
+      }
     }
   }
   return short_query;
@@ -367,17 +543,32 @@ inline bool exact_in_bf16(const float* x, int64_t n) {
   return true;
 }
 
+// min_exponent of a row of floats that are exact in bfloat16 (their upper 16 bits).
+inline int min_exponent_f32(const float* x, int64_t n) {
+  uint16_t m = 0xffff;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    m = std::min<uint16_t>(m, static_cast<uint16_t>(((u >> 16) & 0x7fffu) - 1u));
+  }
+  return m == 0xffff ? 255 : (m + 1) >> 7;
+}
+
 // One pass over the keys for the queries gid[0..nq); QT picks the tile kind (see search_range).
+// vdpbf16ps passes (QT = bf16_t) take each query's min_exponent in eq[0..nq).
 template <typename Acc, typename QT, typename KT>
 void search_pass(const RetrieveAttendArgs& a, const Exclusions& ex, const int64_t* gid, int64_t nq,
-                 int threads) {
+                 int threads, const uint8_t* eq = nullptr) {
   const int64_t N = a.keys.shape[0], d = a.query.shape[1], k = a.k;
   HeapSet<Acc> hs(threads, nq, k);
   // float tiles step VW columns; vdpbf16ps tiles step 2 x VW.
   const int64_t dpad = round_up(d, std::is_same<QT, float>::value ? VW : 2 * VW);
   std::vector<QT> qpad;
+  std::vector<float> qf;  // vdpbf16ps passes: the queries as float rows, for float32 re-scoring
+  DotPass dot{eq, 255, nullptr, round_up(d, VW)};
   if constexpr (std::is_same<Acc, float>::value) {
     qpad.assign(nq * dpad, QT{});
+    if constexpr (std::is_same<QT, bf16_t>::value) qf.assign(nq * dot.dpf, 0.0f);
     const float* q = a.query.ptr<const float>();
     for (int64_t i = 0; i < nq; ++i) {
       const float* src = q + gid[i] * a.query.strides[0];
@@ -389,20 +580,26 @@ void search_pass(const RetrieveAttendArgs& a, const Exclusions& ex, const int64_
           std::memcpy(&u, src + c, 4);
           qpad[i * dpad + c].bits = static_cast<uint16_t>(u >> 16);
         }
+        std::memcpy(qf.data() + i * dot.dpf, src, d * 4);
+        dot.eq_min = std::min<int>(dot.eq_min, eq[i]);
       }
     }
+    dot.qf = qf.data();
   }
 #pragma omp parallel num_threads(threads)
   {
+    const HonourSubnormals fp_mode;
     const int t = omp_get_thread_num();
     // Ranges start on multiples of 4 rows so that tiles stay whole.
     const int64_t per = round_up((N + threads - 1) / threads, 4);
     const int64_t n0 = std::min(N, t * per), n1 = std::min(N, n0 + per);
     for (int64_t i = 0; i < nq; ++i) hs.heap(t, i).reset(std::numeric_limits<Acc>::quiet_NaN());
-    if constexpr (std::is_same<Acc, float>::value)
-      search_range<QT, KT>(a, qpad.data(), dpad, gid, nq, n0, n1, hs, t, ex);
-    else
+    if constexpr (!std::is_same<Acc, float>::value)
       search_range_f64<KT>(a, gid, nq, n0, n1, hs, t, ex);
+    else if constexpr (std::is_same<QT, float>::value)
+      search_range<KT>(a, qpad.data(), dpad, gid, nq, n0, n1, hs, t, ex);
+    else
+      search_range_dot<KT>(a, qpad.data(), dpad, gid, nq, n0, n1, hs, t, ex, dot);
   }
   const int64_t short_query = merge_heaps<Acc, KT>(a, hs, threads, gid, nq);
   if (short_query >= 0) {
@@ -424,13 +621,23 @@ void search(const RetrieveAttendArgs& a, const Exclusions& ex) {
   const int64_t per_query = static_cast<int64_t>(threads) * k * (sizeof(Acc) + 8);
   const int64_t chunk = std::max<int64_t>(1, (64 << 20) / per_query);
   // Queries split by tile kind. With bfloat16 keys on a CPU with AVX512-BF16, a query whose
-  // values are all exact in bfloat16 is scored with vdpbf16ps (exact products, float32 sums);
-  // the choice depends on the query alone, so results stay independent of the batch.
+  // values are all exact in bfloat16, none subnormal, is scored with vdpbf16ps (exact products,
+  // float32 sums) against the key rows where that is exact (dot_is_exact), with float32 tiles
+  // against the others; the choice depends on the query and the row alone, so results stay
+  // independent of the batch.
   std::vector<int64_t> dot_ids, float_ids;
+  std::vector<uint8_t> dot_eq;
   for (int64_t b = 0; b < B; ++b) {
     bool dot = false;
-    if constexpr (kHasBf16Dot && std::is_same<Acc, float>::value && std::is_same<KT, bf16_t>::value)
-      dot = exact_in_bf16(a.query.ptr<const float>() + b * a.query.strides[0], d);
+    if constexpr (kHasBf16Dot && std::is_same<Acc, float>::value &&
+                  std::is_same<KT, bf16_t>::value) {
+      const float* q = a.query.ptr<const float>() + b * a.query.strides[0];
+      if (exact_in_bf16(q, d)) {
+        const int eq = min_exponent_f32(q, d);
+        dot = eq > 0;
+        if (dot) dot_eq.push_back(static_cast<uint8_t>(eq));
+      }
+    }
     (dot ? dot_ids : float_ids).push_back(b);
   }
   for (int64_t i = 0; i < static_cast<int64_t>(float_ids.size()); i += chunk)
@@ -439,7 +646,8 @@ void search(const RetrieveAttendArgs& a, const Exclusions& ex) {
   if constexpr (kHasBf16Dot && std::is_same<Acc, float>::value && std::is_same<KT, bf16_t>::value)
     for (int64_t i = 0; i < static_cast<int64_t>(dot_ids.size()); i += chunk)
       search_pass<Acc, bf16_t, KT>(a, ex, dot_ids.data() + i,
-                                   std::min<int64_t>(chunk, dot_ids.size() - i), threads);
+                                   std::min<int64_t>(chunk, dot_ids.size() - i), threads,
+                                   dot_eq.data() + i);
 }
 
 // ---- attention over the retrieved rows ------------------------------------------------------
@@ -456,6 +664,7 @@ void attend(const RetrieveAttendArgs& a) {
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, B)));
 #pragma omp parallel num_threads(threads)
   {
+    const HonourSubnormals fp_mode;
     std::vector<double> v(k * dv), logit(k), acc(dv);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
@@ -541,6 +750,7 @@ void run(const RetrieveAttendArgs& a) {
 }  // namespace
 
 void retrieve_attend(const RetrieveAttendArgs& a) {
+  const HonourSubnormals fp_mode;  // the calling thread's serial work (the workers' own: above)
   if (a.query.dtype == DType::f64)
     run<double>(a);
   else
