@@ -22,28 +22,13 @@
 
 #include "common.cuh"
 #include "mma_layout.h"
+#include "ptx.cuh"
 
 namespace reco::cuda {
 namespace {
 
 using namespace mma;
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int n>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(n));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
+using namespace ptx;
 
 // The instruction for each key type: its accumulator, one mma on a 16 x 8 tile of one k step
 // (16 16-bit units), and the score of an accumulator of a row whose scale is `scale`.
@@ -54,17 +39,9 @@ struct Float16Mma {
   static __device__ __forceinline__ void mma(Acc (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
     if constexpr (kBf16)
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-          "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      mma_bf16(c, a, b0, b1);
     else
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-          "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      mma_f16(c, a, b0, b1);
   }
   static __device__ __forceinline__ float score(Acc c, float) { return c; }
 };
@@ -75,11 +52,7 @@ struct S8 {
   static constexpr bool kScaled = true;
   static __device__ __forceinline__ void mma(Acc (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_s8(c, a, b0, b1);
   }
   // float32(dot) * scale in float32, as reference.coarse_scores computes it.
   static __device__ __forceinline__ float score(Acc c, float scale) {
@@ -102,15 +75,15 @@ __global__ void __launch_bounds__(kThreads, 1)
                       int64_t* __restrict__ part_rows, int S) {
   using T = uint16_t;
   using Acc = typename Op::Acc;
-  extern __shared__ __align__(16) unsigned char smem[];
+  RECO_DYNAMIC_SHARED(smem);
   constexpr size_t kStageElems = stage_elems(kTerms);
   // [kStages][query tiles kTerms x kQueries, key tile kRows][kPitch]
   T* tiles = reinterpret_cast<T*>(smem);
   float* cs = reinterpret_cast<float*>(tiles + kStages * kStageElems);  // [kQueries][kEntries]
   int* cr = reinterpret_cast<int*>(cs + kQueries * kEntries);           // row offsets, -1 = empty
-  __shared__ float thr_s[kQueries];  // each query's current k-th best: the entry to beat
-  __shared__ int thr_r[kQueries];
-  __shared__ int count[kQueries];  // staged candidates
+  RECO_SHARED(float[kQueries], thr_s);  // each query's current k-th best: the entry to beat
+  RECO_SHARED(int[kQueries], thr_r);
+  RECO_SHARED(int[kQueries], count);  // staged candidates
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wq = warp / kWarpsN, wn = warp % kWarpsN;
@@ -277,11 +250,10 @@ void launch(const SearchArgs& a) {
           "cudaFuncSetAttribute");
   const int64_t qblocks = (a.B + kQueries - 1) / kQueries;
   const int64_t unit = a.int8 ? 2 : 1;  // elements per 16-bit unit
-  search_mma_kernel<Op, kTerms>
-      <<<dim3(unsigned(qblocks), unsigned(a.S)), kThreads, smem, a.stream>>>(
-          static_cast<const uint16_t*>(a.query), a.B, a.d / unit,
-          static_cast<const uint16_t*>(a.keys), a.N, a.key_stride / unit, a.key_scales, a.exclude,
-          a.E, a.k, a.rows_per_split, a.part_scores, a.part_rows, a.S);
+  ptx::launch(search_mma_kernel<Op, kTerms>, dim3(unsigned(qblocks), unsigned(a.S)), kThreads, smem,
+              a.stream, static_cast<const uint16_t*>(a.query), a.B, a.d / unit,
+              static_cast<const uint16_t*>(a.keys), a.N, a.key_stride / unit, a.key_scales,
+              a.exclude, a.E, a.k, a.rows_per_split, a.part_scores, a.part_rows, a.S);
   check(cudaGetLastError(), "tensor-core search kernel launch");
 }
 
