@@ -246,6 +246,9 @@ struct DotBlock {
   float* krow;
   int64_t d;
   bool in_place;
+  // A row read in place whose fold_magnitudes has a lane below this is measured exactly; the
+  // others pass for every query of the pass ((E << 7) - 1, E the least passing row exponent).
+  uint16_t suspect_below;
 };
 
 // Re-scores with the float32 tile (the same sums as a float32 pass) the scores s[qi * KR + j] of
@@ -333,6 +336,38 @@ inline void offer(TopKHeap<S>& h, const Exclusions& ex, int64_t b, S s, int64_t 
   h.push(s, row);
 }
 
+#if defined(RECO_BF16_DOT)
+// score_tile<QR, 1> (bitwise the same scores) that also folds the key row's magnitudes
+// (fold_magnitudes) as it loads them, for rows read in place: returns the fold.
+template <int QR>
+inline __m512i score_tile_folding(const bf16_t* q, int64_t ldq, const bf16_t* kp, int64_t dpad,
+                                  float* out) {
+  __m512 acc[QR];
+  for (int i = 0; i < QR; ++i) acc[i] = _mm512_setzero_ps();
+  __m512i fold = _mm512_set1_epi16(-1);
+  for (int64_t c = 0; c < dpad; c += 2 * VW) {
+    const __m512i kw = _mm512_loadu_si512(reinterpret_cast<const void*>(kp + c));
+    fold = fold_magnitudes(fold, kw);
+    for (int qi = 0; qi < QR; ++qi) {
+      const __m512bh qv =
+          (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(q + qi * ldq + c));
+      acc[qi] = _mm512_dpbf16_ps(acc[qi], qv, (__m512bh)kw);
+    }
+  }
+  vf v[QR];
+  for (int i = 0; i < QR; ++i) v[i] = reinterpret_cast<const vf&>(acc[i]);
+  reduce_tile<QR>(v, out);
+  return fold;
+}
+
+// The exponent to record for a row read in place, from its fold: 255 (passes for every query of
+// the pass) unless a lane is below db.suspect_below, else the row's exact min_exponent.
+inline uint8_t row_exponent(const DotBlock& db, __m512i fold) {
+  const __mmask32 low = _mm512_cmplt_epu16_mask(fold, _mm512_set1_epi16(db.suspect_below));
+  return low ? static_cast<uint8_t>(exponent_of_least(fold)) : 255;
+}
+#endif
+
 // Fix: a vdpbf16ps pass's block where some (query, row) pair may not be dot_is_exact (db says
 // which), re-scored in float32; false everywhere else, the plain tile loop.
 template <int QR, int KR, bool Fix, typename QT, typename KT>
@@ -345,19 +380,33 @@ void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int6
   float s[QR * KR];
   int64_t r = 0;
   for (; r + KR <= rows; r += KR) {
-    if constexpr (Fix)
-      if (db->in_place && slot0 == 0)
-        for (int j = 0; j < KR; ++j) db->ek[r + j] = min_exponent(kp + (r + j) * ldk, db->d);
+#if defined(RECO_BF16_DOT)
+    if constexpr (Fix && KR == 1) {
+      if (db->in_place && slot0 == 0)  // the first tile of queries measures the rows it streams
+        db->ek[r] = row_exponent(*db, score_tile_folding<QR>(q, dpad, kp + r * ldk, dpad, s));
+      else
+        score_tile<QR, KR>(q, dpad, kp + r * ldk, ldk, dpad, s);
+    } else {
+      score_tile<QR, KR>(q, dpad, kp + r * ldk, ldk, dpad, s);
+    }
+    if constexpr (Fix) {
+      bool inexact = false;
+      for (int j = 0; j < KR; ++j) inexact |= !dot_is_exact(db->pass->eq_min, db->ek[r + j]);
+      if (inexact) rescore_inexact<QR, KR>(*db, slot0, kp, ldk, r, db->ek + r, s);
+    }
+#else
     score_tile<QR, KR>(q, dpad, kp + r * ldk, ldk, dpad, s);
-    if constexpr (Fix) rescore_inexact<QR, KR>(*db, slot0, kp, ldk, r, db->ek + r, s);
+#endif
     for (int qi = 0; qi < QR; ++qi)
       for (int j = 0; j < KR; ++j) offer(heaps[qi], ex, gid[qi], s[qi * KR + j], row0 + r + j);
   }
-  for (; r < rows; ++r) {
-    if constexpr (Fix)
-      if (db->in_place && slot0 == 0) db->ek[r] = min_exponent(kp + r * ldk, db->d);
+  for (; r < rows; ++r) {  // only copied blocks (KR = 4) have tails: ek is filled
     score_tile<QR, 1>(q, dpad, kp + r * ldk, ldk, dpad, s);
-    if constexpr (Fix) rescore_inexact<QR, 1>(*db, slot0, kp, ldk, r, db->ek + r, s);
+#if defined(RECO_BF16_DOT)
+    if constexpr (Fix)
+      if (!dot_is_exact(db->pass->eq_min, db->ek[r]))
+        rescore_inexact<QR, 1>(*db, slot0, kp, ldk, r, db->ek + r, s);
+#endif
     for (int qi = 0; qi < QR; ++qi) offer(heaps[qi], ex, gid[qi], s[qi], row0 + r);
   }
 }
@@ -443,7 +492,9 @@ void search_range_dot(const RetrieveAttendArgs& a, const bf16_t* qpad, int64_t d
   std::vector<bf16_t> scratch(direct ? 0 : block * dpad);
   std::vector<uint8_t> ek(block);
   std::vector<float> krow(dot.dpf);
-  const DotBlock db{&dot, ek.data(), krow.data(), d, direct};
+  const int least_passing = std::max(1, 142 - dot.eq_min);  // see dot_is_exact
+  const auto suspect_below = static_cast<uint16_t>((least_passing << 7) - 1);
+  const DotBlock db{&dot, ek.data(), krow.data(), d, direct, suspect_below};
   for (int64_t r0 = n0; r0 < n1; r0 += block) {
     const int64_t rows = std::min(block, n1 - r0);
     if (direct) {
