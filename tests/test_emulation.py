@@ -13,10 +13,23 @@ pytestmark = pytest.mark.emulated
 ROOT = Path(__file__).resolve().parents[1]
 # The kernels' translation units are instrumented (-fsanitize=thread) so that every access reaches
 # the shim's hooks; the shim itself is not, and no sanitizer runtime is linked.
-KERNEL_FLAGS = ["-DRECO_EMULATION", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
-                "-Wno-unknown-pragmas"]  # fmt: skip
-COMMON = ["-std=c++17", "-O1", "-g", "-Wall", "-Wextra", "-Werror",
-          f"-I{ROOT / 'csrc' / 'emulation'}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}"]  # fmt: skip
+KERNEL_FLAGS = [
+    "-DRECO_EMULATION",
+    "-fsanitize=thread",
+    "--param=tsan-instrument-func-entry-exit=0",
+    "-Wno-unknown-pragmas",
+]
+COMMON = [
+    "-std=c++17",
+    "-O1",
+    "-g",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    f"-I{ROOT / 'csrc' / 'emulation'}",
+    f"-I{ROOT / 'csrc'}",
+    f"-I{ROOT / 'csrc' / 'include'}",
+]
 
 
 def _cxx():

@@ -583,7 +583,8 @@ def test_non_regular_files_are_refused_without_blocking(tmp_path, alarm, capsys)
     f = tmp_path / "m" / "shards" / "00000" / "metadata.parquet"
     f.unlink()
     os.mkfifo(f)  # a reader that opened it would wait forever for a writer
-    with pytest.raises(MemoryFormatError, match=r"metadata\.parquet: not a regular file \(a FIFO\)"):
+    fifo = r"metadata\.parquet: not a regular file \(a FIFO\)"
+    with pytest.raises(MemoryFormatError, match=fifo):
         Memory.open(tmp_path / "m")
     assert main(["memory", "info", str(tmp_path / "m"), "--verify"]) == 2
     assert ": not a regular file" in capsys.readouterr().err
