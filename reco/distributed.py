@@ -5,6 +5,12 @@ searches every shard with the fused op, sends each rank the per-shard top-k of i
 O(world x B x k x dv) bytes received per rank, never O(N)), merges them into the exact global
 top-k and attends exactly as the single-device op does.
 
+Joining or using a process group here (init_from_env, ShardedIndex, the Trainer) installs a
+clean shutdown at interpreter exit (install_clean_shutdown): without it a gloo job can abort at
+exit (SIGABRT, "terminate called without an active exception") when a gloo worker thread
+releases the last C++ reference to a collective's Python tensors while the interpreter is
+finalizing (it needs the GIL, and a thread that takes the GIL then is ended by pthread_exit).
+
 Failures surface on every rank: a shard that fails its checks raises on all ranks (the error is
 shared before any search), and a rank that dies makes the others' next collective fail, after at
 most the process group's timeout. Restart all ranks together (torchrun --max-restarts=N restarts
@@ -13,18 +19,100 @@ the whole group); the memory on disk is read-only here, so a restart needs no re
 
 from __future__ import annotations
 
+import atexit
+import gc
+import logging
 import os
+import sys
+import types
 from datetime import timedelta
 from typing import Literal
 
 import torch
 import torch.distributed as dist
+
+# Imported before any group exists, so that its defaults hold none (_drop_stale_group_defaults).
+import torch.distributed.nn.functional
 from torch import Tensor
 
 from . import reference
 from .index import PAD_ROW, Index, check_exclude_rows, mask_excluded, merge_candidates
 from .memory import EmbeddingTable, Memory, MemoryFormatError
 from .ops import RetrieveAttend
+
+if dist.is_available():
+    # Imported before any group exists, so that its defaults hold none (see
+    # _drop_stale_group_defaults).
+    import torch.distributed.nn.functional
+
+log = logging.getLogger(__name__)
+
+# How long the barrier at exit waits for the other ranks: a dead or hung peer must not hang the
+# exit of the others; a live one that is merely slower than this only makes it skip the barrier.
+EXIT_BARRIER_TIMEOUT_S = 30.0
+_exit_hook = {"installed": False, "timeout_s": EXIT_BARRIER_TIMEOUT_S}
+
+
+def shutdown_process_group(timeout_s: float = EXIT_BARRIER_TIMEOUT_S) -> None:
+    """Ends the default process group cleanly, so that no gloo thread outlives it into the
+    interpreter's finalization. Call it on every rank (install_clean_shutdown does, at exit).
+
+    On gloo: a barrier bounded by timeout_s, which also waits for this rank's pending
+    collectives; garbage collection (reference cycles can hold collectives and their tensors);
+    destroy_process_group(); then the group's worker threads are ended (joined, the GIL
+    released) while the interpreter still runs. Safe at any time: without a group (never made,
+    or already destroyed) it only collects garbage. A barrier that fails (a peer died) is
+    logged; one that times out (a peer hung) leaves the group alone, since destroying it would
+    wait for the pending barrier until the group's own timeout.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        gc.collect()
+        return
+    world = dist.group.WORLD
+    if dist.get_backend() == "gloo":
+        work = dist.barrier(async_op=True)
+        try:
+            work.wait(timeout=timedelta(seconds=timeout_s))
+        except Exception as e:
+            if not work.is_completed():  # a hung peer: the barrier is still pending
+                log.warning("barrier at process group shutdown timed out (%s); leaving it", e)
+                return
+            log.warning("barrier at process group shutdown failed (%s); destroying it", e)
+        del work
+    gc.collect()
+    try:
+        dist.destroy_process_group()
+    except Exception as e:  # already being torn down elsewhere
+        log.warning("destroy_process_group at shutdown failed: %s", e)
+    _drop_stale_group_defaults(world)
+    gc.collect()
+    # The last reference goes here: ProcessGroupGloo's destructor joins its worker threads.
+    del world
+
+
+def _drop_stale_group_defaults(group: dist.ProcessGroup) -> None:
+    """torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is
+    imported; imported after init_process_group (torch._dynamo imports it, on the first call of
+    any custom op), its functions keep the group, and its worker threads, alive after
+    destroy_process_group, until the interpreter finalizes. Those defaults become None (the
+    default group)."""
+    module = sys.modules.get("torch.distributed.nn.functional")
+    for f in vars(module).values() if module is not None else ():
+        if isinstance(f, types.FunctionType) and any(d is group for d in f.__defaults__ or ()):
+            f.__defaults__ = tuple(None if d is group else d for d in f.__defaults__)
+
+
+def install_clean_shutdown(timeout_s: float = EXIT_BARRIER_TIMEOUT_S) -> None:
+    """Registers shutdown_process_group(timeout_s) to run at interpreter exit, once (later
+    calls only update the timeout). It does nothing if the group was destroyed by then."""
+    _exit_hook["timeout_s"] = timeout_s
+    if not _exit_hook["installed"]:
+        atexit.register(_shutdown_at_exit)
+        _exit_hook["installed"] = True
+
+
+def _shutdown_at_exit() -> None:
+    shutdown_process_group(_exit_hook["timeout_s"])
 
 
 class ShardedIndexError(RuntimeError):
@@ -58,6 +146,7 @@ class ShardedIndex:
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("ShardedIndex needs torch.distributed.init_process_group() first")
+        install_clean_shutdown()
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -251,9 +340,11 @@ def _rows_table(table: EmbeddingTable, start: int, stop: int) -> EmbeddingTable 
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 120.0) -> None:
-    """init_process_group from torchrun's environment, with a bounded collective timeout."""
+    """init_process_group from torchrun's environment, with a bounded collective timeout, and a
+    clean shutdown of the group at exit (install_clean_shutdown)."""
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    install_clean_shutdown()

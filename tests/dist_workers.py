@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from reco.distributed import shutdown_process_group
 
 
 def query_batch(rank: int, case: int, B: int, d: int) -> torch.Tensor:
@@ -31,9 +34,8 @@ def run(rank: int, world: int, init_file: str, out_dir: str, scenario: str, args
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    if "error" not in result:
-        dist.barrier()
-    dist.destroy_process_group()
+    # Bounded: after an error some rank may be dead.
+    shutdown_process_group(timeout_s=10 if "error" in result else 60)
 
 
 def _equal(rank, world, args, result):
@@ -129,12 +131,34 @@ def _bad_exclude(rank, world, args, result):
     result["after"] = r.indices
 
 
+def _diverge(rank, world, args, result):
+    """DDP training on the long-tail task with an inf in one training item (see test_training)."""
+    import synthetic
+
+    from reco.models import LinearHead, MemoryAttention, MemoryAttentionConfig, RetrievalClassifier
+    from reco.train import LongTailTask, TrainConfig, Trainer
+
+    data, _, retriever = synthetic.long_tail_task(seed=3)
+    data.tensors["image"] = data.tensors["image"].clone()
+    data.tensors["image"][args["bad_row"]] = torch.inf
+    torch.manual_seed(7)
+    att = MemoryAttention(MemoryAttentionConfig(synthetic.D, synthetic.DV, dim=32, heads=1))
+    model = RetrievalClassifier(att, LinearHead(synthetic.D, synthetic.C))
+    cfg = TrainConfig(steps=40, batch_size=64, warmup_steps=2, progress=False)
+    trainer = Trainer(model, LongTailTask(retriever), data, cfg, device="cpu")
+    try:
+        trainer.fit()
+    finally:
+        result["step"] = trainer.step
+
+
 SCENARIOS = {
     "equal": _equal,
     "ddp": _ddp,
     "dead_rank": _dead_rank,
     "verify": _verify,
     "bad_exclude": _bad_exclude,
+    "diverge": _diverge,
 }
 
 
@@ -146,4 +170,22 @@ def ddp_train(rank: int, world: int, init_file: str, out: str, which: str = "lon
     model = getattr(synthetic, f"train_small_{which}_model")()
     if rank == 0:
         torch.save(model.state_dict(), out)
-    dist.destroy_process_group()
+    shutdown_process_group()
+
+
+def exit_job(rank: int, world: int, init_file: str, memory: str, switch_s: float = 0.1) -> None:
+    """The job that used to abort at interpreter exit (SIGABRT) in some runs: the op through
+    ShardedIndex, collectives, then the end of the script, without destroy_process_group."""
+    from reco.distributed import ShardedIndex
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    index = ShardedIndex(memory, "image", "text")
+    # A long switch interval keeps the GIL with the main thread, as a busy machine does, so that
+    # the race at exit (a gloo thread waiting for the GIL while the interpreter finalizes) shows
+    # in most runs rather than in a few.
+    sys.setswitchinterval(switch_s)
+    r = index.retrieve_attend(query_batch(rank, 0, 4, index.dim), 3)
+    out = [torch.empty_like(r.output) for _ in range(world)]
+    dist.all_gather(out, r.output)
+    # A collective whose handle is not kept (as for metrics sent off without waiting).
+    dist.all_gather([torch.empty_like(r.output) for _ in range(world)], r.output, async_op=True)

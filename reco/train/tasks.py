@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..distributed import install_clean_shutdown
 from ..models import RECO, ProjectionCLIP, RetrievalClassifier, Retriever
 from .losses import info_nce, reco_loss
 
@@ -85,4 +86,5 @@ def gather_batch(x: Tensor) -> Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
 
+    install_clean_shutdown()
     return torch.cat(all_gather(x.contiguous()))
