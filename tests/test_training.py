@@ -3,15 +3,20 @@ and train the same under DDP."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
+import re
 import tempfile
 
 import pytest
 import torch
-from dist_workers import ddp_train
+import yaml
+from dist_workers import ddp_train, run
 from synthetic import COUNTS, DV, C, D, long_tail_task
 from torch.nn import functional as F
 
+from reco.cli import main
+from reco.memory import EncoderInfo, MemoryWriter, ModalityInfo
 from reco.models import (
     RECO,
     FusionConfig,
@@ -24,7 +29,14 @@ from reco.models import (
     RetrievalClassifier,
     Retriever,
 )
-from reco.train import EmbeddingDataset, LongTailTask, TrainConfig, Trainer
+from reco.train import (
+    EmbeddingDataset,
+    LongTailTask,
+    TrainConfig,
+    Trainer,
+    TrainingDivergedError,
+    batch_indices,
+)
 
 
 def train_and_score(model, data, test, retriever, steps=600):
@@ -189,3 +201,203 @@ def test_bad_train_configs():
             data,
             TrainConfig(steps=2, batch_size=16, warmup_steps=0, progress=False),
         ).fit()
+
+
+NAN, INF = math.nan, math.inf
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("lr", NAN),
+        ("lr", INF),
+        ("lr", 0.0),
+        ("lr", -1e-3),
+        ("weight_decay", NAN),
+        ("weight_decay", -0.1),
+        ("steps", 0),
+        ("batch_size", 0),
+        ("log_every", 0),
+        ("log_every", -5),
+        ("checkpoint_every", -1),
+        ("warmup_steps", -1),
+        ("warmup_steps", 10),
+        ("min_lr_ratio", NAN),
+        ("min_lr_ratio", 1.5),
+        ("grad_clip", NAN),
+        ("grad_clip", INF),
+        ("grad_clip", 0.0),
+    ],
+)
+def test_train_config_numbers_are_finite_and_in_range(field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be .*, got {value}"):
+        TrainConfig(**{"steps": 10, "warmup_steps": 2, field: value}).validate()
+    with pytest.raises(TypeError, match=rf"^{field} must be"):
+        TrainConfig(**{"steps": 10, "warmup_steps": 2, field: "1"}).validate()
+
+
+def _diverging_data(bad_row: int):
+    data, _, retriever = long_tail_task(seed=3)
+    data.tensors["image"] = data.tensors["image"].clone()
+    data.tensors["image"][bad_row] = torch.inf
+    return data, retriever
+
+
+def test_a_non_finite_loss_stops_training_at_its_step():
+    """An inf in one training item: the first step whose batch holds it raises, naming that step
+    (as numbered in the metrics), before its update: the weights stay those of the step before."""
+    bad_row, batch = 123, 64
+    data, retriever = _diverging_data(bad_row)
+    cfg = TrainConfig(steps=40, batch_size=batch, warmup_steps=2, progress=False)
+    # The first global batch holding the row (batch_indices is the trainer's own batch order).
+    step = next(s for s in range(40) if bad_row in batch_indices(len(data), batch, s, cfg.seed))
+    torch.manual_seed(7)
+    model = RetrievalClassifier(_attention(), LinearHead(D, C))
+    trainer = Trainer(model, LongTailTask(retriever), data, cfg, device="cpu")
+    with pytest.raises(TrainingDivergedError, match=rf"at step {step + 1}\b") as e:
+        trainer.fit()
+    assert isinstance(e.value, RuntimeError)  # `reco train` reports RuntimeErrors in one line
+    assert trainer.step == step
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Under DDP the ranks agree to stop: each raises naming the step, none waits for the
+    others in a collective."""
+    out = tmp_path / "out"
+    out.mkdir()
+    init = tempfile.mktemp(dir=tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    args = {"bad_row": 123, "timeout": 60}
+    procs = [
+        ctx.Process(target=run, args=(r, 2, init, str(out), "diverge", args)) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        p.kill()
+    assert not any(alive), "a rank hung"
+    assert [p.exitcode for p in procs] == [0, 0]
+    data, _ = _diverging_data(123)
+    step = next(s for s in range(40) if 123 in batch_indices(len(data), 64, s, 0))
+    for r in range(2):
+        res = torch.load(out / f"rank{r}.pt", weights_only=False)
+        assert "TrainingDivergedError" in res["error"] and f"at step {step + 1}" in res["error"]
+        assert res["step"] == step
+
+
+# -- `reco train` on bad configs -----------------------------------------------------------------
+
+
+def _write_memory(path, embeddings: dict, labels=None):
+    mods = {
+        m: ModalityInfo(x.shape[1], "float32", EncoderInfo("synthetic"))
+        for m, x in embeddings.items()
+    }
+    with MemoryWriter(path, mods, has_labels=labels is not None) as w:
+        w.add(
+            {m: x.numpy() for m, x in embeddings.items()},
+            labels=None if labels is None else labels.numpy(),
+        )
+
+
+@pytest.fixture(scope="module")
+def long_tail_memories(tmp_path_factory):
+    """(train memory, retrieval memory) folders of the synthetic long-tail task."""
+    root = tmp_path_factory.mktemp("lt")
+    data, _, retriever = long_tail_task(seed=0)
+    _write_memory(root / "train", {"image": data.tensors["image"]}, data.tensors["label"])
+    keys, values = retriever.index.keys.shards[0], retriever.index.values.shards[0]
+    _write_memory(root / "memory", {"image": keys, "text": values})
+    return root / "train", root / "memory"
+
+
+def _config(tmp_path, memories, section: str, key: str, value: str, method="longtail") -> str:
+    """A YAML experiment config with section.key (key may be dotted; section "" for a top-level
+    key) set to the YAML value `value`."""
+    train, memory = memories
+    cfg = {
+        "method": method,
+        "data": {"train": str(train), "memory": str(memory)},
+        "longtail": {"k": 5, "heads": 2, "attention_dim": 32},
+        "reco": {"k": 5, "fusion": {"dim": 32, "heads": 2}},
+        "train": {
+            "steps": 12,
+            "batch_size": 64,
+            "warmup_steps": 2,
+            "log_every": 4,
+            "out_dir": str(tmp_path / "run"),
+            "progress": False,
+        },
+    }
+    *parents, name = [p for p in (section, *key.split(".")) if p]
+    table = cfg
+    for p in parents:
+        table = table[p]
+    table[name] = yaml.safe_load(value)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("method", "section", "key", "value"),
+    [
+        ("longtail", "train", "lr", ".nan"),
+        ("longtail", "train", "lr", ".inf"),
+        ("longtail", "train", "lr", "-0.1"),
+        ("longtail", "train", "weight_decay", ".nan"),
+        ("longtail", "train", "grad_clip", ".nan"),
+        ("longtail", "train", "log_every", "0"),
+        ("longtail", "train", "steps", "0"),
+        ("longtail", "train", "batch_size", "0"),
+        ("longtail", "longtail", "heads", "0"),
+        ("longtail", "longtail", "heads", "-2"),
+        ("longtail", "longtail", "heads", "3"),  # does not divide attention_dim 32
+        ("longtail", "longtail", "k", "0"),
+        ("longtail", "longtail", "drop_retrieved", ".nan"),
+        ("reco", "reco", "fusion.heads", "0"),
+        ("reco", "reco", "fusion.heads", "-2"),
+        ("reco", "reco", "fusion.mlp_ratio", ".nan"),
+        ("reco", "reco", "k", "0"),
+        ("reco", "", "temperature", ".nan"),
+        ("reco", "", "temperature", "0"),
+    ],
+)
+def test_reco_train_rejects_bad_config_values(
+    tmp_path, long_tail_memories, capsys, method, section, key, value
+):
+    """Exit status 2 and one line naming the key, before any training (no traceback, and never
+    exit 0 with a model trained to NaN)."""
+    cfg = _config(tmp_path, long_tail_memories, section, key, value, method)
+    assert main(["train", cfg]) == 2
+    err = capsys.readouterr().err.strip()
+    dotted = f"{section}.{key}" if section else key
+    assert len(err.splitlines()) == 1 and err.startswith("reco train: error:"), err
+    assert f"{dotted} must be" in err or f"{dotted}=" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_reco_train_rejects_a_nan_lr_in_toml(tmp_path, long_tail_memories, capsys):
+    train, memory = long_tail_memories
+    cfg = tmp_path / "nan.toml"
+    cfg.write_text(
+        f'method = "longtail"\n[data]\ntrain = "{train}"\nmemory = "{memory}"\n'
+        "[longtail]\nheads = 2\n[train]\nsteps = 5\nbatch_size = 64\nwarmup_steps = 1\n"
+        "lr = nan\nprogress = false\n"
+    )
+    assert main(["train", str(cfg)]) == 2
+    assert "train.lr must be a finite number" in capsys.readouterr().err
+
+
+def test_reco_train_stops_when_the_loss_goes_non_finite(tmp_path, long_tail_memories, capsys):
+    """A learning rate far too large: the loss overflows within a few steps; `reco train`
+    exits 2 with one line naming the step (it used to exit 0)."""
+    cfg = _config(tmp_path, long_tail_memories, "train", "lr", "1.0e+30")
+    assert main(["train", cfg]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert re.search(r"the loss is (nan|inf|-inf) at step \d+ of 12", err), err

@@ -3,7 +3,7 @@
 from .data import EmbeddingDataset, batch_indices
 from .losses import info_nce, reco_loss
 from .tasks import LongTailTask, RECOTask
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, TrainingDivergedError
 
 __all__ = [
     "EmbeddingDataset",
@@ -11,6 +11,7 @@ __all__ = [
     "RECOTask",
     "TrainConfig",
     "Trainer",
+    "TrainingDivergedError",
     "batch_indices",
     "info_nce",
     "reco_loss",

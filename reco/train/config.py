@@ -17,8 +17,11 @@
 
     cfg = load_config("train.yaml", Train)
 
-A misspelt key, a value of the wrong type or a missing required key raises ConfigError naming the
-dotted key path (`optim.lr`), so a bad config fails before any training starts.
+A misspelt key, a value of the wrong type, a NaN or an infinity, or a missing required key raises
+ConfigError naming the dotted key path (`optim.lr`), so a bad config fails before any training
+starts. A validate() that raises ValueError with a message starting with one of its fields
+(`lr must be > 0`, as check_number writes) gets the section's path put in front
+(`optim.lr must be > 0`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-__all__ = ["ConfigError", "dump_config", "from_dict", "load_config", "to_dict"]
+from ..models._checks import check_number
+
+__all__ = ["ConfigError", "check_number", "dump_config", "from_dict", "load_config", "to_dict"]
 
 T = TypeVar("T")
 
@@ -53,6 +58,11 @@ _UNION_TYPES: tuple[Any, ...] = (Union,) + (
 
 class ConfigError(ValueError):
     """A config file or mapping that does not fit its dataclass (the message names the key)."""
+
+
+class _NotFiniteError(ConfigError):
+    """A float that is NaN or infinite: the value has the right type, so a union reports it as
+    is rather than as a type mismatch."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,12 +161,29 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ValueError as e:
+            if not where:
+                raise
+            raise ConfigError(_qualify(where, str(e), fields)) from e
     return obj
 
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
+
+
+_LEADING_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def _qualify(where: str, message: str, fields: Mapping[str, Any]) -> str:
+    """A validate() message with the section's path: `lr must be ...` becomes
+    `optim.lr must be ...` where the message starts with a field, else `optim: <message>`."""
+    name = _LEADING_NAME.match(message)
+    if name is not None and name.group() in fields:
+        return _join(where, message)
+    return f"{where}: {message}"
 
 
 def _describe(tp: Any) -> str:
@@ -189,6 +216,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             option = options[0]
             try:
                 return _convert(value, option, key)
+            except _NotFiniteError:
+                raise
             except ConfigError:
                 # A scalar mismatch reports `int | None`; nested errors (a dataclass, a list
                 # item) keep their own more precise message.
@@ -201,6 +230,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         for option in options:
             try:
                 return _convert(value, option, key)
+            except _NotFiniteError:
+                raise
             except ConfigError:
                 continue
         raise _type_error(key, tp, value)
@@ -230,6 +261,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise _type_error(key, tp, value)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML .nan/.inf, TOML nan/inf: never a usable setting
+                raise _NotFiniteError(f"{key} must be a finite number, got {value!r}")
             return float(value)
         raise _type_error(key, tp, value)
     if tp is str:

@@ -31,7 +31,7 @@ from ..models import (
     RetrievalClassifier,
     Retriever,
 )
-from .config import ConfigError, load_config
+from .config import ConfigError, check_number, load_config
 from .data import EmbeddingDataset
 from .tasks import LongTailTask, RECOTask
 from .trainer import TrainConfig
@@ -66,6 +66,20 @@ class LongTailConfig:
     many_above: int = 100  # shot buckets: many > 100, medium 20..100, few < 20
     few_below: int = 20
 
+    def validate(self) -> None:
+        check_number("k", self.k, integer=True, ge=1)
+        check_number("attention_dim", self.attention_dim, integer=True, ge=1, optional=True)
+        check_number("heads", self.heads, integer=True, ge=1)
+        if self.attention_dim is not None and self.attention_dim % self.heads:
+            raise ValueError(
+                f"heads={self.heads} does not divide attention_dim={self.attention_dim}"
+            )
+        check_number("drop_retrieved", self.drop_retrieved, ge=0, lt=1)
+        check_number("mlp_hidden", self.mlp_hidden, integer=True, ge=1)
+        check_number("near_duplicate", self.near_duplicate, optional=True)
+        check_number("few_below", self.few_below, integer=True, ge=0)
+        check_number("many_above", self.many_above, integer=True, ge=self.few_below)
+
 
 @dataclass
 class ZeroShotConfig:
@@ -90,8 +104,7 @@ class ExperimentConfig:
     temperature: float = 0.07  # RECO's InfoNCE temperature (not stated in the paper)
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        check_number("temperature", self.temperature, gt=0)
 
 
 def load_experiment(path) -> ExperimentConfig:

@@ -5,6 +5,7 @@ DistributedDataParallel under torchrun (gloo on CPU, NCCL on GPU)."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -16,7 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..distributed import install_clean_shutdown
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import check_number
 from .data import EmbeddingDataset, batch_indices
 from .schedule import cosine_with_warmup
 
@@ -41,14 +44,25 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(
-                f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}"
-            )
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
-        if self.lr <= 0 or (self.grad_clip is not None and self.grad_clip <= 0):
-            raise ValueError("lr and grad_clip must be > 0")
+        """ValueError (TypeError for a non-number) naming the field, for a number that is not
+        finite or out of range, before any step runs."""
+        check_number("steps", self.steps, integer=True, ge=1)
+        check_number("batch_size", self.batch_size, integer=True, ge=1)
+        check_number("lr", self.lr, gt=0)
+        check_number("weight_decay", self.weight_decay, ge=0)
+        check_number("warmup_steps", self.warmup_steps, integer=True, ge=0, lt=self.steps)
+        check_number("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        check_number("grad_clip", self.grad_clip, gt=0, optional=True)
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        check_number("seed", self.seed, integer=True)
+        check_number("log_every", self.log_every, integer=True, ge=1)
+        check_number("checkpoint_every", self.checkpoint_every, integer=True, ge=0)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step. Raised before that step's
+    update, on every rank, so the weights (and checkpoints) are those of the step before."""
 
 
 class _LossModule(nn.Module):
@@ -90,6 +104,8 @@ class Trainer:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
+        if self.distributed:
+            install_clean_shutdown()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size={cfg.batch_size} is not divisible by {self.world} ranks")
         wrapped = _LossModule(self.model, loss_fn)
@@ -157,43 +173,63 @@ class Trainer:
         log: list[dict[str, float]] = []
         self.model.train()
         t0 = time.perf_counter()
-        while self.step < stop:
-            batch = self._local_batch(self.step)
-            with self._autocast():
-                loss = self.step_module(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == stop:
-                row = {
-                    "step": self.step,
-                    "loss": float(loss.detach()),
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "seconds": time.perf_counter() - t0,
-                }
-                log.append(row)
-                if out is not None:
-                    out.mkdir(parents=True, exist_ok=True)
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                if writer is not None:
-                    writer.add_scalar("train/loss", row["loss"], self.step)
-                    writer.add_scalar("train/lr", row["lr"], self.step)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+        try:
+            while self.step < stop:
+                batch = self._local_batch(self.step)
+                with self._autocast():
+                    loss = self.step_module(batch)
+                self._check_finite(loss, stop)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == stop:
+                    row = {
+                        "step": self.step,
+                        "loss": float(loss.detach()),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "seconds": time.perf_counter() - t0,
+                    }
+                    log.append(row)
+                    if out is not None:
+                        out.mkdir(parents=True, exist_ok=True)
+                        with open(out / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    if writer is not None:
+                        writer.add_scalar("train/loss", row["loss"], self.step)
+                        writer.add_scalar("train/lr", row["lr"], self.step)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+            if cfg.out_dir is not None and not (
+                cfg.checkpoint_every and stop % cfg.checkpoint_every == 0
+            ):
                 self.save()
-        if cfg.out_dir is not None and not (
-            cfg.checkpoint_every and stop % cfg.checkpoint_every == 0
-        ):
-            self.save()
-        bar.close()
-        if writer is not None:
-            writer.close()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
         return log
+
+    def _check_finite(self, loss: Tensor, stop: int) -> None:
+        """TrainingDivergedError if the loss of the step about to be taken is not finite on any
+        rank (one flag all-reduced, so that every rank stops, and none waits in DDP's backward)."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bool(bad.item()):
+            value = float(loss.detach())
+            which = "the loss of another rank is not finite"
+            if not math.isfinite(value):
+                which = f"the loss is {value}"
+            raise TrainingDivergedError(
+                f"{which} at step {self.step + 1} of {stop} "
+                f"(lr {self.scheduler.get_last_lr()[0]:.3g}): training stopped before that "
+                "step's update; lower train.lr or look for NaN/inf in the data"
+            )
 
 
 def _tensorboard(out: Path | None):
