@@ -61,14 +61,16 @@ def shutdown_process_group(timeout_s: float = EXIT_BARRIER_TIMEOUT_S) -> None:
     collectives; garbage collection (reference cycles can hold collectives and their tensors);
     destroy_process_group(); then the group's worker threads are ended (joined, the GIL
     released) while the interpreter still runs. Safe at any time: without a group (never made,
-    or already destroyed) it only collects garbage. A barrier that fails (a peer died) is
-    logged; one that times out (a peer hung) leaves the group alone, since destroying it would
-    wait for the pending barrier until the group's own timeout.
+    or already destroyed by the caller) it only drops torch's stale references to it and
+    collects garbage. A barrier that fails (a peer died) is logged; one that times out (a peer
+    hung) leaves the group alone, since destroying it would wait for the pending barrier until
+    the group's own timeout.
     """
     if not (dist.is_available() and dist.is_initialized()):
+        if dist.is_available():  # destroyed by the caller: its threads may still be alive
+            _drop_stale_group_defaults()
         gc.collect()
         return
-    world = dist.group.WORLD
     if dist.get_backend() == "gloo":
         work = dist.barrier(async_op=True)
         try:
@@ -84,27 +86,31 @@ def shutdown_process_group(timeout_s: float = EXIT_BARRIER_TIMEOUT_S) -> None:
         dist.destroy_process_group()
     except Exception as e:  # already being torn down elsewhere
         log.warning("destroy_process_group at shutdown failed: %s", e)
-    _drop_stale_group_defaults(world)
+    # Usually the last references: ProcessGroupGloo's destructor then joins its worker threads
+    # (the GIL released) while the interpreter still runs.
+    _drop_stale_group_defaults()
     gc.collect()
-    # The last reference goes here: ProcessGroupGloo's destructor joins its worker threads.
-    del world
 
 
-def _drop_stale_group_defaults(group: dist.ProcessGroup) -> None:
+def _drop_stale_group_defaults() -> None:
     """torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is
     imported; imported after init_process_group (torch._dynamo imports it, on the first call of
     any custom op), its functions keep the group, and its worker threads, alive after
-    destroy_process_group, until the interpreter finalizes. Those defaults become None (the
-    default group)."""
+    destroy_process_group, until the interpreter finalizes. Call once no group is left: those
+    defaults become None (the default group)."""
     module = sys.modules.get("torch.distributed.nn.functional")
     for f in vars(module).values() if module is not None else ():
-        if isinstance(f, types.FunctionType) and any(d is group for d in f.__defaults__ or ()):
-            f.__defaults__ = tuple(None if d is group else d for d in f.__defaults__)
+        if isinstance(f, types.FunctionType) and f.__defaults__:
+            stale = [isinstance(d, dist.ProcessGroup) for d in f.__defaults__]
+            if any(stale):
+                f.__defaults__ = tuple(
+                    None if s else d for s, d in zip(stale, f.__defaults__, strict=True)
+                )
 
 
 def install_clean_shutdown(timeout_s: float = EXIT_BARRIER_TIMEOUT_S) -> None:
     """Registers shutdown_process_group(timeout_s) to run at interpreter exit, once (later
-    calls only update the timeout). It does nothing if the group was destroyed by then."""
+    calls only update the timeout); safe whether or not the group is still there by then."""
     _exit_hook["timeout_s"] = timeout_s
     if not _exit_hook["installed"]:
         atexit.register(_shutdown_at_exit)

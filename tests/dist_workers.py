@@ -152,6 +152,17 @@ def _diverge(rank, world, args, result):
         result["step"] = trainer.step
 
 
+def _hung_peer(rank, world, args, result):
+    """Rank 0 shuts down while rank 1 is busy elsewhere for longer than the barrier's timeout."""
+    if rank == 0:
+        t0 = time.time()
+        shutdown_process_group(timeout_s=args["barrier_s"])
+        result["seconds"] = time.time() - t0
+        result["left_alone"] = dist.is_initialized()
+    else:
+        time.sleep(args["busy_s"])
+
+
 SCENARIOS = {
     "equal": _equal,
     "ddp": _ddp,
@@ -159,6 +170,7 @@ SCENARIOS = {
     "verify": _verify,
     "bad_exclude": _bad_exclude,
     "diverge": _diverge,
+    "hung_peer": _hung_peer,
 }
 
 
@@ -173,9 +185,12 @@ def ddp_train(rank: int, world: int, init_file: str, out: str, which: str = "lon
     shutdown_process_group()
 
 
-def exit_job(rank: int, world: int, init_file: str, memory: str, switch_s: float = 0.1) -> None:
-    """The job that used to abort at interpreter exit (SIGABRT) in some runs: the op through
-    ShardedIndex, collectives, then the end of the script, without destroy_process_group."""
+def exit_job(
+    rank: int, world: int, init_file: str, memory: str, destroy: bool, switch_s: float = 0.1
+) -> None:
+    """The job that used to abort at interpreter exit (SIGABRT) in most runs: the op through
+    ShardedIndex, collectives, then the end of the script, with the script's own
+    destroy_process_group() or without."""
     from reco.distributed import ShardedIndex
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -189,3 +204,5 @@ def exit_job(rank: int, world: int, init_file: str, memory: str, switch_s: float
     dist.all_gather(out, r.output)
     # A collective whose handle is not kept (as for metrics sent off without waiting).
     dist.all_gather([torch.empty_like(r.output) for _ in range(world)], r.output, async_op=True)
+    if destroy:
+        dist.destroy_process_group()
