@@ -71,3 +71,26 @@ def tiny_memory(tmp_path, image_tree, tiny_clip):
     build = ["build-memory", str(out), "--image-folder", str(image_tree), "--no-progress"]
     assert main([*build, *tiny_clip_args(tiny_clip)]) == 0
     return out
+
+
+@pytest.fixture
+def deadline():
+    """deadline(seconds): a context manager that fails a test that blocks (on a FIFO, a device, a
+    read that never ends) instead of letting it hang."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def within(seconds: int):
+        def fail(signum, frame):
+            raise TimeoutError(f"still running after {seconds} s")
+
+        old = signal.signal(signal.SIGALRM, fail)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+
+    return within

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -275,22 +274,6 @@ def test_random_weights_are_refused_without_the_flag(tiny_clip):
 # ---- regression tests: every bad input is a clear error, never a silent wrong memory -----------
 
 
-@contextlib.contextmanager
-def _deadline(seconds: int):
-    """Fails a test that blocks (e.g. on a FIFO) instead of letting it hang."""
-
-    def fail(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _part(root, n, img=None, txt=None, meta=None, dim=8, rows=4, seed=0, name=None):
     """Writes one clip-retrieval part (img_emb, text_emb, metadata); None entries are random;
     name overrides the part's number as written in the file names."""
@@ -553,10 +536,10 @@ def test_clip_retrieval_from_another_folder_is_refused_unless_appended(tmp_path)
     assert _import(tmp_path, tmp_path / "b").added == 0
 
 
-def test_source_files_must_be_regular(tmp_path):
+def test_source_files_must_be_regular(tmp_path, deadline):
     fifo = tmp_path / "fifo.csv"
     os.mkfifo(fifo)
-    with _deadline(20):
+    with deadline(20):
         for path in (fifo, tmp_path, "/dev/zero"):
             with pytest.raises(ValueError, match=rf"{path}: not a regular file"):
                 builders.iter_caption_table(path)
@@ -567,7 +550,7 @@ def test_source_files_must_be_regular(tmp_path):
         builders.iter_caption_table(tmp_path / "missing.csv")
 
 
-def test_image_reads_are_bounded(tmp_path, encoder):
+def test_image_reads_are_bounded(tmp_path, encoder, deadline):
     rng = np.random.default_rng(9)
     (tmp_path / "img").mkdir()
     _image(rng).save(tmp_path / "img" / "ok.png")
@@ -577,7 +560,7 @@ def test_image_reads_are_bounded(tmp_path, encoder):
     rows = "img/ok.png,fine\nimg/fifo.png,a fifo\n/dev/zero,endless zeros\nimg/big.png,too big\n"
     (tmp_path / "t.csv").write_text("path,caption\n" + rows)
     items = builders.iter_caption_table(tmp_path / "t.csv", max_image_bytes=limit)
-    with _deadline(60):
+    with deadline(60):
         report = builders.build_from_items(
             tmp_path / "mem", items, image_encoder=encoder, progress_bar=False
         )

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import signal
 import tarfile
 
 import numpy as np
@@ -18,22 +16,6 @@ PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("open_clip")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
-
-
-@contextlib.contextmanager
-def _deadline(seconds: int):
-    """Fails a test that blocks (e.g. on a FIFO) instead of letting it hang."""
-
-    def fail(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _error(capsys, code: int) -> str:
@@ -176,12 +158,12 @@ def test_label_names(tmp_path, image_tree, tiny_clip, capsys):
 
 
 @pytest.mark.parametrize("kind", ["dev", "fifo", "dir"])
-def test_captions_table_that_is_not_a_regular_file(tmp_path, tiny_clip, capsys, kind):
+def test_captions_table_that_is_not_a_regular_file(tmp_path, tiny_clip, capsys, kind, deadline):
     path = {"dev": "/dev/zero", "fifo": tmp_path / "fifo.csv", "dir": tmp_path}[kind]
     if kind == "fifo":
         os.mkfifo(path)
     args = _build(tmp_path / "m", "--captions", str(path), *tiny_clip_args(tiny_clip))
-    with _deadline(30):
+    with deadline(30):
         err = _error(capsys, main(args))
     assert f"{path}: not a regular file" in err
     assert not (tmp_path / "m").exists()

@@ -538,56 +538,45 @@ def test_binary_manifest(tmp_path, capsys):
     assert "not UTF-8 JSON text" in capsys.readouterr().err
 
 
-@pytest.fixture
-def alarm():
-    """Turns a hang into a failure (the bug this guards against is a read that never ends)."""
-    import signal
-
-    def fail(*_):
-        raise TimeoutError("hung reading a file")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
-def test_symlinks_out_of_the_memory_are_refused(tmp_path, alarm):
-    _write(tmp_path / "m", [4])
-    shard = tmp_path / "m" / "shards" / "00000"
-    secret = tmp_path / "secret.npy"
-    (shard / "labels.npy").rename(secret)
-    (shard / "labels.npy").symlink_to(secret)
-    with pytest.raises(MemoryFormatError, match=r"labels\.npy' resolves to .*secret\.npy, outside"):
-        Memory.open(tmp_path / "m")
-    (shard / "labels.npy").unlink()
-    (shard / "labels.npy").symlink_to("/dev/zero")
-    with pytest.raises(MemoryFormatError, match="outside the memory folder"):
-        Memory.open(tmp_path / "m", verify="full")
-    (shard / "labels.npy").unlink()
-    secret.rename(shard / "labels.npy")
-    man = tmp_path / "m" / "manifest.json"
-    man.rename(tmp_path / "elsewhere.json")
-    man.symlink_to("/dev/zero")
-    with pytest.raises(MemoryFormatError, match=r"manifest\.json resolves to /dev/zero"):
-        Memory.open(tmp_path / "m")
-    with pytest.raises(MemoryFormatError, match="outside the memory folder"):
-        MemoryWriter(tmp_path / "m", MODS, has_labels=True)
+def test_symlinks_out_of_the_memory_are_refused(tmp_path, deadline):
+    with deadline(20):
+        _write(tmp_path / "m", [4])
+        shard = tmp_path / "m" / "shards" / "00000"
+        secret = tmp_path / "secret.npy"
+        (shard / "labels.npy").rename(secret)
+        (shard / "labels.npy").symlink_to(secret)
+        with pytest.raises(
+            MemoryFormatError, match=r"labels\.npy' resolves to .*secret\.npy, outside"
+        ):
+            Memory.open(tmp_path / "m")
+        (shard / "labels.npy").unlink()
+        (shard / "labels.npy").symlink_to("/dev/zero")
+        with pytest.raises(MemoryFormatError, match="outside the memory folder"):
+            Memory.open(tmp_path / "m", verify="full")
+        (shard / "labels.npy").unlink()
+        secret.rename(shard / "labels.npy")
+        man = tmp_path / "m" / "manifest.json"
+        man.rename(tmp_path / "elsewhere.json")
+        man.symlink_to("/dev/zero")
+        with pytest.raises(MemoryFormatError, match=r"manifest\.json resolves to /dev/zero"):
+            Memory.open(tmp_path / "m")
+        with pytest.raises(MemoryFormatError, match="outside the memory folder"):
+            MemoryWriter(tmp_path / "m", MODS, has_labels=True)
 
 
-def test_non_regular_files_are_refused_without_blocking(tmp_path, alarm, capsys):
+def test_non_regular_files_are_refused_without_blocking(tmp_path, deadline, capsys):
     from reco.cli import main
 
-    _write(tmp_path / "m", [4])
-    f = tmp_path / "m" / "shards" / "00000" / "metadata.parquet"
-    f.unlink()
-    os.mkfifo(f)  # a reader that opened it would wait forever for a writer
-    fifo = r"metadata\.parquet: not a regular file \(a FIFO\)"
-    with pytest.raises(MemoryFormatError, match=fifo):
-        Memory.open(tmp_path / "m")
-    assert main(["memory", "info", str(tmp_path / "m"), "--verify"]) == 2
-    assert ": not a regular file" in capsys.readouterr().err
+    with deadline(20):
+        _write(tmp_path / "m", [4])
+        f = tmp_path / "m" / "shards" / "00000" / "metadata.parquet"
+        f.unlink()
+        os.mkfifo(f)  # a reader that opened it would wait forever for a writer
+        fifo = r"metadata\.parquet: not a regular file \(a FIFO\)"
+        with pytest.raises(MemoryFormatError, match=fifo):
+            Memory.open(tmp_path / "m")
+        assert main(["memory", "info", str(tmp_path / "m"), "--verify"]) == 2
+        assert ": not a regular file" in capsys.readouterr().err
 
 
 def test_metadata_reads_are_checked(tmp_path):
