@@ -1,16 +1,29 @@
 // reco._C: the compiled core. Arrays arrive through DLPack (torch, numpy, cupy); outputs are
 // allocated by the caller and written in place. No libtorch is linked.
+// Compiled a second time with RECO_EMULATION as reco._C_emu: only the CUDA functions, against the
+// CPU emulation of csrc/emulation, where the "device" arrays are CPU arrays.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include "cpu/retrieve_attend.h"
 #include "reco/dlpack.h"
+#if !defined(RECO_EMULATION)
+#include "cpu/retrieve_attend.h"
+#endif
 #if defined(RECO_WITH_CUDA)
 #include "cuda/retrieve_attend.h"
+#endif
+#if defined(RECO_EMULATION)
+#include "emulation/reco_emu.h"
+#define RECO_MODULE _C_emu
+constexpr int kDeviceType = kDLCPU;  // the emulated GPU works on host memory
+#else
+#define RECO_MODULE _C
+constexpr int kDeviceType = kDLCUDA;
 #endif
 
 namespace py = pybind11;
@@ -44,14 +57,20 @@ DType dtype_of(const DLDataType& t, const std::string& name) {
                        " lanes)");
 }
 
-// A view of `obj` through its __dlpack__; None gives an absent view (ndim 0).
-TensorView import_array(const py::handle& obj, const std::string& name, Imported& owner) {
+// A view of `obj` through its __dlpack__; None gives an absent view (ndim 0). With `stream`
+// (the consumer's stream, as the DLPack protocol defines it: None for host arrays), the producer
+// orders its pending work before that stream; without it, the producer's default applies.
+// The strides of size-1 dims are replaced by the contiguous ones: they address nothing, and
+// producers differ (torch 1.13 to 2.9 exports 1 for them).
+TensorView import_array(const py::handle& obj, const std::string& name, Imported& owner,
+                        const std::optional<py::object>& stream = std::nullopt) {
   TensorView v;
   if (obj.is_none()) return v;
   if (!py::hasattr(obj, "__dlpack__"))
     throw py::type_error(name + " must be an array supporting DLPack (__dlpack__), got " +
                          std::string(py::str(py::type::of(obj))));
-  py::object capsule = obj.attr("__dlpack__")();
+  py::object capsule = stream ? obj.attr("__dlpack__")(py::arg("stream") = *stream)
+                              : obj.attr("__dlpack__")();
   if (!PyCapsule_IsValid(capsule.ptr(), "dltensor"))
     throw py::type_error(name + ".__dlpack__() did not return a DLPack capsule");
   auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
@@ -69,7 +88,7 @@ TensorView import_array(const py::handle& obj, const std::string& name, Imported
   int64_t stride = 1;
   for (int i = t.ndim - 1; i >= 0; --i) {
     v.shape[i] = t.shape[i];
-    v.strides[i] = t.strides != nullptr ? t.strides[i] : stride;
+    v.strides[i] = t.strides != nullptr && t.shape[i] != 1 ? t.strides[i] : stride;
     stride *= t.shape[i];
   }
   return v;
@@ -80,18 +99,20 @@ TensorView import_array(const py::handle& obj, const std::string& name, Imported
 template <typename Args>
 void import_op_arrays(Args& a, Imported* owners, py::handle query, py::handle keys,
                       py::handle values, py::handle attn_query, py::handle exclude,
-                      py::handle output, py::handle weights, py::handle indices,
-                      py::handle scores) {
-  a.query = import_array(query, "query", owners[0]);
-  a.keys = import_array(keys, "keys", owners[1]);
-  a.values = import_array(values, "values", owners[2]);
-  a.attn_query = import_array(attn_query, "attn_query", owners[3]);
-  a.exclude = import_array(exclude, "exclude", owners[4]);
-  a.output = import_array(output, "output", owners[5]);
-  a.weights = import_array(weights, "weights", owners[6]);
-  a.indices = import_array(indices, "indices", owners[7]);
-  a.scores = import_array(scores, "scores", owners[8]);
+                      py::handle output, py::handle weights, py::handle indices, py::handle scores,
+                      const std::optional<py::object>& stream = std::nullopt) {
+  a.query = import_array(query, "query", owners[0], stream);
+  a.keys = import_array(keys, "keys", owners[1], stream);
+  a.values = import_array(values, "values", owners[2], stream);
+  a.attn_query = import_array(attn_query, "attn_query", owners[3], stream);
+  a.exclude = import_array(exclude, "exclude", owners[4], stream);
+  a.output = import_array(output, "output", owners[5], stream);
+  a.weights = import_array(weights, "weights", owners[6], stream);
+  a.indices = import_array(indices, "indices", owners[7], stream);
+  a.scores = import_array(scores, "scores", owners[8], stream);
 }
+
+#if !defined(RECO_EMULATION)
 
 reco::cpu::Level parse_level(const std::optional<std::string>& level) {
   if (!level) return reco::cpu::default_level();
@@ -149,6 +170,67 @@ void coarse_int8(py::handle query_codes, py::handle codes, py::handle scales, py
   reco::cpu::coarse_int8(a);
 }
 
+#endif  // !RECO_EMULATION
+
+#if defined(RECO_WITH_CUDA)
+// A contiguous array of this dtype and shape.
+bool contiguous(const TensorView& v, DType dtype, std::initializer_list<int64_t> shape) {
+  if (v.ndim != int(shape.size()) || v.dtype != dtype) return false;
+  int64_t stride = 1;
+  int i = v.ndim;
+  for (auto it = shape.end(); it != shape.begin();) {
+    --it;
+    --i;
+    if (v.shape[i] != *it || v.strides[i] != stride) return false;
+    stride *= *it;
+  }
+  return true;
+}
+
+// Everything the kernels read or write lies where they expect it: they index by these shapes.
+void check_cuda_arrays(const reco::cuda::Args& a, int64_t k) {
+  auto fail = [](const std::string& what) {
+    throw py::value_error("retrieve_attend_cuda: " + what);
+  };
+  for (const TensorView* v : {&a.query, &a.keys, &a.values, &a.output, &a.weights, &a.indices,
+                              &a.scores, &a.part_scores, &a.part_rows, &a.query_terms, &a.codes,
+                              &a.key_scales, &a.attn_query, &a.exclude})
+    if (v->present() && (v->device_type != kDeviceType || v->device_id != a.query.device_id))
+      fail("every array must be on the query's CUDA device");
+  if (a.query.ndim != 2 || a.keys.ndim != 2 || a.values.ndim != 2)
+    fail("query [B, d], keys [N, d] and values [N, dv] must be 2-D");
+  const int64_t B = a.query.shape[0], d = a.query.shape[1], N = a.keys.shape[0];
+  const int64_t dv = a.values.shape[1];
+  const int64_t H = a.attn_query.present() ? a.attn_query.shape[1] : 1;
+  if (!contiguous(a.query, DType::f32, {B, d})) fail("query must be contiguous float32 [B, d]");
+  if (a.keys.shape[1] != d || a.values.shape[0] != N || N < 1 || d < 1 || dv < 1)
+    fail("keys must be [N, d] and values [N, dv], N, d, dv >= 1");
+  if (a.keys.strides[1] != 1 || a.values.strides[1] != 1)
+    fail("keys and values need unit inner stride");
+  if (k < 1 || k > N) fail("k must be in [1, N]");
+  if (a.attn_query.present() && !contiguous(a.attn_query, DType::f32, {B, H, dv}))
+    fail("attn_query must be contiguous float32 [B, H, dv]");
+  if (a.exclude.present() &&
+      !contiguous(a.exclude, DType::i64, {B, a.exclude.ndim == 2 ? a.exclude.shape[1] : -1}))
+    fail("exclude must be contiguous int64 [B, E]");
+  if (!contiguous(a.output, DType::f32, {B, H, dv}) ||
+      !contiguous(a.weights, DType::f32, {B, H, k}) ||
+      !contiguous(a.indices, DType::i64, {B, k}) || !contiguous(a.scores, DType::f32, {B, k}))
+    fail("output [B, H, dv], weights [B, H, k], indices [B, k] (int64) and scores [B, k] must be "
+         "contiguous float32 except indices");
+  if (a.codes.present() &&
+      (a.codes.ndim != 2 || a.codes.dtype != DType::i8 || a.codes.shape[0] != N ||
+       a.codes.shape[1] != d || a.codes.strides[1] != 1 ||
+       !contiguous(a.key_scales, DType::f32, {N})))
+    fail("codes must be int8 [N, d] with unit inner stride and key_scales contiguous float32 [N]");
+  if (a.query_terms.present() &&
+      (a.query_terms.ndim != 3 ||
+       !contiguous(a.query_terms, a.codes.present() ? DType::i8 : a.keys.dtype,
+                   {a.query_terms.shape[0], B, d})))
+    fail("query_terms must be contiguous [terms, B, d] of the keys' dtype (int8 with codes)");
+}
+#endif
+
 #if defined(RECO_WITH_CUDA)
 void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle codes,
                           py::handle key_scales, py::handle keys, py::handle values,
@@ -156,47 +238,26 @@ void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle c
                           double temperature, py::handle output, py::handle weights,
                           py::handle indices, py::handle scores, py::handle part_scores,
                           py::handle part_rows, int splits, int pow2, int queries, bool mma,
-                          uintptr_t stream) {
+                          const py::object& stream) {
+  // The launch stream (a cudaStream_t as an int; None: the default stream, or a host array in
+  // the emulation), and the one __dlpack__ is told: DLPack's 1 for the legacy default stream.
+  uintptr_t launch_stream = 0;
+  py::object dl_stream = py::none();
+  if (!stream.is_none()) {
+    launch_stream = stream.cast<uintptr_t>();
+    dl_stream = py::int_(launch_stream == 0 ? uintptr_t(1) : launch_stream);
+  }
   Imported owners[14];
   reco::cuda::Args a;
   import_op_arrays(a, owners, query, keys, values, attn_query, exclude, output, weights, indices,
-                   scores);
-  a.part_scores = import_array(part_scores, "part_scores", owners[9]);
-  a.part_rows = import_array(part_rows, "part_rows", owners[10]);
-  a.query_terms = import_array(query_terms, "query_terms", owners[11]);
-  a.codes = import_array(codes, "codes", owners[12]);
-  a.key_scales = import_array(key_scales, "key_scales", owners[13]);
-  for (const TensorView* v : {&a.codes, &a.key_scales})
-    if (v->present() && (v->device_type != 2 || v->device_id != a.query.device_id))
-      throw py::value_error("retrieve_attend_cuda: every array must be on the query's CUDA device");
-  if (a.codes.present() &&
-      (a.codes.ndim != 2 || a.codes.dtype != DType::i8 || a.codes.shape[0] != a.keys.shape[0] ||
-       a.codes.shape[1] != a.keys.shape[1] || a.codes.strides[1] != 1 || !a.key_scales.present() ||
-       a.key_scales.ndim != 1 || a.key_scales.dtype != DType::f32 ||
-       a.key_scales.shape[0] != a.keys.shape[0] || a.key_scales.strides[0] != 1))
-    throw py::value_error(
-        "retrieve_attend_cuda: codes must be int8 [N, d] with unit inner stride and key_scales "
-        "contiguous float32 [N]");
+                   scores, dl_stream);
+  a.part_scores = import_array(part_scores, "part_scores", owners[9], dl_stream);
+  a.part_rows = import_array(part_rows, "part_rows", owners[10], dl_stream);
+  a.query_terms = import_array(query_terms, "query_terms", owners[11], dl_stream);
+  a.codes = import_array(codes, "codes", owners[12], dl_stream);
+  a.key_scales = import_array(key_scales, "key_scales", owners[13], dl_stream);
+  check_cuda_arrays(a, k);
   if (candidates < k) throw py::value_error("retrieve_attend_cuda: candidates must be >= k");
-  if (a.query_terms.present() &&
-      (a.query_terms.ndim != 3 ||
-       a.query_terms.dtype != (a.codes.present() ? DType::i8 : a.keys.dtype) ||
-       a.query_terms.shape[1] != a.query.shape[0] || a.query_terms.shape[2] != a.query.shape[1] ||
-       a.query_terms.strides[2] != 1 || a.query_terms.strides[1] != a.query.shape[1] ||
-       a.query_terms.strides[0] != a.query.shape[0] * a.query.shape[1] ||
-       a.query_terms.device_type != 2 || a.query_terms.device_id != a.query.device_id))
-    throw py::value_error(
-        "retrieve_attend_cuda: query_terms must be contiguous [terms, B, d] of the keys' dtype, "
-        "on the query's device");
-  for (const TensorView* v : {&a.query, &a.keys, &a.values, &a.output, &a.weights, &a.indices,
-                              &a.scores, &a.part_scores, &a.part_rows})
-    if (v->device_type != 2 || v->device_id != a.query.device_id)
-      throw py::value_error("retrieve_attend_cuda: every array must be on the query's CUDA device");
-  if (a.query.dtype != DType::f32 || a.query.strides[1] != 1 ||
-      a.query.strides[0] != a.query.shape[1])
-    throw py::type_error("retrieve_attend_cuda: query must be contiguous float32");
-  if (a.keys.strides[1] != 1 || a.values.strides[1] != 1)
-    throw py::value_error("retrieve_attend_cuda: keys and values need unit inner stride");
   a.k = k;
   a.candidates = candidates;
   a.temperature = temperature;
@@ -205,7 +266,7 @@ void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle c
   a.plan.queries = queries;
   a.plan.mma = mma;
   a.plan.ok = true;
-  a.stream = stream;
+  a.stream = launch_stream;
   py::gil_scoped_release release;
   reco::cuda::retrieve_attend(a);
 }
@@ -213,7 +274,37 @@ void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle c
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(RECO_MODULE, m) {
+#if defined(RECO_EMULATION)
+  m.doc() = "reco's CUDA path compiled against the CPU emulation (csrc/emulation): CPU arrays";
+  m.def(
+      "set_arch",
+      [](const std::string& name) {
+        if (!reco::emu::set_arch(name.c_str()))
+          throw py::value_error("emulated GPU architecture must be sm_80 or sm_90, got '" + name +
+                                "'");
+      },
+      py::arg("name"), "Emulate this GPU: sm_80 (A100) or sm_90 (H100).");
+  m.def(
+      "arch", [] { return std::string(reco::emu::arch().name); }, "The emulated architecture.");
+  m.def("take_launch_log", &reco::emu::take_launch_log,
+        "The kernels launched since the last call (demangled names, oldest first).");
+  m.def(
+      "get_device",
+      [] {
+        int d = -1;
+        if (cudaGetDevice(&d) != cudaSuccess) throw std::runtime_error("cudaGetDevice failed");
+        return d;
+      },
+      "The emulated runtime's current device (this OS thread's).");
+  m.def(
+      "set_device",
+      [](int d) {
+        if (cudaSetDevice(d) != cudaSuccess)
+          throw py::value_error("no emulated device " + std::to_string(d));
+      },
+      py::arg("device"), "cudaSetDevice in the emulated runtime.");
+#else
   m.doc() = "reco's compiled kernels (framework-free; arrays through DLPack)";
   m.def("retrieve_attend", &retrieve_attend, py::arg("query"), py::arg("keys"), py::arg("values"),
         py::arg("attn_query"), py::arg("exclude"), py::arg("k"), py::arg("temperature"),
@@ -240,8 +331,10 @@ PYBIND11_MODULE(_C, m) {
         "CPU coarse int8 search of fused_retrieve_attend_int8, writing rows and scores.");
   m.def("coarse_int8_uses_vnni", &reco::cpu::coarse_int8_uses_vnni,
         "Whether the CPU coarse int8 search uses AVX512-VNNI here.");
+#endif
 #if defined(RECO_WITH_CUDA)
   m.attr("with_cuda") = true;
+  m.attr("cuda_max_candidates") = reco::cuda::kMaxCandidates;
   m.def(
       "cuda_plan",
       [](int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int device) {
@@ -259,7 +352,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("temperature"), py::arg("output"), py::arg("weights"), py::arg("indices"),
         py::arg("scores"), py::arg("part_scores"), py::arg("part_rows"), py::arg("splits"),
         py::arg("pow2"), py::arg("queries"), py::arg("mma"), py::arg("stream"),
-        "CUDA fused top-k retrieval + attention on the given stream (workspace from the caller).");
+        "CUDA fused top-k retrieval + attention on the given stream (a cudaStream_t as an int, "
+        "or None: the default stream), workspace from the caller.");
 #else
   m.attr("with_cuda") = false;
 #endif

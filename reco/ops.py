@@ -7,6 +7,7 @@ reco._C, which takes the arrays through DLPack and links no libtorch.
 CUDA kernels for its coarse search; elsewhere its body is the reference.
 """
 
+import contextlib
 import math
 import os
 import warnings
@@ -22,6 +23,10 @@ try:
     from . import _C
 except ImportError:  # a source checkout without a build: every device uses the reference
     _C = None
+try:  # the CUDA path compiled against the CPU emulation (csrc/emulation): RECO_EMULATE_CUDA
+    from . import _C_emu
+except ImportError:
+    _C_emu = None
 
 __all__ = [
     "RetrieveAttend",
@@ -207,6 +212,11 @@ if _C is not None:
         exclude: Optional[Tensor],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+        if emulated_cuda() is not None:
+            args = (query, keys, values, k, attn_query, temperature, exclude)
+            emulated = _cuda_retrieve_attend(_C_emu, *args)
+            if emulated is not None:
+                return emulated
         outputs = _empty_outputs(query, keys, values, k, attn_query)
         if query.shape[0] == 0:
             return outputs
@@ -237,8 +247,9 @@ def query_terms(query: Tensor, dtype: torch.dtype) -> Tensor:
     """
     q = query.detach().float()
     if dtype == torch.float16:
-        amax = q.abs().amax(dim=1, keepdim=True)
-        exponent = torch.frexp(torch.where(torch.isfinite(amax) & (amax > 0), amax, 1.0)).exponent
+        # The largest finite magnitude sets the scale (an infinite one stays infinite).
+        amax = torch.where(torch.isfinite(q), q.abs(), 0.0).amax(dim=1, keepdim=True)
+        exponent = torch.frexp(torch.where(amax > 0, amax, 1.0)).exponent
         q = torch.ldexp(q, (15 - exponent).clamp(max=126))
         count = 2
     elif dtype == torch.bfloat16:
@@ -254,46 +265,112 @@ def query_terms(query: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.stack(terms)
 
 
+def emulated_cuda() -> Optional[str]:
+    """The GPU that RECO_EMULATE_CUDA names, "sm_90" (H100) or "sm_80" (A100), or None when it is
+    unset. With it, CPU tensors take the CUDA path (planning, binding, launches, kernels, merge)
+    compiled against the CPU emulation of csrc/emulation: slow, for tests."""
+    name = os.environ.get("RECO_EMULATE_CUDA", "")
+    if not name:
+        return None
+    if name not in ("sm_80", "sm_90"):
+        raise ValueError(f"RECO_EMULATE_CUDA must be sm_80, sm_90 or unset, got {name!r}")
+    if _C_emu is None:
+        raise RuntimeError(
+            "RECO_EMULATE_CUDA is set, but this build of reco has no CUDA emulation "
+            "(reco._C_emu is built with GCC on Linux; RECO_EMULATION=OFF leaves it out)"
+        )
+    _C_emu.set_arch(name)
+    return name
+
+
 def _launch_cuda(
-    q, terms, codes, scales, keys, values, attn_query, exclude, k, candidates, temperature,
+    mod, q, terms, codes, scales, keys, values, attn_query, exclude, k, candidates, temperature,
     outputs, plan,
 ) -> None:  # fmt: skip
-    """reco._C.retrieve_attend_cuda on the current stream, writing `outputs`: the query q as
-    float32, its 16-bit or int8 terms for the tensor-core search (or None), the int8 codes and
-    scales (or None); the workspace of `candidates` rows per split comes from torch's caching
-    allocator (stream-ordered, CUDA-graph safe)."""
+    """mod.retrieve_attend_cuda (reco._C, or reco._C_emu on CPU tensors) on the current stream,
+    writing `outputs`: the query q as float32, its 16-bit or int8 terms for the tensor-core
+    search (or None), the int8 codes and scales (or None); the workspace of `candidates` rows per
+    split comes from torch's caching allocator (stream-ordered, CUDA-graph safe)."""
     splits, pow2, queries, mma = plan
     B = q.shape[0]
     part_scores = q.new_empty((B, splits, candidates), dtype=torch.float32)
     part_rows = q.new_empty((B, splits, candidates), dtype=torch.int64)
-    with torch.cuda.device(q.device):
-        _C.retrieve_attend_cuda(
-            q,
-            terms,
-            codes,
-            scales,
-            _unit_inner_stride(keys.detach()),
-            _unit_inner_stride(values.detach()),
-            None if attn_query is None else attn_query.detach().float().contiguous(),
-            None if exclude is None else exclude.contiguous(),
-            k,
-            candidates,
-            float(temperature),
-            *outputs,
-            part_scores,
-            part_rows,
-            splits,
-            pow2,
-            queries,
-            mma,
-            torch.cuda.current_stream(q.device).cuda_stream,
-        )
+    # The stream the kernels run on, also given to every array's __dlpack__.
+    stream = torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else None
+    mod.retrieve_attend_cuda(
+        q,
+        terms,
+        codes,
+        scales,
+        _unit_inner_stride(keys.detach()),
+        _unit_inner_stride(values.detach()),
+        None if attn_query is None else attn_query.detach().float().contiguous(),
+        None if exclude is None else exclude.contiguous(),
+        k,
+        candidates,
+        float(temperature),
+        *outputs,
+        part_scores,
+        part_rows,
+        splits,
+        pow2,
+        queries,
+        mma,
+        stream,
+    )
+
+
+def _cuda_plan(mod, query: Tensor, rows: int, k: int, terms: int):
+    """(splits, pow2, queries, mma) of mod.cuda_plan, or None where the kernel cannot take k."""
+    if k > mod.cuda_max_candidates:
+        return None
+    ok, splits, pow2, queries, mma = mod.cuda_plan(
+        query.shape[0], rows, query.shape[1], k, terms, query.device.index or 0
+    )
+    return (splits, pow2, queries, mma) if ok else None
 
 
 def cuda_kernel_enabled() -> bool:
     """The CUDA kernel is compiled in but has not yet been validated on a GPU, so CUDA tensors
     run the reference unless RECO_CUDA_KERNEL=1 opts in."""
     return bool(getattr(_C, "with_cuda", False)) and os.environ.get("RECO_CUDA_KERNEL") == "1"
+
+
+def _cuda_retrieve_attend(mod, query, keys, values, k, attn_query, temperature, exclude):
+    """The CUDA path of fused_retrieve_attend through mod (reco._C on CUDA tensors, reco._C_emu on
+    CPU ones), or None where its kernels cannot take the call (the caller falls back)."""
+    if _out_dtype(query, keys, values, attn_query) != torch.float32:
+        return None
+    outputs = _empty_outputs(query, keys, values, k, attn_query)
+    if query.shape[0] == 0:
+        return outputs
+    # 16-bit keys: the tensor-core search takes the query as 16-bit terms of their dtype
+    # (the query itself when it has that dtype), fp32 accumulation of exact products.
+    half_query = query.dtype == keys.dtype and query.dtype in (torch.float16, torch.bfloat16)
+    terms = {torch.float16: 2, torch.bfloat16: 3}.get(keys.dtype, 0)
+    with _device_of(query):
+        plan = _cuda_plan(mod, query, keys.shape[0], k, 1 if half_query else terms)
+        if plan is None:  # k too large for the kernel's shared memory
+            return None
+        # Both searches and the merge take the query as float32 (exact for a 16-bit query).
+        q = query.detach().float().contiguous()
+        if not plan[3]:
+            terms_in = None
+        elif half_query:
+            terms_in = query.detach().contiguous()[None]
+        else:
+            terms_in = query_terms(q, keys.dtype)
+        _launch_cuda(
+            mod, q, terms_in, None, None, keys, values, attn_query, exclude, k, k, temperature,
+            outputs, plan,
+        )  # fmt: skip
+    return outputs
+
+
+def _device_of(t: Tensor):
+    """torch.cuda.device(t.device) for a CUDA tensor (DLPack exports only from the current
+    device), else a no-op context."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 if _C is not None and getattr(_C, "with_cuda", False):
@@ -309,38 +386,9 @@ if _C is not None and getattr(_C, "with_cuda", False):
         exclude: Optional[Tensor],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
-        if (
-            not cuda_kernel_enabled()
-            or _out_dtype(query, keys, values, attn_query) != torch.float32
-        ):
-            return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
-        outputs = _empty_outputs(query, keys, values, k, attn_query)
-        B = query.shape[0]
-        if B == 0:
-            return outputs
-        # 16-bit keys: the tensor-core search takes the query as 16-bit terms of their dtype
-        # (the query itself when it has that dtype), fp32 accumulation of exact products.
-        half_query = query.dtype == keys.dtype and query.dtype in (torch.float16, torch.bfloat16)
-        terms = {torch.float16: 2, torch.bfloat16: 3}.get(keys.dtype, 0)
-        ok, splits, pow2, queries, mma = _C.cuda_plan(
-            B, keys.shape[0], query.shape[1], k, 1 if half_query else terms, query.device.index or 0
-        )
-        if not ok:  # k too large for the kernel's shared memory
-            return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
-        # Both searches and the merge take the query as float32 (exact for a 16-bit query).
-        q = query.detach().float().contiguous()
-        if not mma:
-            terms_in = None
-        elif half_query:
-            terms_in = query.detach().contiguous()[None]
-        else:
-            terms_in = query_terms(q, keys.dtype)
-        plan = (splits, pow2, queries, mma)
-        _launch_cuda(
-            q, terms_in, None, None, keys, values, attn_query, exclude, k, k, temperature,
-            outputs, plan,
-        )  # fmt: skip
-        return outputs
+        args = (query, keys, values, k, attn_query, temperature, exclude)
+        out = _cuda_retrieve_attend(_C, *args) if cuda_kernel_enabled() else None
+        return _reference_body(*args) if out is None else out
 
 
 @_fused_retrieve_attend.register_fake
@@ -533,6 +581,11 @@ if _C is not None:
         # B x candidates rows in torch.
         check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
         check_int8_args(query, codes, scales, keys, k, candidates)
+        if emulated_cuda() is not None:
+            args = (query, codes, scales, keys, values, k, candidates, attn_query, temperature)
+            emulated = _cuda_retrieve_attend_int8(_C_emu, *args, exclude)
+            if emulated is not None:
+                return emulated
         B = query.shape[0]
         rows = torch.empty(B, candidates, dtype=torch.int64)
         coarse = torch.empty(B, candidates, dtype=torch.float32)
@@ -561,6 +614,37 @@ def _fused_retrieve_attend_int8_fake(
     return _empty_outputs(query, keys, values, k, attn_query)
 
 
+def _cuda_retrieve_attend_int8(
+    mod, query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
+):  # fmt: skip
+    """The CUDA path of fused_retrieve_attend_int8 through mod (see _cuda_retrieve_attend), or
+    None where its kernels cannot take the call."""
+    B, d = query.shape
+    codes = codes if codes.stride(1) == 1 else codes.contiguous()
+    if (
+        _out_dtype(query, keys, values, attn_query) != torch.float32
+        or d % 16 != 0
+        or codes.data_ptr() % 16 != 0
+        or codes.stride(0) % 16 != 0
+    ):
+        return None
+    outputs = _empty_outputs(query, keys, values, k, attn_query)
+    if B == 0:
+        return outputs
+    with _device_of(query):
+        plan = _cuda_plan(mod, query, keys.shape[0], candidates, 1)
+        if plan is None or not plan[3]:  # more candidates than the tensor-core list holds
+            return None
+        q = query.detach().float().contiguous()
+        codes, scales = codes.detach(), scales.detach().contiguous()
+        q_codes = reference.quantize_rows(q)[0][None]
+        _launch_cuda(
+            mod, q, q_codes, codes, scales, keys, values, attn_query, exclude, k, candidates,
+            temperature, outputs, plan,
+        )  # fmt: skip
+    return outputs
+
+
 if _C is not None and getattr(_C, "with_cuda", False):
 
     @_fused_retrieve_attend_int8.register_kernel("cuda")
@@ -579,33 +663,8 @@ if _C is not None and getattr(_C, "with_cuda", False):
         check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
         check_int8_args(query, codes, scales, keys, k, candidates)
         args = (query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude)
-        B, d = query.shape
-        codes = codes if codes.stride(1) == 1 else codes.contiguous()
-        if (
-            not cuda_kernel_enabled()
-            or _out_dtype(query, keys, values, attn_query) != torch.float32
-            or d % 16 != 0
-            or codes.data_ptr() % 16 != 0
-            or codes.stride(0) % 16 != 0
-        ):
-            return _int8_reference_body(*args)
-        outputs = _empty_outputs(query, keys, values, k, attn_query)
-        if B == 0:
-            return outputs
-        ok, splits, pow2, queries, mma = _C.cuda_plan(
-            B, keys.shape[0], d, candidates, 1, query.device.index or 0
-        )
-        if not (ok and mma):  # more candidates than the tensor-core list holds
-            return _int8_reference_body(*args)
-        q = query.detach().float().contiguous()
-        codes, scales = codes.detach(), scales.detach().contiguous()
-        plan = (splits, pow2, queries, mma)
-        q_codes = reference.quantize_rows(q)[0][None]
-        _launch_cuda(
-            q, q_codes, codes, scales, keys, values, attn_query, exclude, k, candidates,
-            temperature, outputs, plan,
-        )  # fmt: skip
-        return outputs
+        out = _cuda_retrieve_attend_int8(_C, *args) if cuda_kernel_enabled() else None
+        return _int8_reference_body(*args) if out is None else out
 
 
 def _setup_context_int8(ctx, inputs, output):

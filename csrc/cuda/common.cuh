@@ -15,6 +15,47 @@ inline void check(cudaError_t e, const char* what) {
     throw std::runtime_error(std::string("reco CUDA: ") + what + ": " + cudaGetErrorString(e));
 }
 
+// The current device's shared memory per block with the opt-in.
+inline int device_optin_smem() {
+  int device = 0, optin = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+        "cudaDeviceGetAttribute");
+  return optin;
+}
+
+// Lets `kernel` take, beside its static shared memory (cudaFuncGetAttributes), all the dynamic
+// shared memory the current device allows (a launch still asks for what it needs). Done before
+// every launch, whatever its size: the 48 KB default counts static and dynamic bytes together,
+// and the value is the same on every call, so host threads launching at once never lower it
+// under each other.
+template <typename K>
+void allow_dynamic_smem(K* kernel) {
+  cudaFuncAttributes attr{};
+  check(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
+  const int dynamic = device_optin_smem() - int(attr.sharedSizeBytes);
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic),
+        "cudaFuncSetAttribute");
+}
+
+// Makes `device` current for its scope, then restores the caller's device.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int now = previous_;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 __device__ __forceinline__ float load(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float load(const __half* p) {
   return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
@@ -101,6 +142,9 @@ struct SearchArgs {
   cudaStream_t stream;
 };
 void search_mma(const SearchArgs& a, bool bf16);
-size_t search_mma_smem(int terms);
+// Shared memory (dynamic + static) of the tensor-core search with `stages` pipeline stages, and
+// the most stages (3 or 2; 0: none) that fit a GPU allowing optin_smem bytes per block.
+size_t search_mma_smem(int terms, int stages);
+int search_mma_stages(int terms, int optin_smem);
 
 }  // namespace reco::cuda

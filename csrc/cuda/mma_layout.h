@@ -12,7 +12,7 @@ constexpr int kRows = 256;          // key rows per block tile (N)
 constexpr int kChunk = 32;          // elements of d per pipeline stage (two k16 steps)
 constexpr int kPitch = kChunk + 8;  // shared row pitch in elements: 80 bytes, so the 8 rows of
                                     // one ldmatrix fall in 8 different 16-byte bank groups
-constexpr int kStages = 3;          // cp.async pipeline depth
+constexpr int kMaxStages = 3;       // cp.async pipeline depth where shared memory allows, else 2
 constexpr int kWarpsQ = 2, kWarpsN = 4;
 constexpr int kThreads = 32 * kWarpsQ * kWarpsN;
 constexpr int kWarpQ = kQueries / kWarpsQ;  // 32 queries per warp: 2 m16 tiles

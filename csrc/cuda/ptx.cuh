@@ -21,7 +21,8 @@ using type = T;  // lets RECO_SHARED name array types: RECO_SHARED(float[64], th
       name##_slot_.get(sizeof(::reco::cuda::ptx::type<T>), alignof(::reco::cuda::ptx::type<T>), \
                        #name, ::reco::emu::Site{__FILE__, __LINE__}))
 // The kernel's dynamic shared memory (extern __shared__), 16-byte aligned.
-#define RECO_DYNAMIC_SHARED(name) unsigned char* const name = ::reco::emu::dynamic_shared()
+#define RECO_DYNAMIC_SHARED(name) \
+  unsigned char* const name = ::reco::emu::dynamic_shared(__PRETTY_FUNCTION__)
 #define RECO_PTX_SITE , ::reco::emu::Site file_line_ = {__builtin_FILE(), __builtin_LINE()}
 
 // cp.async.cg.shared.global of 16 bytes, of which the first src_bytes are read and the rest zeroed.

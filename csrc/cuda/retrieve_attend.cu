@@ -23,6 +23,7 @@
 
 #include "common.cuh"
 #include "mma_layout.h"
+#include "ptx.cuh"
 #include "retrieve_attend.h"
 
 namespace reco::cuda {
@@ -32,7 +33,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = kWarps * 32;  // rows a block scores between two merges (32 per warp)
 constexpr int kMaxQueries = 8;
-constexpr size_t kDefaultSmem = 48 * 1024;
 
 // The 16 / sizeof(T) elements of 16 bytes of keys, as floats.
 template <typename T>
@@ -70,13 +70,13 @@ __global__ void __launch_bounds__(kThreads, 2)
                   const int64_t* __restrict__ exclude, int64_t E, int64_t k, int P, int QB,
                   int64_t rows_per_split, float* __restrict__ part_scores,
                   int64_t* __restrict__ part_rows, int S, bool vec) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  RECO_DYNAMIC_SHARED(smem);
   int64_t* rows = reinterpret_cast<int64_t*>(smem);                  // [QB][2P]
   float* scs = reinterpret_cast<float*>(rows + size_t(QB) * 2 * P);  // [QB][2P]
   float* qs = scs + size_t(QB) * 2 * P;                              // [QB][d] the queries
   int* count = reinterpret_cast<int*>(qs + size_t(QB) * d);          // [QB] staged candidates
-  __shared__ float thr_s[kMaxQueries];  // each query's current k-th best (the entry to beat)
-  __shared__ int64_t thr_r[kMaxQueries];
+  RECO_SHARED(float[kMaxQueries], thr_s);  // each query's current k-th best (the entry to beat)
+  RECO_SHARED(int64_t[kMaxQueries], thr_r);
 
   const int64_t q0 = int64_t(blockIdx.x) * QB;
   const int nq = int(min(int64_t(QB), B - q0));
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   for (int64_t i = threadIdx.x; i < QB * d; i += blockDim.x)
     qs[i] = i < nq * d ? query[q0 * d + i] : 0.f;
-  if (threadIdx.x < QB) {
+  if (int(threadIdx.x) < QB) {
     count[threadIdx.x] = 0;
     thr_s[threadIdx.x] = -INFINITY;
     thr_r[threadIdx.x] = -1;
@@ -169,6 +169,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       __syncthreads();
     }
+    // Every thread has read the counts before any appends to them in the next tile (without
+    // this, threads could disagree on which queries to merge, and diverge at the barriers).
+    __syncthreads();
   }
 
   for (int q = 0; q < nq; ++q)
@@ -189,12 +192,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                         const int64_t* __restrict__ part_rows, int S, int64_t kc, int64_t k, int P,
                         double inv_t, float* __restrict__ output, float* __restrict__ weights,
                         int64_t* __restrict__ indices, float* __restrict__ scores) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  RECO_DYNAMIC_SHARED(smem);
   int64_t* rows = reinterpret_cast<int64_t*>(smem);       // [2P]
   double* dsc = reinterpret_cast<double*>(rows + 2 * P);  // [P] float64 scores of winners
   double* w = dsc + P;                                    // [P] logits, then weights
   float* scs = reinterpret_cast<float*>(w + P);           // [2P]
-  __shared__ int bad;  // this query's data-dependent arguments are invalid
+  RECO_SHARED(int, bad);  // this query's data-dependent arguments are invalid
   const int64_t b = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
@@ -307,9 +310,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 int pow2_at_least(int64_t k) {
-  int p = kTile;
+  int64_t p = kTile;
   while (p < k) p <<= 1;
-  return p;
+  return int(p);
 }
 
 size_t search_smem(int queries, int P, int64_t d) {
@@ -322,29 +325,21 @@ size_t merge_smem(int P) {
          size_t(2) * P * sizeof(float);
 }
 
-template <typename K>
-void set_smem(K kernel, size_t bytes) {
-  if (bytes > kDefaultSmem)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-          "cudaFuncSetAttribute");
-}
-
 template <typename TK, typename TV>
 void merge(const Args& a) {
   const int64_t B = a.query.shape[0], d = a.query.shape[1], N = a.keys.shape[0];
   const int64_t E = a.exclude.present() ? a.exclude.shape[1] : 0;
   const int H = a.attn_query.present() ? int(a.attn_query.shape[1]) : 1;
   const size_t smem = merge_smem(a.plan.pow2);
-  set_smem(merge_attend_kernel<TK, TV>, smem);
-  merge_attend_kernel<TK, TV>
-      <<<unsigned(B), kThreads, smem, reinterpret_cast<cudaStream_t>(a.stream)>>>(
-          a.query.ptr<float>(), d, a.keys.ptr<TK>(), a.keys.strides[0], a.values.ptr<TV>(),
-          a.values.shape[1], a.values.strides[0],
-          a.attn_query.present() ? a.attn_query.ptr<float>() : nullptr, H,
-          E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, N, a.part_scores.ptr<float>(),
-          a.part_rows.ptr<int64_t>(), a.plan.splits, a.candidates, a.k, a.plan.pow2,
-          1.0 / a.temperature, a.output.ptr<float>(), a.weights.ptr<float>(),
-          a.indices.ptr<int64_t>(), a.scores.ptr<float>());
+  allow_dynamic_smem(merge_attend_kernel<TK, TV>);
+  ptx::launch(merge_attend_kernel<TK, TV>, unsigned(B), kThreads, smem,
+              reinterpret_cast<cudaStream_t>(a.stream), a.query.ptr<float>(), d, a.keys.ptr<TK>(),
+              a.keys.strides[0], a.values.ptr<TV>(), a.values.shape[1], a.values.strides[0],
+              a.attn_query.present() ? a.attn_query.ptr<float>() : nullptr, H,
+              E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, N, a.part_scores.ptr<float>(),
+              a.part_rows.ptr<int64_t>(), a.plan.splits, a.candidates, a.k, a.plan.pow2,
+              1.0 / a.temperature, a.output.ptr<float>(), a.weights.ptr<float>(),
+              a.indices.ptr<int64_t>(), a.scores.ptr<float>());
   check(cudaGetLastError(), "merge kernel launch");
 }
 
@@ -399,10 +394,10 @@ void launch(const Args& a) {
   const size_t s1 = search_smem(p.queries, p.pow2, d);
   constexpr int V = 16 / sizeof(TK);  // elements per 16-byte load
   const bool vec = aligned(a.keys.data) && a.keys.strides[0] % V == 0 && d % V == 0;
-  set_smem(search_kernel<TK>, s1);
-  search_kernel<TK><<<dim3(unsigned(qblocks), unsigned(p.splits)), kThreads, s1, st>>>(
-      a.query.ptr<float>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0], exclude, E, a.candidates,
-      p.pow2, p.queries, rows_per_split, ps, pr, p.splits, vec);
+  allow_dynamic_smem(search_kernel<TK>);
+  ptx::launch(search_kernel<TK>, dim3(unsigned(qblocks), unsigned(p.splits)), kThreads, s1, st,
+              a.query.ptr<float>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0], exclude, E,
+              a.candidates, p.pow2, p.queries, rows_per_split, ps, pr, p.splits, vec);
   check(cudaGetLastError(), "search kernel launch");
   merge<TK, TV>(a);
 }
@@ -420,9 +415,11 @@ void launch_values(const Args& a) {
 }  // namespace
 
 Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int device) {
+  if (k < 1 || k > kMaxCandidates)
+    throw std::invalid_argument("reco CUDA: k (or candidates) = " + std::to_string(k) +
+                                " must be in [1, " + std::to_string(kMaxCandidates) + "]");
   Plan p;
-  int optin = 0, sms = 0;
-  check(cudaSetDevice(device), "cudaSetDevice");
+  int optin = 0, sms = 0;  // the device is named, never made current
   check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
         "cudaDeviceGetAttribute");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
@@ -434,7 +431,7 @@ Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int de
   if (queries == 0 || merge_smem(p.pow2) > budget) return p;
   p.queries = int(std::max<int64_t>(1, std::min<int64_t>(queries, batch)));
   // A float32 query on few rows of queries is memory-bound: exact on CUDA cores, no split.
-  p.mma = terms > 0 && dim % 8 == 0 && k <= mma::kMaxK && search_mma_smem(terms) <= budget &&
+  p.mma = terms > 0 && dim % 8 == 0 && k <= mma::kMaxK && search_mma_stages(terms, optin) > 0 &&
           (terms == 1 || batch > kMaxQueries);
   // Splits along N: each of at least 4 tiles and fewer than 2^30 rows (the tensor-core search
   // keeps int32 row offsets); enough to fill the GPU, the number whose last wave of blocks leaves
@@ -460,9 +457,40 @@ Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int de
   return p;
 }
 
+void check_plan(const Args& a) {
+  const Plan& p = a.plan;
+  const int64_t B = a.query.shape[0], N = a.keys.shape[0];
+  auto fail = [](const std::string& what) {
+    throw std::invalid_argument("reco CUDA: the plan does not match the call: " + what);
+  };
+  if (a.k < 1 || a.k > a.candidates || a.candidates > N || a.candidates > kMaxCandidates)
+    fail("need 1 <= k <= candidates <= min(N, " + std::to_string(kMaxCandidates) + "), got k=" +
+         std::to_string(a.k) + ", candidates=" + std::to_string(a.candidates));
+  if (p.splits < 1 || p.splits > 65535) fail("splits must be in [1, 65535]");
+  if (p.queries < 1 || p.queries > kMaxQueries) fail("queries must be in [1, 8]");
+  if (p.pow2 < kTile || (p.pow2 & (p.pow2 - 1)) != 0 || p.pow2 < a.candidates)
+    fail("pow2 must be a power of two >= 256 and >= candidates, got " + std::to_string(p.pow2));
+  if (p.mma && a.candidates > mma::kMaxK)
+    fail("the tensor-core search keeps at most 64 candidates");
+  if (a.codes.present() && !p.mma) fail("the int8 search needs mma");
+  for (const TensorView* v : {&a.part_scores, &a.part_rows})
+    if (v->ndim != 3 || v->shape[0] != B || v->shape[1] != p.splits ||
+        v->shape[2] != a.candidates || v->strides[2] != 1 || v->strides[1] != a.candidates ||
+        v->strides[0] != p.splits * a.candidates)
+      fail("the workspace must be contiguous [B, splits, candidates]");
+  if (a.part_scores.dtype != DType::f32 || a.part_rows.dtype != DType::i64)
+    fail("the workspace must be float32 scores and int64 rows");
+  const int optin = device_optin_smem();
+  if (merge_smem(p.pow2) > size_t(optin) - 1024 ||
+      search_smem(p.queries, p.pow2, a.query.shape[1]) > size_t(optin) - 1024)
+    fail("pow2 and queries need more shared memory than this GPU has");
+}
+
 void retrieve_attend(const Args& a) {
-  // This runtime (linked statically) is told the device itself rather than trusting the caller's.
-  check(cudaSetDevice(a.query.device_id), "cudaSetDevice");
+  // This runtime (linked statically) is told the device itself rather than trusting the caller's;
+  // the caller's current device is restored.
+  DeviceGuard guard(a.query.device_id);
+  check_plan(a);
   switch (a.keys.dtype) {
     case DType::f32: return launch_values<float>(a);
     case DType::f16: return launch_values<__half>(a);

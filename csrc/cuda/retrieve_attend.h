@@ -9,6 +9,10 @@
 
 namespace reco::cuda {
 
+// The longest candidate list a call may ask for (k, or the int8 search's candidates), far above
+// what shared memory holds; planning rejects more before doing any arithmetic on it.
+constexpr int64_t kMaxCandidates = int64_t(1) << 20;
+
 struct Plan {
   int splits = 1;    // thread blocks along N per query block (partial top-k lists)
   int pow2 = 256;    // candidate buffer length: a power of two >= k and >= one tile of rows
@@ -22,6 +26,7 @@ struct Plan {
 // terms: how many 16-bit terms of the keys' dtype the caller can give the query as (1: the query
 // itself, of the keys' dtype; 2 for float16 or 3 for bfloat16 keys: a float32 query split into
 // terms); 0: none (float32 keys), the CUDA-core search.
+// Throws std::invalid_argument for k outside [1, kMaxCandidates]. Leaves the current device alone.
 Plan plan(int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int device);
 
 struct Args {

@@ -11,8 +11,9 @@
 // (mma_layout.h) serves both.
 //
 // A block takes 64 queries and one split of the rows, and walks the split in tiles of 256 rows.
-// Query-term and key chunks of 32 units of d stream through a 3-stage cp.async pipeline (16-byte
-// copies; rows past the split and units past d are zero-filled). Each of the 8 warps keeps a
+// Query-term and key chunks of 32 units of d stream through a 3-stage cp.async pipeline (2 stages
+// where 3 exceed the GPU's shared memory: 3 bfloat16 terms on an A100; 16-byte copies; rows past
+// the split and units past d are zero-filled). Each of the 8 warps keeps a
 // 32 x 64 tile of scores in registers; when a tile is complete, each score that beats its
 // query's current k-th best is staged in shared memory, one n8 tile at a time, and a query whose
 // staging area could overflow on the next step has it merged into its running top list (a warp
@@ -61,12 +62,13 @@ struct S8 {
 };
 
 constexpr size_t stage_elems(int terms) { return size_t(terms * kQueries + kRows) * kPitch; }
-constexpr size_t smem_bytes(int terms) {
-  return kStages * stage_elems(terms) * 2 + size_t(kQueries) * kEntries * 8;
+constexpr size_t smem_bytes(int terms, int stages) {
+  return stages * stage_elems(terms) * 2 + size_t(kQueries) * kEntries * 8;
 }
+constexpr size_t kStaticSmem = 3 * kQueries * 4;  // the kernel's thr_s, thr_r and count
 
 // d and key_stride in 16-bit units; key_scales: the rows' scales (int8 keys) or null.
-template <typename Op, int kTerms>
+template <typename Op, int kTerms, int kStages>
 __global__ void __launch_bounds__(kThreads, 1)
     search_mma_kernel(const uint16_t* __restrict__ query, int64_t B, int64_t d,
                       const uint16_t* __restrict__ keys, int64_t N, int64_t key_stride,
@@ -241,25 +243,37 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <typename Op, int kTerms>
-void launch(const SearchArgs& a) {
-  constexpr size_t smem = smem_bytes(kTerms);
-  if (smem > 48 * 1024)
-    check(cudaFuncSetAttribute(search_mma_kernel<Op, kTerms>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-          "cudaFuncSetAttribute");
+template <typename Op, int kTerms, int kStages>
+void launch_stages(const SearchArgs& a) {
+  constexpr size_t smem = smem_bytes(kTerms, kStages);
+  allow_dynamic_smem(search_mma_kernel<Op, kTerms, kStages>);
   const int64_t qblocks = (a.B + kQueries - 1) / kQueries;
   const int64_t unit = a.int8 ? 2 : 1;  // elements per 16-bit unit
-  ptx::launch(search_mma_kernel<Op, kTerms>, dim3(unsigned(qblocks), unsigned(a.S)), kThreads, smem,
-              a.stream, static_cast<const uint16_t*>(a.query), a.B, a.d / unit,
+  ptx::launch(search_mma_kernel<Op, kTerms, kStages>, dim3(unsigned(qblocks), unsigned(a.S)),
+              kThreads, smem, a.stream, static_cast<const uint16_t*>(a.query), a.B, a.d / unit,
               static_cast<const uint16_t*>(a.keys), a.N, a.key_stride / unit, a.key_scales,
               a.exclude, a.E, a.k, a.rows_per_split, a.part_scores, a.part_rows, a.S);
   check(cudaGetLastError(), "tensor-core search kernel launch");
 }
 
+template <typename Op, int kTerms>
+void launch(const SearchArgs& a) {
+  const int stages = search_mma_stages(kTerms, device_optin_smem());
+  if (stages == kMaxStages) return launch_stages<Op, kTerms, kMaxStages>(a);
+  if (stages == 2) return launch_stages<Op, kTerms, 2>(a);
+  throw std::invalid_argument("reco CUDA: the tensor-core search does not fit this GPU's shared "
+                              "memory");
+}
+
 }  // namespace
 
-size_t search_mma_smem(int terms) { return smem_bytes(terms); }
+size_t search_mma_smem(int terms, int stages) { return smem_bytes(terms, stages) + kStaticSmem; }
+
+int search_mma_stages(int terms, int optin_smem) {
+  for (int stages = kMaxStages; stages >= 2; --stages)
+    if (search_mma_smem(terms, stages) <= size_t(optin_smem)) return stages;
+  return 0;
+}
 
 void search_mma(const SearchArgs& a, bool bf16) {
   if (a.int8 && a.terms == 1) return launch<S8, 1>(a);

@@ -163,6 +163,7 @@ struct KernelInfo {
 struct Launch {
   uint64_t id = 0;
   const void* kernel = nullptr;
+  const char* name = nullptr;  // the kernel's signature, from its dynamic shared declaration
   KernelInfo* info = nullptr;
   dim3 grid, block;
   size_t dyn = 0, static_used = 0;
@@ -188,6 +189,7 @@ std::mutex g_mutex;  // one launch at a time in the process (static shared memor
 Arena g_arena;
 std::map<const void*, KernelInfo> g_kernels;
 uint64_t g_launch_ids = 0;
+std::vector<std::string> g_log;  // the kernels launched, for take_launch_log
 std::vector<char*> g_stacks;
 size_t g_stack_bytes = 0;
 
@@ -769,7 +771,19 @@ uint64_t atomic64(void* p, Rmw op, uint64_t v, uint64_t cmp, bool, Site s) {
   return old;
 }
 
-unsigned char* dynamic_shared() { return g_arena.base + kStaticCap; }
+unsigned char* dynamic_shared(const char* kernel) {
+  if (tls_launch != nullptr && kernel != nullptr && tls_launch->name == nullptr)
+    tls_launch->name = kernel;
+  return g_arena.base + kStaticCap;
+}
+
+std::string take_launch_log() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  std::string out;
+  for (const std::string& n : g_log) out += n + "\n";
+  g_log.clear();
+  return out;
+}
 
 void* SharedSlot::get(size_t bytes, size_t align, const char* name, Site s) {
   Launch& L = *tls_launch;
@@ -1075,6 +1089,8 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t dyn, void
     for (unsigned y = 0; y < grid.y && !L.failed; ++y)
       for (unsigned x = 0; x < grid.x && !L.failed; ++x) run_block(L, uint3{x, y, z});
   tls_launch = outer;
+  if (g_log.size() >= 4096) g_log.erase(g_log.begin());
+  g_log.emplace_back(L.name != nullptr ? L.name : "?");
   if (!k.static_given) k.static_smem = std::max(k.static_smem, L.static_used);
   if (L.failed) {
     if (std::getenv("RECO_EMU_VERBOSE")) std::fprintf(stderr, "reco emulation: %s\n", L.report.c_str());
@@ -1114,20 +1130,25 @@ cudaError_t cudaGetLastError() {
   return e;
 }
 cudaError_t cudaPeekAtLastError() { return tls_error; }
+namespace {
+thread_local int tls_device = 0;
+}
 cudaError_t cudaGetDeviceCount(int* n) {
-  *n = current_arch() ? 1 : 0;
+  *n = current_arch() ? kDevices : 0;
   return current_arch() ? cudaSuccess : (tls_error = cudaErrorInvalidDevice);
 }
 cudaError_t cudaGetDevice(int* d) {
-  *d = 0;
+  *d = tls_device;
   return current_arch() ? cudaSuccess : (tls_error = cudaErrorInvalidDevice);
 }
 cudaError_t cudaSetDevice(int d) {
-  return current_arch() && d == 0 ? cudaSuccess : (tls_error = cudaErrorInvalidDevice);
+  if (!current_arch() || d < 0 || d >= kDevices) return tls_error = cudaErrorInvalidDevice;
+  tls_device = d;
+  return cudaSuccess;
 }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device) {
   const Arch* ar = current_arch();
-  if (ar == nullptr || device != 0) return tls_error = cudaErrorInvalidDevice;
+  if (ar == nullptr || device < 0 || device >= kDevices) return tls_error = cudaErrorInvalidDevice;
   switch (a) {
     case cudaDevAttrMaxThreadsPerBlock: *v = 1024; break;
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = kDefaultSmem; break;

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -142,6 +143,13 @@ void set_kernel_info(const void* kernel, int registers, size_t static_smem = siz
 // The report of the last failed launch on this OS thread ("" after a good one).
 const char* last_report();
 
+// The kernels launched in the process since the last call (demangled names, one per line, oldest
+// first; at most the last 4096), and forgets them.
+std::string take_launch_log();
+
+// Emulated devices: this many, all of the emulated architecture; each OS thread has its current.
+constexpr int kDevices = 2;
+
 // Per-fiber indices, read by the threadIdx/blockIdx/blockDim/gridDim macros.
 struct Indices {
   uint3 thread, block;
@@ -165,7 +173,7 @@ uint32_t atomic32(void* p, Rmw op, uint32_t v, uint32_t cmp, bool is_signed, boo
 uint64_t atomic64(void* p, Rmw op, uint64_t v, uint64_t cmp, bool is_float, Site s);
 
 // Shared memory: the block's dynamic buffer, and one static __shared__ variable per slot.
-unsigned char* dynamic_shared();
+unsigned char* dynamic_shared(const char* kernel = nullptr);  // kernel: names the launch's log
 struct SharedSlot {
   uint64_t launch = 0;
   size_t offset = 0;

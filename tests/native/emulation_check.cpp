@@ -456,10 +456,20 @@ void test_device_attributes() {
     EXPECT(v == a.sms, "%s SMs %d", a.name, v);
     expect_ok(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, 0), "major");
     EXPECT(v == a.major, "%s major %d", a.name, v);
-    int d = -1;
+    int d = -1, n = 0;
+    expect_ok(cudaGetDeviceCount(&n), "cudaGetDeviceCount");
+    EXPECT(n == 2, "%d devices", n);
     expect_ok(cudaGetDevice(&d), "cudaGetDevice");
     EXPECT(d == 0, "device %d", d);
-    EXPECT(cudaSetDevice(1) == cudaErrorInvalidDevice, "device 1 of 1");
+    expect_ok(cudaSetDevice(1), "cudaSetDevice(1)");
+    expect_ok(cudaGetDevice(&d), "cudaGetDevice");
+    EXPECT(d == 1, "device %d after cudaSetDevice(1)", d);
+    expect_ok(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, 1), "sms of device 1");
+    EXPECT(v == a.sms, "%s SMs %d on device 1", a.name, v);
+    expect_ok(cudaSetDevice(0), "cudaSetDevice(0)");
+    EXPECT(cudaSetDevice(2) == cudaErrorInvalidDevice, "device 2 of 2");
+    EXPECT(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, 2) == cudaErrorInvalidDevice,
+           "attribute of device 2 of 2");
     cudaGetLastError();
   }
   EXPECT(!reco::emu::set_arch("sm_75"), "an unknown architecture");
