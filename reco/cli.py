@@ -26,6 +26,14 @@ def _info(_args: argparse.Namespace) -> int:
         info["with_cuda"] = bool(ops._C.with_cuda)
         # The CUDA kernels run only when enabled (they have not been validated on a GPU yet).
         info["cuda_kernel_enabled"] = ops.cuda_kernel_enabled()
+    info["cuda_emulation_built"] = ops._C_emu is not None
+    emulated = ops.emulated_cuda()  # ValueError for an unknown RECO_EMULATE_CUDA
+    if emulated is not None:
+        info["cuda"] = f"emulated {emulated}"  # CPU tensors take the CUDA path
+    elif ops._C is not None and ops._C.with_cuda:
+        info["cuda"] = "kernel" if ops.cuda_kernel_enabled() else "reference (RECO_CUDA_KERNEL=1)"
+    else:
+        info["cuda"] = "reference (built without CUDA)"
     info["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     print(json.dumps(info, indent=2))
     return 0

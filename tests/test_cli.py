@@ -57,3 +57,21 @@ def test_refuses_random_weights_and_bad_sources(tmp_path, image_tree, tiny_clip,
         ]
     )
     assert code == 2 and "not an open_clip architecture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_info_shows_the_cuda_emulation(arch, monkeypatch, capsys):
+    from reco import ops
+
+    if ops._C_emu is None:
+        pytest.skip("reco was built without the CUDA emulation (_C_emu)")
+    monkeypatch.setenv("RECO_EMULATE_CUDA", arch)
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cuda"] == f"emulated {arch}" and info["cuda_emulation_built"]
+
+
+def test_info_refuses_an_unknown_emulated_gpu(monkeypatch, capsys):
+    monkeypatch.setenv("RECO_EMULATE_CUDA", "sm_75")
+    assert main(["info"]) == 2
+    assert "RECO_EMULATE_CUDA must be sm_80, sm_90 or unset, got 'sm_75'" in capsys.readouterr().err
