@@ -730,3 +730,20 @@ def test_random_sigints_during_a_build_never_lose_a_commit(tmp_path):
         _assert_same(_contents(out), want)
     print(outcomes, f"build {build_s:.1f} s")
     assert outcomes["mid-build"] >= 25, outcomes
+
+
+def test_atomic_write_replaces_whole_files_or_nothing(tmp_path):
+    from reco.memory.files import atomic_write
+
+    target = tmp_path / "sub" / "f.bin"
+    atomic_write(target, lambda f: f.write(b"first"))
+    assert target.read_bytes() == b"first"
+
+    def fails(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fails)
+    assert target.read_bytes() == b"first"  # the old file, whole
+    assert sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]  # no temporary left

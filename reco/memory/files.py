@@ -1,12 +1,15 @@
-"""Reading files whose names come from untrusted places (a manifest, a caption table, a user's
-flag): only regular files, never past a known size or a limit, never outside a given folder."""
+"""Files, safely: reading those whose names come from untrusted places (a manifest, a caption
+table, a user's flag: only regular files, never past a known size or a limit, never outside a
+given folder), and writing any file atomically (`atomic_write`): the project's one way to do it."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 _FILE_KINDS = {
     stat.S_IFDIR: "a folder",
@@ -127,3 +130,32 @@ def inside(
     if real != top and top not in real.parents:
         raise error(f"{what} resolves to {real}, outside the {folder} {top}")
     return real
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes the renames and creations in folder `path` survive a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Writes `path` all at once or not at all: write(f) fills a temporary file in the same folder
+    (a dot name with a random suffix, never taken for the real file), which is fsynced, renamed
+    over `path`, and the folder fsynced. A crash or an exception leaves the old file (or none),
+    and the temporary file is removed on an exception."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
