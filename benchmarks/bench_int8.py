@@ -19,10 +19,6 @@ near neighbours are close. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +28,11 @@ from torch import Tensor
 
 import reco
 from reco import ops as reco_ops
+
+try:
+    from . import common  # python -m benchmarks.bench_int8
+except ImportError:  # python benchmarks/bench_int8.py
+    import common
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -53,13 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="output path (default: benchmarks/results/bench_int8_<dev>.json)")
     return p.parse_args(argv)
-
-
-def _ints(text: str, name: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise SystemExit(f"--{name} must list positive integers, got {text!r}")
-    return values
 
 
 def make_data(args: argparse.Namespace, n_queries: int) -> tuple[Tensor, Tensor, str]:
@@ -90,25 +84,18 @@ def make_data(args: argparse.Namespace, n_queries: int) -> tuple[Tensor, Tensor,
 
 def median_ms(fn, repeats: int, sync) -> float:
     """Median wall time of fn in milliseconds over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return common.time_runs(fn, repeats, sync=sync).median_ms
 
 
 def main(argv: list[str] | None = None) -> None:
     """Runs every (B, candidates) case, prints the table and writes the JSON."""
     args = parse_args(argv)
-    batches, cands = _ints(args.batch, "batch"), _ints(args.candidates, "candidates")
+    batches = common.int_list(args.batch, "batch")
+    cands = common.int_list(args.candidates, "candidates")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = common.synchronizer(dev.type)
     keys32, queries32, data_name = make_data(args, max(batches))
     dtype = DTYPES[args.dtype]
     keys = keys32.to(dev, dtype)
@@ -123,11 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         backend = "reference (no compiled core)"
     print(f"{data_name}, keys {args.dtype}, k={args.k}, device {args.device}: int8 op = {backend}")
-    header = f"{'B':>6} | {'cand':>5} | {'recall@k':>8} | {'top-1':>6}"
+    columns = [("B", 6), ("cand", 5), ("recall@k", 8, ".4f"), ("top-1", 6, ".3f")]
     if timed:
-        header += f" | {'exact ms':>9} | {'int8 ms':>8} | {'read int8':>9} | {'exact/int8':>10}"
-    print(header)
-    print("-" * len(header))
+        columns += [("exact ms", 9, ".3f"), ("int8 ms", 8, ".3f"), ("read int8", 9, ".3f")]
+        columns += [("exact/int8", 10)]
+    table = common.Table(columns, rule=True)
+    print(table.header())
     records: list[dict[str, Any]] = []
     for B in batches:
         q = queries32[:B].to(dev)
@@ -155,31 +143,17 @@ def main(argv: list[str] | None = None) -> None:
             recall = sum(hits) / (B * args.k)
             top1 = float((got[:, 0] == want[:, 0]).float().mean())
             rec: dict[str, Any] = dict(B=B, candidates=c, recall=recall, top1=top1)
-            line = f"{B:>6} | {c:>5} | {recall:>8.4f} | {top1:>6.3f}"
+            cells = [B, c, recall, top1]
             if timed:
                 int8_ms = median_ms(run, args.repeats, sync)
                 rec.update(exact_ms=exact_ms, int8_ms=int8_ms, read_int8_ms=read_ms)
-                line += (
-                    f" | {exact_ms:>9.3f} | {int8_ms:>8.3f} | {read_ms:>9.3f} |"
-                    f" {exact_ms / int8_ms:>9.2f}x"
-                )
-            print(line)
+                cells += [exact_ms, int8_ms, read_ms, f"{exact_ms / int8_ms:.2f}x"]
+            print(table.row(*cells))
             records.append(rec)
-    machine = {
-        "device": args.device,
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "reco": reco.__version__,
-        "int8_backend": backend,
-    }
-    out = Path(
-        args.json or Path(__file__).resolve().parent / "results" / f"bench_int8_{args.device}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {**common.machine_info(args.device), "int8_backend": backend}
     config = {k: v for k, v in vars(args).items() if k != "json"}
     payload = {"machine": machine, "data": data_name, "config": config, "cases": records}
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    out = common.write_json(args.json or common.RESULTS / f"bench_int8_{args.device}.json", payload)
     print(f"wrote {out}")
 
 

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,19 +23,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import reco
 from reco.index import Index
 from reco.memory import Memory, builders
 
+try:
+    from . import common  # python -m benchmarks.bench_memory
+except ImportError:  # python benchmarks/bench_memory.py
+    import common
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+
+SEARCH_TABLE = common.Table(
+    [
+        ("backend", 8),
+        ("B", 5),
+        ("first ms", 9, ".1f"),
+        ("median ms", 9, ".1f"),
+        ("queries/s", 9, ".0f"),
+    ],
+    left=True,
+)
 
 
 def make_clip_retrieval(root: Path, rows: int, dim: int, per_file: int, seed: int) -> None:
@@ -61,15 +64,8 @@ def make_clip_retrieval(root: Path, rows: int, dim: int, per_file: int, seed: in
 
 def time_calls(fn, repeats: int) -> tuple[float, float]:
     """(first call, median of the next `repeats`) in ms."""
-    t0 = time.perf_counter()
-    fn()
-    first = (time.perf_counter() - t0) * 1e3
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return first, statistics.median(ts)
+    runs = common.time_runs(fn, repeats)
+    return runs.warmup_ms[0], runs.median_ms
 
 
 def main() -> None:
@@ -88,17 +84,7 @@ def main() -> None:
     args = p.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="reco-bench-"))
-    results: dict = {
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "reco": reco.__version__,
-        },
-        "config": vars(args),
-    }
+    results: dict = {"machine": common.machine_info(), "config": vars(args)}
     try:
         src = work / "clip-retrieval"
         make_clip_retrieval(src, args.rows, args.dim, args.per_file, seed=0)
@@ -126,14 +112,14 @@ def main() -> None:
             f"\nsearch on the memory-mapped memory ({mem.rows} rows, "
             f"{len(mem.manifest.shards)} shards, float16), k={args.k}"
         )
-        print(f"{'backend':8} | {'B':>5} | {'first ms':>9} | {'median ms':>9} | {'queries/s':>9}")
+        print(SEARCH_TABLE.header())
         for backend in args.backends.split(","):
             try:
                 index = Index.from_memory(mem, "image", "text", backend=backend)
             except ImportError as e:
-                print(f"{backend:8} | skipped: {e}")
+                print(SEARCH_TABLE.row(backend, f"skipped: {e}"))
                 continue
-            for B in (int(b) for b in args.batch.split(",")):
+            for B in common.int_list(args.batch, "batch"):
                 q = torch.nn.functional.normalize(torch.randn(B, args.dim, generator=g), dim=1)
                 first, med = time_calls(
                     lambda index=index, q=q: index.search(q, args.k), args.repeats
@@ -147,7 +133,7 @@ def main() -> None:
                         "qps": B / med * 1e3,
                     }
                 )
-                print(f"{backend:8} | {B:5d} | {first:9.1f} | {med:9.1f} | {B / med * 1e3:9.0f}")
+                print(SEARCH_TABLE.row(backend, B, first, med, B / med * 1e3))
         results["search"] = search
 
         if args.images:
@@ -155,9 +141,7 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out = common.write_json(args.json, results)
     print(f"\nwrote {out}")
 
 

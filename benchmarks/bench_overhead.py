@@ -10,16 +10,28 @@ Prints a table and writes JSON. Times are means over many calls after a warm-up,
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
 import reco
 from reco import ops
+
+try:
+    from . import common  # python -m benchmarks.bench_overhead
+except ImportError:  # python benchmarks/bench_overhead.py
+    import common
+
+TABLE = common.Table(
+    [
+        ("N", 7),
+        ("d", 4),
+        ("k", 3),
+        ("public us", 9, ".1f"),
+        ("torch.ops us", 12, ".1f"),
+        ("_C us", 7, ".1f"),
+    ]
+)
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -64,33 +76,13 @@ def main() -> None:
     if ops._C is None:
         raise SystemExit("reco._C is not built")
     rows = []
-    print(
-        f"{'N':>7} | {'d':>4} | {'k':>3} | {'public us':>9} | {'torch.ops us':>12} | {'_C us':>7}"
-    )
+    print(TABLE.header())
     for n, d, k in ((1000, 64, 4), (100_000, 128, 16)):
         calls = args.calls if n <= 1000 else max(20, args.calls // 100)
         r = measure(n, d, k, calls)
         rows.append(r)
-        print(
-            f"{n:7d} | {d:4d} | {k:3d} | {r['public_us']:9.1f} | {r['torch_ops_us']:12.1f} | "
-            f"{r['c_direct_us']:7.1f}"
-        )
-    out_path = Path(args.json)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(
-        json.dumps(
-            {
-                "machine": {
-                    "platform": platform.platform(),
-                    "cores": os.cpu_count(),
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                },
-                "results": rows,
-            },
-            indent=2,
-        )
-    )
+        print(TABLE.row(n, d, k, r["public_us"], r["torch_ops_us"], r["c_direct_us"]))
+    common.write_json(args.json, {"machine": common.machine_info(), "results": rows})
 
 
 if __name__ == "__main__":

@@ -16,16 +16,12 @@ import argparse
 import dataclasses
 import gc
 import importlib
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +35,11 @@ try:
     import faiss
 except ImportError:
     faiss = None
+
+try:
+    from . import common  # python -m benchmarks.bench_retrieve
+except ImportError:  # python benchmarks/bench_retrieve.py
+    import common
 
 Outputs = tuple[Tensor, Tensor, Tensor, Tensor]
 """(output [B, H, dv], weights [B, H, k], indices [B, k], scores [B, k]), as reco returns."""
@@ -181,17 +182,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_config(args: argparse.Namespace) -> BenchConfig:
     """Resolves the shape set, batch override and output path into a BenchConfig."""
     shapes = SHAPE_SETS[args.shapes]
-    if args.batch:
-        batches = [int(b) for b in args.batch.split(",") if b.strip()]
-    else:
-        batches = list(shapes.batches)
-    if not batches or min(batches) < 1:
-        raise SystemExit(f"--batch must list positive integers, got {args.batch!r}")
+    batches = common.int_list(args.batch, "batch") if args.batch else list(shapes.batches)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         raise SystemExit("--repeats and --threads must be >= 1, --warmup >= 0")
-    json_path = args.json or str(
-        Path(__file__).resolve().parent / "results" / f"bench_retrieve_{args.device}.json"
-    )
+    json_path = args.json or str(common.RESULTS / f"bench_retrieve_{args.device}.json")
     return BenchConfig(
         device=args.device,
         shapes=args.shapes,
@@ -212,18 +206,6 @@ def make_config(args: argparse.Namespace) -> BenchConfig:
     )
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo, or platform's guess elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def reco_backend(device: str) -> str:
     """Which implementation of reco's op runs on `device`."""
     if device == "cpu" and reco_ops._C is not None:
@@ -237,30 +219,15 @@ def reco_backend(device: str) -> str:
 
 
 def machine_info(cfg: BenchConfig, faiss_note: str) -> dict[str, Any]:
-    """Versions, hardware and the reco backend in use."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": cfg.threads,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "faiss": None if faiss is None else faiss.__version__,
-        "faiss_note": faiss_note,
-        "reco": reco.__version__,
-        "reco_path": str(Path(reco.__file__).parent),
-        "reco_compiled_core": reco_ops._C is not None,
-        "reco_backend": reco_backend(cfg.device),
-        "reco_cpu_level_env": os.environ.get("RECO_CPU_LEVEL"),
-    }
-    if reco_ops._C is not None:
-        info["reco_cpu_level"] = reco_ops._C.default_cpu_level()
-        info["reco_cpu_levels"] = list(reco_ops._C.cpu_levels())
-        info["reco_with_cuda"] = bool(reco_ops._C.with_cuda)
-    if cfg.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
+    """Versions, hardware and the reco backend in use (the field names of earlier results)."""
+    info = common.machine_info(
+        cfg.device, cfg.threads, rename={"cpu": "cpu_model", "cores": "cpu_count"}
+    )
+    info.update(
+        faiss=None if faiss is None else faiss.__version__,
+        faiss_note=faiss_note,
+        reco_backend=reco_backend(cfg.device),
+    )
     return info
 
 
@@ -279,13 +246,6 @@ def random_unit_rows(
         x /= x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         out[i : i + x.shape[0]].copy_(x)
     return out
-
-
-def synchronizer(device: str) -> Callable[[], None]:
-    """A function that waits for the device's queued work."""
-    if device == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
 
 
 def attend_topk(scores: Tensor, indices: Tensor, values: Tensor) -> Outputs:
@@ -378,43 +338,20 @@ def time_method(
     A run longer than cfg.max_seconds_per_case ends the method's remaining warmups or repeats;
     at least one timed run always happens.
     """
-    limit = cfg.max_seconds_per_case if cfg.max_seconds_per_case > 0 else float("inf")
-
-    def once() -> tuple[float, Outputs]:
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        return time.perf_counter() - t0, out
-
-    guard_hit = False
-    warmup_run = 0
-    for _ in range(cfg.warmup):
-        elapsed, out = once()
-        warmup_run += 1
-        del out
-        if elapsed > limit:
-            guard_hit = True
-            break
-    times: list[float] = []
-    for _ in range(1 if guard_hit else cfg.repeats):
-        elapsed, out = once()
-        times.append(elapsed * 1e3)
-        if elapsed > limit:
-            guard_hit = True
-            break
-    median = statistics.median(times)
+    runs = common.time_runs(
+        fn, cfg.repeats, warmup=cfg.warmup, sync=sync, limit_s=cfg.max_seconds_per_case
+    )
     timing = Timing(
         method=method,
-        median_ms=median,
-        min_ms=min(times),
-        times_ms=times,
-        repeats_run=len(times),
-        warmup_run=warmup_run,
-        guard_hit=guard_hit,
-        queries_per_s=B / (median / 1e3),
+        median_ms=runs.median_ms,
+        min_ms=runs.min_ms,
+        times_ms=runs.times_ms,
+        repeats_run=len(runs.times_ms),
+        warmup_run=len(runs.warmup_ms),
+        guard_hit=runs.guard_hit,
+        queries_per_s=B / (runs.median_ms / 1e3),
     )
-    return timing, out
+    return timing, runs.out
 
 
 def recall_at_k(found: Tensor, truth: Tensor) -> float:
@@ -423,37 +360,27 @@ def recall_at_k(found: Tensor, truth: Tensor) -> float:
     return float(hit.float().mean())
 
 
-COLUMNS: list[tuple[str, int]] = [
-    ("dtype", 22),
-    ("B", 5),
-    ("N", 9),
-    ("d", 4),
-    ("k", 3),
-    ("reco ms", 10),
-    ("reco q/s", 10),
-    ("faiss ms", 10),
-    ("naive ms", 10),
-    ("faiss/reco", 10),
-    ("naive/reco", 10),
-    ("recall", 6),
-    ("read ms", 8),
-    ("gemm ms", 8),
-    ("reco/floor", 10),
-]
-
-
-def format_row(cells: list[str]) -> str:
-    """One table line: the first column left-aligned, the others right-aligned."""
-    parts = [
-        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS))
-    ]
-    return " | ".join(parts)
-
-
-def table_header() -> str:
-    """Column titles and a rule."""
-    title = format_row([name for name, _ in COLUMNS])
-    return f"{title}\n{'-' * len(title)}"
+TABLE = common.Table(
+    [
+        ("dtype", 22),
+        ("B", 5),
+        ("N", 9),
+        ("d", 4),
+        ("k", 3),
+        ("reco ms", 10),
+        ("reco q/s", 10),
+        ("faiss ms", 10),
+        ("naive ms", 10),
+        ("faiss/reco", 10),
+        ("naive/reco", 10),
+        ("recall", 6),
+        ("read ms", 8),
+        ("gemm ms", 8),
+        ("reco/floor", 10),
+    ],
+    left=True,
+    rule=True,
+)
 
 
 def table_row(r: CaseResult) -> str:
@@ -473,24 +400,22 @@ def table_row(r: CaseResult) -> str:
     # The floor: reading every key byte once, or (on CUDA) the score GEMM alone, whichever is
     # slower.
     floor = [r.timings[m].median_ms for m in ("read keys", "scores gemm") if m in r.timings]
-    return format_row(
-        [
-            r.label,
-            str(r.B),
-            str(r.N),
-            str(r.d),
-            str(r.k),
-            ms("reco"),
-            "-" if reco_t is None else f"{reco_t.queries_per_s:.0f}",
-            ms("faiss+gather"),
-            ms("torch naive"),
-            ratio("faiss+gather"),
-            ratio("torch naive"),
-            "-" if r.recall_at_k is None else f"{r.recall_at_k:.4f}",
-            ms("read keys"),
-            ms("scores gemm"),
-            "-" if reco_t is None or not floor else f"{reco_t.median_ms / max(floor):.2f}",
-        ]
+    return TABLE.row(
+        r.label,
+        str(r.B),
+        str(r.N),
+        str(r.d),
+        str(r.k),
+        ms("reco"),
+        "-" if reco_t is None else f"{reco_t.queries_per_s:.0f}",
+        ms("faiss+gather"),
+        ms("torch naive"),
+        ratio("faiss+gather"),
+        ratio("torch naive"),
+        "-" if r.recall_at_k is None else f"{r.recall_at_k:.4f}",
+        ms("read keys"),
+        ms("scores gemm"),
+        "-" if reco_t is None or not floor else f"{reco_t.median_ms / max(floor):.2f}",
     )
 
 
@@ -601,9 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         f"shapes '{cfg.shapes}': N={cfg.N} d={cfg.d} dv={cfg.dv} k={cfg.k} B={cfg.batches} | "
         f"median of {cfg.repeats} after {cfg.warmup} warmup | times in ms"
     )
-    print(table_header(), flush=True)
+    print(TABLE.header(), flush=True)
 
-    sync = synchronizer(cfg.device)
+    sync = common.synchronizer(cfg.device)
     results: list[CaseResult] = []
     queries = random_unit_rows(max(cfg.batches), cfg.d, cfg.seed + 2, torch.float32, cfg.device)
     with torch.inference_mode():
@@ -652,9 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         "x_vs_reco = other median / reco median; queries_per_s = B / median",
         "results": [dataclasses.asdict(r) for r in results],
     }
-    out = Path(cfg.json_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = common.write_json(cfg.json_path, report)
     print(f"wrote {out}")
     return 0
 

@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,6 +26,33 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from reco.memory import EncoderInfo, MemoryWriter, ModalityInfo
+
+try:
+    from . import common  # python -m benchmarks.bench_sharded
+except ImportError:  # python benchmarks/bench_sharded.py
+    import common
+
+MEASURED_TABLE = common.Table(
+    [
+        ("processes", 9),
+        ("threads/proc", 12),
+        ("ms/batch", 9, ".1f"),
+        ("queries/s", 9, ".0f"),
+        ("bytes/batch/proc", 16, ",.0f"),
+    ]
+)
+MODEL_TABLE = common.Table(
+    [
+        ("rows", 6, ".0e"),
+        ("GPUs", 4),
+        ("GB/GPU", 7, ".1f"),
+        ("fits 80GB", 9),
+        ("search ms", 9, ".2f"),
+        ("comm ms", 8, ".2f"),
+        ("total ms", 8, ".2f"),
+        ("queries/s", 9, ".0f"),
+    ]
+)
 
 
 def make_memory(path: Path, rows: int, dim: int, dv: int) -> None:
@@ -60,18 +84,15 @@ def worker(rank: int, world: int, init: str, mem: str, B: int, k: int, repeats: 
     g = torch.Generator().manual_seed(rank)
     q = torch.nn.functional.normalize(torch.randn(B, index.dim, generator=g), dim=1)
     index.retrieve_attend(q, k)
-    times = []
     before = index.bytes_exchanged
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        index.retrieve_attend(q, k)
-        times.append((time.perf_counter() - t0) * 1e3)
+    runs = common.time_runs(
+        lambda: index.retrieve_attend(q, k), repeats, warmup=0, before=dist.barrier
+    )
     if rank == 0:
         Path(out).write_text(
             json.dumps(
                 {
-                    "median_ms": statistics.median(times),
+                    "median_ms": runs.median_ms,
                     "bytes_per_batch": (index.bytes_exchanged - before) / repeats,
                     "threads_per_process": torch.get_num_threads(),
                 }
@@ -89,11 +110,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
             f"memory: {args.rows} rows, keys {args.dim}-d, values {args.dv}-d, float16; "
             f"B={args.batch} per process, k={args.k}; {os.cpu_count()} cores"
         )
-        print(
-            f"{'processes':>9} | {'threads/proc':>12} | {'ms/batch':>9} | {'queries/s':>9} | "
-            f"{'bytes/batch/proc':>16}"
-        )
-        for world in (int(w) for w in args.worlds.split(",")):
+        print(MEASURED_TABLE.header())
+        for world in common.int_list(args.worlds, "worlds"):
             out = work / f"w{world}.json"
             init = tempfile.mktemp(dir=work)
             mp.start_processes(
@@ -107,8 +125,13 @@ def measure(args: argparse.Namespace) -> list[dict]:
             r.update(processes=world, queries_per_s=world * args.batch / r["median_ms"] * 1e3)
             rows.append(r)
             print(
-                f"{world:9d} | {r['threads_per_process']:12d} | {r['median_ms']:9.1f} | "
-                f"{r['queries_per_s']:9.0f} | {r['bytes_per_batch']:16,.0f}"
+                MEASURED_TABLE.row(
+                    world,
+                    r["threads_per_process"],
+                    r["median_ms"],
+                    r["queries_per_s"],
+                    r["bytes_per_batch"],
+                )
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -167,32 +190,27 @@ def main() -> None:
     p.add_argument("--model", action="store_true", help="print the model for 1e8/1e9 rows only")
     p.add_argument("--json", default="benchmarks/results/bench_sharded.json")
     args = p.parse_args()
-    result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-        },
-        "config": vars(args),
-    }
+    result = {"machine": common.machine_info(), "config": vars(args)}
     if not args.model:
         result["measured"] = measure(args)
     result["model"] = model_rows()
     print("\nmodel (B=1024 per GPU, k=16, d=dv=512, fp16 memory; formula in model_rows):")
-    print(
-        f"{'rows':>6} | {'GPUs':>4} | {'GB/GPU':>7} | {'fits 80GB':>9} | {'search ms':>9} | "
-        f"{'comm ms':>8} | {'total ms':>8} | {'queries/s':>9}"
-    )
+    print(MODEL_TABLE.header())
     for r in result["model"]:
         qps = 1024 * r["gpus"] / r["total_ms"] * 1e3
         print(
-            f"{r['rows']:6.0e} | {r['gpus']:4d} | {r['memory_per_gpu_GB']:7.1f} | "
-            f"{'yes' if r['fits_80GB'] else 'no':>9} | {r['search_ms']:9.2f} | "
-            f"{r['comm_ms']:8.2f} | {r['total_ms']:8.2f} | {qps:9.0f}"
+            MODEL_TABLE.row(
+                r["rows"],
+                r["gpus"],
+                r["memory_per_gpu_GB"],
+                "yes" if r["fits_80GB"] else "no",
+                r["search_ms"],
+                r["comm_ms"],
+                r["total_ms"],
+                qps,
+            )
         )
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    common.write_json(args.json, result)
 
 
 if __name__ == "__main__":

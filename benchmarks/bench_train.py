@@ -9,11 +9,7 @@ training; the frozen encoders do not (embeddings are precomputed).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -29,6 +25,13 @@ from reco.models import (
     Retriever,
 )
 from reco.train import EmbeddingDataset, LongTailTask, RECOTask, TrainConfig, Trainer
+
+try:
+    from . import common  # python -m benchmarks.bench_train
+except ImportError:  # python benchmarks/bench_train.py
+    import common
+
+TABLE = common.Table([("method", 32), ("ms/step", 9, ".1f"), ("samples/s", 9, ".0f")], left=True)
 
 
 def run(name: str, model, task, data, args) -> dict:
@@ -46,7 +49,7 @@ def run(name: str, model, task, data, args) -> dict:
         "ms_per_step": secs / args.steps * 1e3,
         "device": str(trainer.device),
     }
-    print(f"{name:32} | {r['ms_per_step']:9.1f} | {r['samples_per_s']:9.0f}")
+    print(TABLE.row(name, r["ms_per_step"], r["samples_per_s"]))
     return r
 
 
@@ -71,7 +74,7 @@ def main() -> None:
         f"memory {args.memory_rows} x {d}, batch {args.batch}, k {args.k}, "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"{'method':32} | {'ms/step':>9} | {'samples/s':>9}")
+    print(TABLE.header())
     results = []
     lt_data = EmbeddingDataset({"image": x, "label": y})
     retriever = Retriever(keys, values, k=args.k)
@@ -91,22 +94,9 @@ def main() -> None:
         {"image": x, "text": F.normalize(torch.randn(len(x), d, generator=g), dim=1)}
     )
     results.append(run("RECO (2 fusion layers)", reco, RECOTask(retrievers), pairs, args))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "machine": {
-                    "platform": platform.platform(),
-                    "cores": os.cpu_count(),
-                    "torch": torch.__version__,
-                },
-                "config": vars(args),
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+    device = results[0]["device"] if results else "cpu"
+    machine = common.machine_info(device.split(":")[0])
+    common.write_json(args.json, {"machine": machine, "config": vars(args), "results": results})
 
 
 if __name__ == "__main__":
