@@ -1,4 +1,5 @@
-"""Building memories from images, class folders, WebDataset shards and clip-retrieval embeddings."""
+"""reco.ingest: building memories from images, class folders, WebDataset shards and clip-retrieval
+embeddings."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from reco.memory import Memory
 
 pytest.importorskip("open_clip")
 PIL = pytest.importorskip("PIL.Image")
+from reco import ingest  # noqa: E402
 from reco.encoders import OpenCLIPEncoder  # noqa: E402
-from reco.memory import builders  # noqa: E402
 
 CLASSES = ["cat", "dog", "tram"]
 
@@ -75,9 +76,9 @@ def caption_set(tmp_path):
 
 
 def test_build_from_captions(tmp_path, caption_set, encoder):
-    items = list(builders.iter_caption_table(caption_set))
+    items = list(ingest.iter_caption_table(caption_set))
     kw = {"image_encoder": encoder, "label_names": CLASSES, "batch_size": 8, "shard_rows": 16}
-    report = builders.build_from_items(tmp_path / "mem", items, progress_bar=False, **kw)
+    report = ingest.build_from_items(tmp_path / "mem", items, progress_bar=False, **kw)
     assert (report.unreadable, report.empty_caption, report.duplicates) == (1, 1, 1)
     assert report.rows == report.added == 40
     mem = Memory.open(tmp_path / "mem", verify="full")
@@ -98,7 +99,7 @@ def test_build_from_captions(tmp_path, caption_set, encoder):
     enc = mem.manifest.modalities["image"].encoder
     assert enc.name == "open_clip:reco-tiny-clip" and enc.sha256 == encoder.sha256
     # Running the same build again resumes at the end and adds nothing.
-    again = builders.build_from_items(tmp_path / "mem", items, progress_bar=False, **kw)
+    again = ingest.build_from_items(tmp_path / "mem", items, progress_bar=False, **kw)
     assert again.added == 0 and again.rows == 40 and again.resumed_from == len(items)
 
 
@@ -108,8 +109,8 @@ def test_build_from_image_folder(tmp_path, encoder):
         for i in range(4):
             (tmp_path / "tree" / c).mkdir(parents=True, exist_ok=True)
             _image(rng).save(tmp_path / "tree" / c / f"{i}.jpg")
-    items = builders.iter_image_folder(tmp_path / "tree", "a photo of a {}.")
-    report = builders.build_from_items(
+    items = ingest.iter_image_folder(tmp_path / "tree", "a photo of a {}.")
+    report = ingest.build_from_items(
         tmp_path / "mem", items, image_encoder=encoder, label_names=CLASSES, progress_bar=False
     )
     mem = Memory.open(tmp_path / "mem")
@@ -141,9 +142,9 @@ def test_build_from_webdataset(tmp_path, encoder):
         samples.append((f"{s:02d}9999", {"txt": b"no image here"}))
         shards.append(tmp_path / f"shard-{s}.tar")
         _write_tar(shards[-1], samples)
-    report = builders.build_from_items(
+    report = ingest.build_from_items(
         tmp_path / "mem",
-        builders.iter_webdataset(shards),
+        ingest.iter_webdataset(shards),
         image_encoder=encoder,
         progress_bar=False,
     )
@@ -181,7 +182,7 @@ def _clip_retrieval_folder(root, sizes, dim=16, seed=3):
 
 def test_import_clip_retrieval(tmp_path):
     img, _txt, caps = _clip_retrieval_folder(tmp_path / "laion", [7, 12, 5])
-    report = builders.import_clip_retrieval(
+    report = ingest.import_clip_retrieval(
         tmp_path / "mem",
         tmp_path / "laion",
         image_encoder="open_clip:ViT-B-32/laion2b",
@@ -201,10 +202,10 @@ def test_import_clip_retrieval(tmp_path):
 
 def test_near_duplicates_of_the_eval_set_are_dropped(tmp_path, caption_set, encoder):
     ims = [PIL.open(caption_set.parent / f"img/{i:03d}.png").convert("RGB") for i in (3, 17)]
-    filt = builders.NearDuplicateFilter(encoder.encode_images(ims), threshold=0.999)
-    report = builders.build_from_items(
+    filt = ingest.NearDuplicateFilter(encoder.encode_images(ims), threshold=0.999)
+    report = ingest.build_from_items(
         tmp_path / "mem",
-        builders.iter_caption_table(caption_set),
+        ingest.iter_caption_table(caption_set),
         image_encoder=encoder,
         near_duplicates=filt,
         progress_bar=False,
@@ -229,12 +230,12 @@ def test_kill_9_then_resume_equals_an_uninterrupted_build(tmp_path, tiny_clip):
         f"""
         import open_clip, sys
         from reco.encoders import OpenCLIPEncoder
-        from reco.memory import builders
+        from reco import ingest
         open_clip.add_model_config({os.fspath(DATA / "reco-tiny-clip.json")!r})
         enc = OpenCLIPEncoder({name!r}, {str(weights)!r}, device="cpu")
-        builders.build_from_items(sys.argv[1], builders.iter_caption_table({str(table)!r}),
-                                  image_encoder=enc, batch_size=10, shard_rows=20,
-                                  progress_bar=False)
+        ingest.build_from_items(sys.argv[1], ingest.iter_caption_table({str(table)!r}),
+                                image_encoder=enc, batch_size=10, shard_rows=20,
+                                progress_bar=False)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "killed")])
@@ -252,11 +253,11 @@ def test_kill_9_then_resume_equals_an_uninterrupted_build(tmp_path, tiny_clip):
     assert 0 < rows_at_kill < 600, "the build was not caught mid-way"
     enc = OpenCLIPEncoder(name, weights, device="cpu")
     kw = {"image_encoder": enc, "batch_size": 10, "shard_rows": 20, "progress_bar": False}
-    resumed = builders.build_from_items(
-        tmp_path / "killed", builders.iter_caption_table(table), **kw
+    resumed = ingest.build_from_items(
+        tmp_path / "killed", ingest.iter_caption_table(table), **kw
     )
     assert resumed.resumed_from > 0
-    builders.build_from_items(tmp_path / "clean", builders.iter_caption_table(table), **kw)
+    ingest.build_from_items(tmp_path / "clean", ingest.iter_caption_table(table), **kw)
     a, b = Memory.open(tmp_path / "killed", verify="full"), Memory.open(tmp_path / "clean")
     assert a.rows == b.rows == 600
     for m in ("image", "text"):
@@ -300,7 +301,7 @@ def _part(root, n, img=None, txt=None, meta=None, dim=8, rows=4, seed=0, name=No
 
 
 def _import(tmp_path, folder, out="mem", **kw):
-    return builders.import_clip_retrieval(tmp_path / out, folder, progress_bar=False, **kw)
+    return ingest.import_clip_retrieval(tmp_path / out, folder, progress_bar=False, **kw)
 
 
 def test_clip_retrieval_parts_are_paired_by_number(tmp_path):
@@ -397,27 +398,27 @@ def test_clip_retrieval_captions(tmp_path):
 def test_caption_table_rows_must_be_well_formed(tmp_path):
     (tmp_path / "short.csv").write_text("path,caption\na.png,a cat\nb.png\n")
     with pytest.raises(ValueError, match=r"short\.csv:3: 1 fields, the header has 2"):
-        builders.iter_caption_table(tmp_path / "short.csv")
+        ingest.iter_caption_table(tmp_path / "short.csv")
     (tmp_path / "long.csv").write_text("path,caption\na.png,a cat,extra\n")
     with pytest.raises(ValueError, match=r"long\.csv:2: 3 fields, the header has 2"):
-        builders.iter_caption_table(tmp_path / "long.csv")
+        ingest.iter_caption_table(tmp_path / "long.csv")
     (tmp_path / "nohead.csv").write_text("")
     with pytest.raises(ValueError, match=r"nohead\.csv has no header row"):
-        builders.iter_caption_table(tmp_path / "nohead.csv")
+        ingest.iter_caption_table(tmp_path / "nohead.csv")
     (tmp_path / "t.jsonl").write_text(
         '{"path": "a.png", "caption": "ok"}\n{"path": 5, "caption": "x"}\n'
     )
     with pytest.raises(ValueError, match=r"t\.jsonl:2: 'path' must be a string, got int"):
-        builders.iter_caption_table(tmp_path / "t.jsonl")
+        ingest.iter_caption_table(tmp_path / "t.jsonl")
     (tmp_path / "u.jsonl").write_text('{"path": "a.png", "caption": ["a", "b"]}\n')
     with pytest.raises(ValueError, match=r"u\.jsonl:1: 'caption' must be a string, got list"):
-        builders.iter_caption_table(tmp_path / "u.jsonl")
+        ingest.iter_caption_table(tmp_path / "u.jsonl")
     (tmp_path / "v.jsonl").write_text("[1, 2]\n")
     with pytest.raises(ValueError, match=r"v\.jsonl:1: not a JSON object"):
-        builders.iter_caption_table(tmp_path / "v.jsonl")
+        ingest.iter_caption_table(tmp_path / "v.jsonl")
     (tmp_path / "w.csv").write_bytes(b"path,caption\na.png,caf\xe9\n")
     with pytest.raises(ValueError, match=r"w\.csv:2: not UTF-8 text"):
-        builders.iter_caption_table(tmp_path / "w.csv")
+        ingest.iter_caption_table(tmp_path / "w.csv")
 
 
 def test_webdataset_samples_without_a_caption(tmp_path, encoder):
@@ -431,9 +432,9 @@ def test_webdataset_samples_without_a_caption(tmp_path, encoder):
             ("k2", {"png": png[2], "txt": b"a dog"}),
         ],
     )
-    report = builders.build_from_items(
+    report = ingest.build_from_items(
         tmp_path / "mem",
-        builders.iter_webdataset([tmp_path / "a.tar"]),
+        ingest.iter_webdataset([tmp_path / "a.tar"]),
         image_encoder=encoder,
         progress_bar=False,
     )
@@ -442,15 +443,15 @@ def test_webdataset_samples_without_a_caption(tmp_path, encoder):
     # A shard in which no sample has a caption: refused, naming the shard.
     _write_tar(tmp_path / "b.tar", [("k0", {"jpg": png[3], "cls": b"1"})])
     with pytest.raises(ValueError, match=r"b\.tar has no \.txt captions"):
-        list(builders.iter_webdataset([tmp_path / "b.tar"]))
+        list(ingest.iter_webdataset([tmp_path / "b.tar"]))
     # Caption bytes that are not UTF-8: refused, naming the sample.
     _write_tar(tmp_path / "c.tar", [("k0", {"jpg": png[3], "txt": b"caf\xe9"})])
     with pytest.raises(ValueError, match=r"c\.tar#k0: the caption is not UTF-8"):
-        list(builders.iter_webdataset([tmp_path / "c.tar"]))
+        list(ingest.iter_webdataset([tmp_path / "c.tar"]))
 
 
 def test_source_identity(tmp_path, caption_set, image_tree):
-    table = builders.iter_caption_table(caption_set)
+    table = ingest.iter_caption_table(caption_set)
     s = table.source
     assert s == {
         "kind": "captions",
@@ -458,45 +459,45 @@ def test_source_identity(tmp_path, caption_set, image_tree):
         "image_root": str(caption_set.parent.resolve()),
         "fingerprint": hashlib.sha256(caption_set.read_bytes()).hexdigest(),
     }
-    assert builders.iter_caption_table(caption_set).source == s
+    assert ingest.iter_caption_table(caption_set).source == s
     with open(caption_set, "a") as f:
         f.write("img/000.png,one more,cat\n")
-    assert builders.iter_caption_table(caption_set).source["fingerprint"] != s["fingerprint"]
+    assert ingest.iter_caption_table(caption_set).source["fingerprint"] != s["fingerprint"]
 
-    tree = builders.iter_image_folder(image_tree, "a photo of a {}.")
+    tree = ingest.iter_image_folder(image_tree, "a photo of a {}.")
     assert set(tree.source) == {"kind", "path", "template", "fingerprint"}
     assert tree.source["kind"] == "image_folder" and tree.source["path"] == str(
         image_tree.resolve()
     )
-    assert builders.iter_image_folder(image_tree, "a {}.").source["template"] == "a {}."
+    assert ingest.iter_image_folder(image_tree, "a {}.").source["template"] == "a {}."
     (image_tree / "bee" / "6.png").write_bytes((image_tree / "bee" / "0.png").read_bytes())
     assert (
-        builders.iter_image_folder(image_tree).source["fingerprint"] != tree.source["fingerprint"]
+        ingest.iter_image_folder(image_tree).source["fingerprint"] != tree.source["fingerprint"]
     )
 
     _write_tar(tmp_path / "a.tar", [("k", {"txt": b"x"})])
     _write_tar(tmp_path / "b.tar", [("k", {"txt": b"y"})])
-    wds = builders.iter_webdataset([tmp_path / "a.tar", tmp_path / "b.tar"]).source
+    wds = ingest.iter_webdataset([tmp_path / "a.tar", tmp_path / "b.tar"]).source
     assert wds["kind"] == "webdataset" and set(wds) == {"kind", "paths", "fingerprint"}
     assert wds["paths"] == [str((tmp_path / n).resolve()) for n in ("a.tar", "b.tar")]
-    swapped = builders.iter_webdataset([tmp_path / "b.tar", tmp_path / "a.tar"]).source
+    swapped = ingest.iter_webdataset([tmp_path / "b.tar", tmp_path / "a.tar"]).source
     assert swapped["fingerprint"] != wds["fingerprint"]
 
     _part(tmp_path / "laion", 0)
-    cr = builders.clip_retrieval_source(tmp_path / "laion")
+    cr = ingest.clip_retrieval_source(tmp_path / "laion")
     assert cr["kind"] == "clip_retrieval" and cr["path"] == str((tmp_path / "laion").resolve())
     assert cr["captions"] is True and set(cr) == {"kind", "path", "captions", "fingerprint"}
-    assert builders.clip_retrieval_source(tmp_path / "laion", captions=False)["captions"] is False
+    assert ingest.clip_retrieval_source(tmp_path / "laion", captions=False)["captions"] is False
     _part(tmp_path / "laion", 1)
-    assert builders.clip_retrieval_source(tmp_path / "laion")["fingerprint"] != cr["fingerprint"]
+    assert ingest.clip_retrieval_source(tmp_path / "laion")["fingerprint"] != cr["fingerprint"]
 
 
 def test_another_source_is_refused_unless_appended(tmp_path, caption_set, encoder):
     from reco.memory.manifest import MemoryFormatError
 
     kw = {"image_encoder": encoder, "progress_bar": False, "label_names": CLASSES}
-    first = builders.build_from_items(
-        tmp_path / "mem", builders.iter_caption_table(caption_set), **kw
+    first = ingest.build_from_items(
+        tmp_path / "mem", ingest.iter_caption_table(caption_set), **kw
     )
     assert first.rows == 40
     other = tmp_path / "other.csv"
@@ -508,18 +509,18 @@ def test_another_source_is_refused_unless_appended(tmp_path, caption_set, encode
         _image(rng).save(tmp_path / "new" / f"{i}.png")
     other.write_text("path,caption,label\n" + "\n".join(rows) + "\n")
     with pytest.raises(MemoryFormatError, match="another source"):
-        builders.build_from_items(tmp_path / "mem", builders.iter_caption_table(other), **kw)
-    report = builders.build_from_items(
-        tmp_path / "mem", builders.iter_caption_table(other), append=True, **kw
+        ingest.build_from_items(tmp_path / "mem", ingest.iter_caption_table(other), **kw)
+    report = ingest.build_from_items(
+        tmp_path / "mem", ingest.iter_caption_table(other), append=True, **kw
     )
     # The new source is read from its first item: its 3 new images are added, the 10 images
     # already in the memory are exact duplicates.
     assert (report.resumed_from, report.added, report.duplicates, report.rows) == (0, 3, 10, 43)
     mem = Memory.open(tmp_path / "mem")
-    assert mem.manifest.source == builders.iter_caption_table(other).source
+    assert mem.manifest.source == ingest.iter_caption_table(other).source
     assert mem.metadata([42])[0]["caption"] == "a new image 2"
     # Resuming the appended source continues it (and adds nothing more).
-    again = builders.build_from_items(tmp_path / "mem", builders.iter_caption_table(other), **kw)
+    again = ingest.build_from_items(tmp_path / "mem", ingest.iter_caption_table(other), **kw)
     assert (again.resumed_from, again.added) == (13, 0)
 
 
@@ -542,12 +543,12 @@ def test_source_files_must_be_regular(tmp_path, deadline):
     with deadline(20):
         for path in (fifo, tmp_path, "/dev/zero"):
             with pytest.raises(ValueError, match=rf"{path}: not a regular file"):
-                builders.iter_caption_table(path)
+                ingest.iter_caption_table(path)
         os.mkfifo(tmp_path / "fifo.tar")
         with pytest.raises(ValueError, match=r"fifo\.tar: not a regular file"):
-            list(builders.iter_webdataset([tmp_path / "fifo.tar"]))
+            list(ingest.iter_webdataset([tmp_path / "fifo.tar"]))
     with pytest.raises(ValueError, match=r"missing\.csv: no such file"):
-        builders.iter_caption_table(tmp_path / "missing.csv")
+        ingest.iter_caption_table(tmp_path / "missing.csv")
 
 
 def test_image_reads_are_bounded(tmp_path, encoder, deadline):
@@ -559,9 +560,9 @@ def test_image_reads_are_bounded(tmp_path, encoder, deadline):
     limit = (tmp_path / "img" / "ok.png").stat().st_size
     rows = "img/ok.png,fine\nimg/fifo.png,a fifo\n/dev/zero,endless zeros\nimg/big.png,too big\n"
     (tmp_path / "t.csv").write_text("path,caption\n" + rows)
-    items = builders.iter_caption_table(tmp_path / "t.csv", max_image_bytes=limit)
+    items = ingest.iter_caption_table(tmp_path / "t.csv", max_image_bytes=limit)
     with deadline(60):
-        report = builders.build_from_items(
+        report = ingest.build_from_items(
             tmp_path / "mem", items, image_encoder=encoder, progress_bar=False
         )
     assert (report.rows, report.unreadable) == (1, 3)
@@ -570,15 +571,15 @@ def test_image_reads_are_bounded(tmp_path, encoder, deadline):
         tmp_path / "a.tar",
         [("k0", {"png": _png_bytes(_image(rng, 64)), "txt": b"big"}), ("k1", {"txt": b"x"})],
     )
-    items = builders.iter_webdataset([tmp_path / "a.tar"], max_image_bytes=limit)
-    report = builders.build_from_items(
+    items = ingest.iter_webdataset([tmp_path / "a.tar"], max_image_bytes=limit)
+    report = ingest.build_from_items(
         tmp_path / "mem2", items, image_encoder=encoder, progress_bar=False
     )
     assert (report.rows, report.unreadable) == (0, 2)
 
 
 def test_build_arguments_are_checked_before_anything_is_written(tmp_path, caption_set, encoder):
-    items = builders.iter_caption_table(caption_set)
+    items = ingest.iter_caption_table(caption_set)
     for kw, what in (
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"shard_rows": -1}, "shard_rows must be an integer >= 1"),
@@ -586,7 +587,7 @@ def test_build_arguments_are_checked_before_anything_is_written(tmp_path, captio
         ({"label_names": []}, "label_names is empty"),
     ):
         with pytest.raises(ValueError, match=what):
-            builders.build_from_items(tmp_path / "mem", items, image_encoder=encoder, **kw)
+            ingest.build_from_items(tmp_path / "mem", items, image_encoder=encoder, **kw)
     _part(tmp_path / "laion", 0)
     for kw, what in (
         ({"chunk_rows": 0}, "chunk_rows must be an integer >= 1"),
@@ -597,14 +598,14 @@ def test_build_arguments_are_checked_before_anything_is_written(tmp_path, captio
             _import(tmp_path, tmp_path / "laion", **kw)
     assert not (tmp_path / "mem").exists()
     with pytest.raises(ValueError, match="template"):
-        builders.iter_image_folder(tmp_path, "a {} of a {}")
+        ingest.iter_image_folder(tmp_path, "a {} of a {}")
 
 
 def test_near_duplicate_filter_refuses_rows_it_cannot_compare():
     e = np.ones((3, 4), np.float32)
     e[1, 2] = np.nan
     with pytest.raises(ValueError, match="eval_embeddings row 1 holds NaN or inf"):
-        builders.NearDuplicateFilter(e)
+        ingest.NearDuplicateFilter(e)
     e[1] = 0
     with pytest.raises(ValueError, match="eval_embeddings row 1 is all zeros"):
-        builders.NearDuplicateFilter(e)
+        ingest.NearDuplicateFilter(e)
