@@ -673,7 +673,7 @@ def test_random_sigints_during_a_build_never_lose_a_commit(tmp_path):
     ref = tmp_path / "ref"
     want = _contents(ref)
     child = (
-        "import sys\nimport reco.memory.builders\nfrom reco.cli import main\n"
+        "import sys\nimport reco.ingest\nfrom reco.cli import main\n"
         "print('ready', flush=True)\n"
         "sys.exit(main(sys.argv[1:] + ['--no-progress']))\n"
     )
@@ -747,3 +747,37 @@ def test_atomic_write_replaces_whole_files_or_nothing(tmp_path):
         atomic_write(target, fails)
     assert target.read_bytes() == b"first"  # the old file, whole
     assert sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]  # no temporary left
+
+
+def test_importing_memory_loads_no_encoder_and_no_op(tmp_path):
+    """memory/ is storage only. Run where the checkout's reco/ is not on the path."""
+    plain = "import reco.memory, sys; assert 'reco.encoders' not in sys.modules"
+    subprocess.run([sys.executable, "-c", plain], cwd=tmp_path, check=True)
+    # reco/__init__.py exports the ops, so it is bypassed (an empty package on the same path) to
+    # see what memory itself imports: nothing of reco outside reco.memory.
+    bypass = textwrap.dedent(
+        """
+        import importlib.util, sys, types
+        pkg = types.ModuleType("reco")
+        pkg.__path__ = list(importlib.util.find_spec("reco").submodule_search_locations)
+        sys.modules["reco"] = pkg
+        import reco.memory
+        other = sorted(m for m in sys.modules if m.startswith("reco.")
+                       and not m.startswith("reco.memory"))
+        assert not other, other
+        """
+    )
+    subprocess.run([sys.executable, "-c", bypass], cwd=tmp_path, check=True)
+
+
+def test_the_old_builders_path_still_works_and_warns(monkeypatch):
+    import importlib
+
+    import reco.ingest
+
+    monkeypatch.delitem(sys.modules, "reco.memory.builders", raising=False)
+    with pytest.warns(DeprecationWarning, match="import the builders from reco.ingest"):
+        old = importlib.import_module("reco.memory.builders")
+    assert old.__all__ == reco.ingest.__all__
+    for name in reco.ingest.__all__:
+        assert getattr(old, name) is getattr(reco.ingest, name)

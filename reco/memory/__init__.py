@@ -1,6 +1,7 @@
-"""The on-disk image-text memory: format, crash-safe writer, memory-mapped reader.
+"""The on-disk image-text memory: format, crash-safe writer, memory-mapped reader. Storage only:
+nothing here imports an encoder or an op.
 
-Builders (from images, WebDataset shards, clip-retrieval embeddings) are in reco.memory.builders.
+Builders (from images, WebDataset shards, clip-retrieval embeddings) are in reco.ingest.
 """
 
 from .manifest import EncoderInfo, Manifest, MemoryFormatError, ModalityInfo
