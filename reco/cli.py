@@ -183,7 +183,7 @@ def _check_build_args(args: argparse.Namespace) -> str:
 
 
 def _build_memory(args: argparse.Namespace) -> int:
-    from reco.memory import builders
+    from reco import ingest as builders
 
     kind = _check_build_args(args)
     near = None
