@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reco import ingest as builders
 from reco.index import Index
-from reco.memory import Memory, builders
+from reco.memory import Memory
 
 try:
     from . import common  # python -m benchmarks.bench_memory
