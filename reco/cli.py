@@ -307,7 +307,8 @@ def _search(args: argparse.Namespace) -> int:
 def _load_trained(args: argparse.Namespace):
     """The experiment config, the built experiment, with the trained weights loaded."""
     from reco.train.checkpoint import latest_checkpoint, load_checkpoint
-    from reco.train.experiment import build, load_experiment
+    from reco.train.config import load_experiment
+    from reco.train.run import build
 
     cfg = load_experiment(args.config)
     built = build(cfg)
@@ -322,19 +323,11 @@ def _load_trained(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from reco.train import Trainer
-    from reco.train.config import to_dict
-    from reco.train.experiment import build, load_experiment
+    from reco.train.config import load_experiment
+    from reco.train.run import train
 
     cfg = load_experiment(args.config)
-    if args.out_dir is not None:
-        cfg.train.out_dir = args.out_dir
-    if args.steps is not None:
-        cfg.train.steps = args.steps
-        cfg.train.validate()
-    built = build(cfg)
-    log = Trainer(built.model, built.task, built.dataset, cfg.train, config=to_dict(cfg)).fit()
-    last = log[-1] if log else {}
+    last = train(cfg, args.out_dir, args.steps)
     print(json.dumps({"out_dir": cfg.train.out_dir, **last}))
     return 0
 

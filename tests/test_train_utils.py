@@ -19,13 +19,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from reco.config import ConfigError, dump_config, from_dict, load_config, to_dict
 from reco.train.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from reco.train.config import ConfigError, dump_config, from_dict, load_config, to_dict
 from reco.train.schedule import cosine_warmup_factor, cosine_with_warmup
 
 
@@ -457,3 +457,20 @@ def test_cosine_with_warmup_bad_arguments(kwargs, match):
         )
     with pytest.raises(ValueError, match="step must be >= 0"):
         cosine_warmup_factor(-1, 1, 10, 0.0)
+
+
+def test_old_config_import_paths_warn_and_give_the_same_objects():
+    import importlib
+    import sys
+
+    import reco.config
+    import reco.train.config as train_config
+
+    with pytest.warns(DeprecationWarning, match="reco.config.from_dict"):
+        assert train_config.from_dict is reco.config.from_dict
+    sys.modules.pop("reco.train.experiment", None)
+    with pytest.warns(DeprecationWarning, match="reco.train.experiment"):
+        old = importlib.import_module("reco.train.experiment")
+    from reco.train.run import build
+
+    assert old.build is build and old.ExperimentConfig is train_config.ExperimentConfig

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..config import check_number
 from ..ops import fused_retrieve_attend
-from ._checks import check_number
 from .retrieval import Retrieved, Retriever
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_number
+from ..config import check_number
 from .retrieval import Retriever
 
 Modality = Literal["image", "text"]

@@ -1,177 +1,23 @@
-"""Experiments from one config file (YAML or TOML): which method, which data, which model, how
-to train; `build` turns a config into a model, its training objective and its dataset.
+"""Deprecated: the experiment config is reco.train.config, build is reco.train.run."""
 
-    method: longtail            # or: reco
-    data:
-      train: runs/train-memory  # a memory folder of the training items (labels for longtail)
-      memory: runs/memory       # the memory retrieved from
-      test: runs/test-memory    # for `reco eval`
-    longtail: {aggregator: attention, head: linear, k: 10}
-    train: {steps: 2000, batch_size: 256, lr: 0.001, out_dir: runs/lt}
+import warnings
 
-Values the papers do not state are config values with defaults (documented per field).
-"""
+from .config import DataConfig, ExperimentConfig, LongTailConfig, ZeroShotConfig, load_experiment
+from .run import Built, build
 
-from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Literal
-
-from torch import nn
-
-from ..memory import Memory
-from ..models import (
-    RECO,
-    LinearHead,
-    MeanKNN,
-    MemoryAttention,
-    MemoryAttentionConfig,
-    MLPHead,
-    RECOConfig,
-    RetrievalClassifier,
-    Retriever,
+warnings.warn(
+    "reco.train.experiment is deprecated: use reco.train.config (the experiment config) and "
+    "reco.train.run (build, train)",
+    DeprecationWarning,
+    stacklevel=2,
 )
-from .config import ConfigError, check_number, load_config
-from .data import EmbeddingDataset
-from .tasks import LongTailTask, RECOTask
-from .trainer import TrainConfig
 
-Modality = Literal["image", "text"]
-
-
-@dataclass
-class DataConfig:
-    train: str  # memory folder of the training items
-    memory: str  # memory folder retrieved from
-    test: str | None = None  # memory folder of the evaluation items
-    # The training items are rows of `memory` itself (RECO trains on memory pairs): each item
-    # then excludes its own row from its retrieval.
-    train_in_memory: bool = False
-
-
-@dataclass
-class LongTailConfig:
-    aggregator: Literal["attention", "mean_knn", "none"] = "attention"
-    head: Literal["linear", "mlp"] = "linear"
-    k: int = 10
-    query_modality: Modality = "image"  # the training items' embedding used as the query
-    search_modality: Modality = "image"  # memory keys: the same encoder as the query
-    fusion_modality: Modality = "text"  # memory values fused (any encoder)
-    attention_dim: int | None = None  # default: the query dim
-    heads: int = 8
-    self_token: bool = False
-    drop_retrieved: float = 0.0  # not stated in the paper
-    mlp_hidden: int = 1024
-    near_duplicate: float | None = None  # mask retrieved items this close to the query
-    many_above: int = 100  # shot buckets: many > 100, medium 20..100, few < 20
-    few_below: int = 20
-
-    def validate(self) -> None:
-        check_number("k", self.k, integer=True, ge=1)
-        check_number("attention_dim", self.attention_dim, integer=True, ge=1, optional=True)
-        check_number("heads", self.heads, integer=True, ge=1)
-        if self.attention_dim is not None and self.attention_dim % self.heads:
-            raise ValueError(
-                f"heads={self.heads} does not divide attention_dim={self.attention_dim}"
-            )
-        check_number("drop_retrieved", self.drop_retrieved, ge=0, lt=1)
-        check_number("mlp_hidden", self.mlp_hidden, integer=True, ge=1)
-        check_number("near_duplicate", self.near_duplicate, optional=True)
-        check_number("few_below", self.few_below, integer=True, ge=0)
-        check_number("many_above", self.many_above, integer=True, ge=self.few_below)
-
-
-@dataclass
-class ZeroShotConfig:
-    """Class prompts for RECO's zero-shot evaluation: either a .npy [C, d] or [C, P, d] of text
-    embeddings (P prompt templates) in the memory's text space, or class names (default: the
-    test memory's label names) and templates, encoded with the memory's text encoder."""
-
-    class_embeddings: str | None = None
-    class_names: list[str] | None = None
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
-    model_config: str | None = None  # extra open_clip model config JSON for the text encoder
-
-
-@dataclass
-class ExperimentConfig:
-    method: Literal["longtail", "reco"]
-    data: DataConfig
-    train: TrainConfig = field(default_factory=TrainConfig)
-    longtail: LongTailConfig = field(default_factory=LongTailConfig)
-    reco: RECOConfig = field(default_factory=RECOConfig)
-    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
-    temperature: float = 0.07  # RECO's InfoNCE temperature (not stated in the paper)
-
-    def validate(self) -> None:
-        check_number("temperature", self.temperature, gt=0)
-
-
-def load_experiment(path) -> ExperimentConfig:
-    return load_config(path, ExperimentConfig)
-
-
-@dataclass
-class Built:
-    model: nn.Module
-    task: LongTailTask | RECOTask
-    dataset: EmbeddingDataset
-    memory: Memory
-    train_memory: Memory
-
-
-def build(cfg: ExperimentConfig) -> Built:
-    """The model, its objective and the training dataset for an experiment config."""
-    memory = Memory.open(cfg.data.memory)
-    train_mem = Memory.open(cfg.data.train)
-    if cfg.method == "longtail":
-        lt = cfg.longtail
-        if train_mem.labels is None:
-            raise ConfigError(f"data.train={cfg.data.train} has no labels (longtail needs them)")
-        classes = len(train_mem.manifest.label_names or []) or int(train_mem.labels.max()) + 1
-        dataset = EmbeddingDataset.from_memory(
-            train_mem, (lt.query_modality,), rows=cfg.data.train_in_memory
-        )
-        qdim = train_mem.keys(lt.query_modality).dim
-        vdim = memory.values(lt.fusion_modality).dim
-        if lt.aggregator == "attention":
-            agg: nn.Module | None = MemoryAttention(
-                MemoryAttentionConfig(
-                    qdim, vdim, lt.attention_dim, lt.heads, lt.self_token, lt.drop_retrieved
-                )
-            )
-            feat = qdim
-        elif lt.aggregator == "mean_knn":
-            agg, feat = MeanKNN(), qdim + vdim
-        else:
-            agg, feat = None, qdim
-        head = (
-            LinearHead(feat, classes)
-            if lt.head == "linear"
-            else MLPHead(feat, classes, lt.mlp_hidden)
-        )
-        model = RetrievalClassifier(agg, head)
-        retriever = None
-        if agg is not None:
-            retriever = Retriever.from_memory(
-                memory,
-                lt.search_modality,
-                lt.fusion_modality,
-                lt.k,
-                near_duplicate=lt.near_duplicate,
-            )
-        task: LongTailTask | RECOTask = LongTailTask(retriever, lt.query_modality)
-    else:
-        dataset = EmbeddingDataset.from_memory(
-            train_mem, ("image", "text"), rows=cfg.data.train_in_memory
-        )
-        dataset.tensors.pop("label", None)
-        dims = {m: memory.keys(m).dim for m in memory.modalities}
-        if len(set(dims.values())) != 1 or dims.get("image") != cfg.reco.fusion.dim:
-            raise ConfigError(
-                f"reco.fusion.dim={cfg.reco.fusion.dim} must equal the memory's embedding "
-                f"dims {dims}"
-            )
-        model = RECO(cfg.reco)
-        task = RECOTask(model.retrievers(memory), cfg.temperature)
-    return Built(model, task, dataset, memory, train_mem)
+__all__ = [
+    "Built",
+    "DataConfig",
+    "ExperimentConfig",
+    "LongTailConfig",
+    "ZeroShotConfig",
+    "build",
+    "load_experiment",
+]

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..config import check_number
 from ..distributed import install_clean_shutdown
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import check_number
 from .data import EmbeddingDataset, batch_indices
 from .schedule import cosine_with_warmup
 

@@ -1,0 +1,107 @@
+"""A training run from an experiment config: `build` turns the config into a model, its
+training objective and its dataset (from memory folders); `train` fits it (`reco train`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..config import ConfigError, to_dict
+from ..memory import Memory
+from ..models import (
+    RECO,
+    LinearHead,
+    MeanKNN,
+    MemoryAttention,
+    MemoryAttentionConfig,
+    MLPHead,
+    RetrievalClassifier,
+    Retriever,
+)
+from .config import ExperimentConfig
+from .data import EmbeddingDataset
+from .tasks import LongTailTask, RECOTask
+from .trainer import Trainer
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    task: LongTailTask | RECOTask
+    dataset: EmbeddingDataset
+    memory: Memory
+    train_memory: Memory
+
+
+def build(cfg: ExperimentConfig) -> Built:
+    """The model, its objective and the training dataset for an experiment config."""
+    memory = Memory.open(cfg.data.memory)
+    train_mem = Memory.open(cfg.data.train)
+    if cfg.method == "longtail":
+        lt = cfg.longtail
+        if train_mem.labels is None:
+            raise ConfigError(f"data.train={cfg.data.train} has no labels (longtail needs them)")
+        classes = len(train_mem.manifest.label_names or []) or int(train_mem.labels.max()) + 1
+        dataset = EmbeddingDataset.from_memory(
+            train_mem, (lt.query_modality,), rows=cfg.data.train_in_memory
+        )
+        qdim = train_mem.keys(lt.query_modality).dim
+        vdim = memory.values(lt.fusion_modality).dim
+        if lt.aggregator == "attention":
+            agg: nn.Module | None = MemoryAttention(
+                MemoryAttentionConfig(
+                    qdim, vdim, lt.attention_dim, lt.heads, lt.self_token, lt.drop_retrieved
+                )
+            )
+            feat = qdim
+        elif lt.aggregator == "mean_knn":
+            agg, feat = MeanKNN(), qdim + vdim
+        else:
+            agg, feat = None, qdim
+        head = (
+            LinearHead(feat, classes)
+            if lt.head == "linear"
+            else MLPHead(feat, classes, lt.mlp_hidden)
+        )
+        model = RetrievalClassifier(agg, head)
+        retriever = None
+        if agg is not None:
+            retriever = Retriever.from_memory(
+                memory,
+                lt.search_modality,
+                lt.fusion_modality,
+                lt.k,
+                near_duplicate=lt.near_duplicate,
+            )
+        task: LongTailTask | RECOTask = LongTailTask(retriever, lt.query_modality)
+    else:
+        dataset = EmbeddingDataset.from_memory(
+            train_mem, ("image", "text"), rows=cfg.data.train_in_memory
+        )
+        dataset.tensors.pop("label", None)
+        dims = {m: memory.keys(m).dim for m in memory.modalities}
+        if len(set(dims.values())) != 1 or dims.get("image") != cfg.reco.fusion.dim:
+            raise ConfigError(
+                f"reco.fusion.dim={cfg.reco.fusion.dim} must equal the memory's embedding "
+                f"dims {dims}"
+            )
+        model = RECO(cfg.reco)
+        task = RECOTask(model.retrievers(memory), cfg.temperature)
+    return Built(model, task, dataset, memory, train_mem)
+
+
+def train(
+    cfg: ExperimentConfig, out_dir: str | None = None, steps: int | None = None
+) -> dict[str, Any]:
+    """Trains the experiment (out_dir and steps override train.out_dir and train.steps); returns
+    the last logged metrics."""
+    if out_dir is not None:
+        cfg.train.out_dir = out_dir
+    if steps is not None:
+        cfg.train.steps = steps
+        cfg.train.validate()
+    built = build(cfg)
+    log = Trainer(built.model, built.task, built.dataset, cfg.train, config=to_dict(cfg)).fit()
+    return log[-1] if log else {}
