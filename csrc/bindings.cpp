@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -60,8 +61,8 @@ DType dtype_of(const DLDataType& t, const std::string& name) {
 // A view of `obj` through its __dlpack__; None gives an absent view (ndim 0). With `stream`
 // (the consumer's stream, as the DLPack protocol defines it: None for host arrays), the producer
 // orders its pending work before that stream; without it, the producer's default applies.
-// The strides of size-1 dims are replaced by the contiguous ones: they address nothing, and
-// producers differ (torch 1.13 to 2.9 exports 1 for them).
+// The strides of size-1 dims (and of arrays with no elements) are replaced by the contiguous
+// ones: they address nothing, and producers differ (torch 1.13 to 2.9 exports 1 for them).
 TensorView import_array(const py::handle& obj, const std::string& name, Imported& owner,
                         const std::optional<py::object>& stream = std::nullopt) {
   TensorView v;
@@ -85,11 +86,13 @@ TensorView import_array(const py::handle& obj, const std::string& name, Imported
   v.device_type = t.device.device_type;
   v.device_id = t.device.device_id;
   v.data = static_cast<char*>(t.data) + t.byte_offset;
+  bool empty = false;  // no elements: no stride addresses anything
+  for (int i = 0; i < t.ndim; ++i) empty |= t.shape[i] == 0;
   int64_t stride = 1;
   for (int i = t.ndim - 1; i >= 0; --i) {
     v.shape[i] = t.shape[i];
-    v.strides[i] = t.strides != nullptr && t.shape[i] != 1 ? t.strides[i] : stride;
-    stride *= t.shape[i];
+    v.strides[i] = t.strides != nullptr && t.shape[i] != 1 && !empty ? t.strides[i] : stride;
+    stride *= std::max<int64_t>(t.shape[i], 1);
   }
   return v;
 }
@@ -182,7 +185,7 @@ bool contiguous(const TensorView& v, DType dtype, std::initializer_list<int64_t>
     --it;
     --i;
     if (v.shape[i] != *it || v.strides[i] != stride) return false;
-    stride *= *it;
+    stride *= std::max<int64_t>(*it, 1);  // as import_array gives arrays with no elements
   }
   return true;
 }
@@ -197,24 +200,27 @@ void check_cuda_arrays(const reco::cuda::Args& a, int64_t k) {
                               &a.key_scales, &a.attn_query, &a.exclude})
     if (v->present() && (v->device_type != kDeviceType || v->device_id != a.query.device_id))
       fail("every array must be on the query's CUDA device");
-  if (a.query.ndim != 2 || a.keys.ndim != 2 || a.values.ndim != 2)
+  const bool attend = a.values.present();  // absent: the search alone
+  if (a.query.ndim != 2 || a.keys.ndim != 2 || (attend && a.values.ndim != 2))
     fail("query [B, d], keys [N, d] and values [N, dv] must be 2-D");
   const int64_t B = a.query.shape[0], d = a.query.shape[1], N = a.keys.shape[0];
-  const int64_t dv = a.values.shape[1];
+  const int64_t dv = attend ? a.values.shape[1] : 1;
   const int64_t H = a.attn_query.present() ? a.attn_query.shape[1] : 1;
   if (!contiguous(a.query, DType::f32, {B, d})) fail("query must be contiguous float32 [B, d]");
-  if (a.keys.shape[1] != d || a.values.shape[0] != N || N < 1 || d < 1 || dv < 1)
+  if (a.keys.shape[1] != d || (attend && a.values.shape[0] != N) || N < 1 || d < 1 || dv < 1)
     fail("keys must be [N, d] and values [N, dv], N, d, dv >= 1");
-  if (a.keys.strides[1] != 1 || a.values.strides[1] != 1)
+  if (a.keys.strides[1] != 1 || (attend && a.values.strides[1] != 1))
     fail("keys and values need unit inner stride");
+  if (!attend && (a.attn_query.present() || a.output.present() || a.weights.present()))
+    fail("without values there is no attention: attn_query, output and weights must be None");
   if (k < 1 || k > N) fail("k must be in [1, N]");
   if (a.attn_query.present() && !contiguous(a.attn_query, DType::f32, {B, H, dv}))
     fail("attn_query must be contiguous float32 [B, H, dv]");
   if (a.exclude.present() &&
       !contiguous(a.exclude, DType::i64, {B, a.exclude.ndim == 2 ? a.exclude.shape[1] : -1}))
     fail("exclude must be contiguous int64 [B, E]");
-  if (!contiguous(a.output, DType::f32, {B, H, dv}) ||
-      !contiguous(a.weights, DType::f32, {B, H, k}) ||
+  if ((attend && (!contiguous(a.output, DType::f32, {B, H, dv}) ||
+                  !contiguous(a.weights, DType::f32, {B, H, k}))) ||
       !contiguous(a.indices, DType::i64, {B, k}) || !contiguous(a.scores, DType::f32, {B, k}))
     fail("output [B, H, dv], weights [B, H, k], indices [B, k] (int64) and scores [B, k] must be "
          "contiguous float32 except indices");
@@ -332,9 +338,25 @@ PYBIND11_MODULE(RECO_MODULE, m) {
   m.def("coarse_int8_uses_vnni", &reco::cpu::coarse_int8_uses_vnni,
         "Whether the CPU coarse int8 search uses AVX512-VNNI here.");
 #endif
+#if defined(RECO_CXX_COMPILER)
+  m.attr("cxx_compiler") = RECO_CXX_COMPILER;
+#endif
 #if defined(RECO_WITH_CUDA)
   m.attr("with_cuda") = true;
   m.attr("cuda_max_candidates") = reco::cuda::kMaxCandidates;
+#if defined(RECO_CUDA_ARCHS)
+  {
+    std::vector<std::string> archs;  // "80-real,90-real,90-virtual"
+    std::string all = RECO_CUDA_ARCHS;
+    for (size_t p = 0, q; p <= all.size(); p = q + 1) {
+      q = all.find(',', p);
+      if (q == std::string::npos) q = all.size();
+      if (q > p) archs.push_back(all.substr(p, q - p));
+    }
+    m.attr("cuda_architectures") = archs;
+    m.attr("cuda_compiler") = RECO_CUDA_COMPILER;
+  }
+#endif
   m.def(
       "cuda_plan",
       [](int64_t batch, int64_t rows, int64_t dim, int64_t k, int terms, int device) {

@@ -1,12 +1,23 @@
 """reco: retrieval-augmented recognition, exact top-k retrieval fused with attention."""
 
-from .ops import RetrieveAttend, fused_retrieve_attend, fused_retrieve_attend_int8, quantize_keys
+from .backends import build_info
+from .ops import (
+    RetrieveAttend,
+    SearchResult,
+    fused_retrieve_attend,
+    fused_retrieve_attend_int8,
+    quantize_keys,
+    search,
+)
 
 __version__ = "0.1.0"
 __all__ = [
     "RetrieveAttend",
+    "SearchResult",
     "__version__",
+    "build_info",
     "fused_retrieve_attend",
     "fused_retrieve_attend_int8",
     "quantize_keys",
+    "search",
 ]

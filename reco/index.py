@@ -22,7 +22,13 @@ from torch import Tensor
 
 from . import reference
 from .memory import EmbeddingTable, Memory
-from .ops import RetrieveAttend, fused_retrieve_attend, fused_retrieve_attend_int8, quantize_keys
+from .ops import (
+    RetrieveAttend,
+    fused_retrieve_attend,
+    fused_retrieve_attend_int8,
+    quantize_keys,
+)
+from .ops import search as _search_op
 
 BACKENDS = ("fused", "torch", "faiss", "int8")
 
@@ -222,11 +228,7 @@ class Index:
         if self.backend == "faiss":
             return self._search_faiss(query, k, exclude)
         if len(self.keys.shards) == 1:
-            shard = self.keys.shards[0]
-            if self.backend in ("fused", "int8"):
-                r = self._fused(0, query, shard[:, :1], k, exclude=exclude)
-                return SearchResult(r.indices, r.scores.float())
-            idx, sc = reference.search(query, shard, k, exclude)
+            idx, sc = self._search_shard(0, query, k, exclude)
             return SearchResult(idx, sc.float())
         return merge_candidates(*self._shard_candidates(query, k, exclude), k)
 
@@ -242,6 +244,20 @@ class Index:
             )
         return fused_retrieve_attend(query, keys, values, k, **kwargs)
 
+    def _search_shard(
+        self, s: int, query: Tensor, k: int, exclude: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(indices, scores) of the top-k of shard s (shard-local rows)."""
+        keys = self.keys.shards[s]
+        if self.backend == "fused":
+            return tuple(_search_op(query, keys, k, exclude=exclude))
+        if self.backend == "int8":
+            # The int8 op has no values-free form yet: the rows' scales stand in as one column of
+            # values (the cheapest tensor at hand); its attention output is not used.
+            r = self._fused(s, query, self._int8[s][1].unsqueeze(1), k, exclude=exclude)
+            return r.indices, r.scores
+        return reference.search(query, keys, k, exclude)
+
     def _shard_candidates(
         self, query: Tensor, k: int, exclude: Tensor | None
     ) -> tuple[Tensor, Tensor]:
@@ -251,11 +267,7 @@ class Index:
         rows_parts, score_parts = [], []
         for s, shard in enumerate(self.keys.shards):
             ks = min(k + extra, shard.shape[0])
-            if self.backend in ("fused", "int8"):
-                r = self._fused(s, query, shard[:, :1], ks)
-                idx, sc = r.indices, r.scores
-            else:
-                idx, sc = reference.search(query, shard, ks)
+            idx, sc = self._search_shard(s, query, ks)
             rows_parts.append(idx + self.keys.offsets[s])
             score_parts.append(sc.float())
         rows, scores = torch.cat(rows_parts, 1), torch.cat(score_parts, 1)

@@ -1,42 +1,47 @@
-"""reco's torch ops: registration, argument checks, fake (meta) kernels and autograd formulas.
+"""reco's torch ops: their schemas, argument checks, fake (meta) kernels and autograd formulas.
 
-`reco::fused_retrieve_attend` is a `torch.library.custom_op`. Its default body is the pure-torch
-reference (any device without a compiled kernel, with a one-time warning); the CPU kernel lives in
-reco._C, which takes the arrays through DLPack and links no libtorch.
-`reco::fused_retrieve_attend_int8` (int8 keys scored coarsely, re-ranked exactly) has CPU and
-CUDA kernels for its coarse search; elsewhere its body is the reference.
+`reco::fused_retrieve_attend`, `reco::fused_retrieve_attend_int8` (int8 keys scored coarsely,
+re-ranked exactly) and `reco::search` (the selection alone) are `torch.library.custom_op`s. Their
+default bodies are the pure-torch reference (any device without a compiled kernel, with a
+one-time warning); the kernels of each device live in reco.backends, registered here after the
+arguments are checked.
 """
 
-import contextlib
+import functools
 import math
-import os
-import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import backends, reference
+from .backends._common import (
+    empty_outputs,
+    empty_search_outputs,
+    reference_int8,
+    reference_retrieve_attend,
+    reference_search,
+)
+from .backends._compiled import _C, _C_emu
+from .backends.cuda import cuda_kernel_enabled, query_terms
+from .backends.emulated import arch as emulated_cuda
 from .reference import RetrieveAttend, compute_dtype
-
-try:
-    from . import _C
-except ImportError:  # a source checkout without a build: every device uses the reference
-    _C = None
-try:  # the CUDA path compiled against the CPU emulation (csrc/emulation): RECO_EMULATE_CUDA
-    from . import _C_emu
-except ImportError:
-    _C_emu = None
 
 __all__ = [
     "RetrieveAttend",
+    "SearchResult",
+    "cuda_kernel_enabled",
+    "emulated_cuda",
     "fused_retrieve_attend",
     "fused_retrieve_attend_int8",
     "quantize_keys",
+    "query_terms",
+    "search",
 ]
+# For callers of the earlier single-module layout: reco.ops._C, reco.ops._C_emu.
+_ = (_C, _C_emu)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_warned_devices: set = set()
 
 
 def _shape(t: Tensor) -> str:
@@ -76,6 +81,46 @@ def check_temperature(temperature: object, *, value: bool = True) -> None:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
+def check_search_args(
+    query: Tensor, keys: Tensor, k: int, exclude: Optional[Tensor], values: Optional[Tensor] = None
+) -> None:
+    """Raises TypeError/ValueError naming the bad argument of `search` (and the common arguments
+    of the fused ops, with their values [N, dv]); checks shapes, dtypes and devices only."""
+    _check_tensor("query", query, "[B, d]", 2)
+    _check_tensor("keys", keys, "[N, d]", 2)
+    if values is not None:
+        _check_tensor("values", values, "[N, dv]", 2)
+    B, d = query.shape
+    N = keys.shape[0]
+    if keys.shape[1] != d:
+        raise ValueError(f"keys {_shape(keys)} and query {_shape(query)} must have the same d")
+    if values is not None and values.shape[0] != N:
+        raise ValueError(f"values {_shape(values)} and keys {_shape(keys)} must have the same N")
+    if N == 0:
+        raise ValueError(f"keys must have at least one row, got {_shape(keys)}")
+    if d == 0 or (values is not None and values.shape[1] == 0):
+        shapes = f"query {_shape(query)}" + ("" if values is None else f", values {_shape(values)}")
+        raise ValueError(f"d and dv must be >= 1, got {shapes}")
+    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= N:
+        raise ValueError(f"k={k} must be in [1, N] where N={N} is the number of keys")
+    for name, t in (("keys", keys), ("values", values)):
+        if t is not None and t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+    if exclude is not None:
+        if not isinstance(exclude, Tensor):
+            raise TypeError(
+                f"exclude must be an int64 torch.Tensor [B, E], got {type(exclude).__name__}"
+            )
+        if exclude.dtype != torch.int64:
+            raise TypeError(f"exclude must be int64, got {exclude.dtype} ({_shape(exclude)})")
+        if exclude.dim() != 2 or exclude.shape[0] != B:
+            raise ValueError(f"exclude must be [B, E] with B={B}, got {_shape(exclude)}")
+        if exclude.device != query.device:
+            raise ValueError(f"exclude is on {exclude.device} but query is on {query.device}")
+
+
 def check_retrieve_attend_args(
     query: Tensor,
     keys: Tensor,
@@ -92,30 +137,12 @@ def check_retrieve_attend_args(
     Checks that need the data (exclude rows in range, k <= N minus excluded) run in the kernels.
     check_value=False leaves the temperature's value to the op's kernels (see check_temperature).
     """
-    _check_tensor("query", query, "[B, d]", 2)
-    _check_tensor("keys", keys, "[N, d]", 2)
-    _check_tensor("values", values, "[N, dv]", 2)
-    B, d = query.shape
-    N = keys.shape[0]
-    if keys.shape[1] != d:
-        raise ValueError(f"keys {_shape(keys)} and query {_shape(query)} must have the same d")
-    if values.shape[0] != N:
-        raise ValueError(f"values {_shape(values)} and keys {_shape(keys)} must have the same N")
-    if N == 0:
-        raise ValueError(f"keys must have at least one row, got {_shape(keys)}")
-    if d == 0 or values.shape[1] == 0:
-        raise ValueError(
-            f"d and dv must be >= 1, got query {_shape(query)}, values {_shape(values)}"
-        )
-    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= N:
-        raise ValueError(f"k={k} must be in [1, N] where N={N} is the number of keys")
+    if values is None:
+        raise TypeError("values must be a torch.Tensor [N, dv], got NoneType")
+    check_search_args(query, keys, k, exclude, values)
     check_temperature(temperature, value=check_value)
-    for name, t in (("keys", keys), ("values", values)):
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
     if attn_query is not None:
+        B = query.shape[0]
         _check_tensor("attn_query", attn_query, "[B, H, dv]", 3)
         if (
             attn_query.shape[0] != B
@@ -128,17 +155,6 @@ def check_retrieve_attend_args(
             )
         if attn_query.device != query.device:
             raise ValueError(f"attn_query is on {attn_query.device} but query is on {query.device}")
-    if exclude is not None:
-        if not isinstance(exclude, Tensor):
-            raise TypeError(
-                f"exclude must be an int64 torch.Tensor [B, E], got {type(exclude).__name__}"
-            )
-        if exclude.dtype != torch.int64:
-            raise TypeError(f"exclude must be int64, got {exclude.dtype} ({_shape(exclude)})")
-        if exclude.dim() != 2 or exclude.shape[0] != B:
-            raise ValueError(f"exclude must be [B, E] with B={B}, got {_shape(exclude)}")
-        if exclude.device != query.device:
-            raise ValueError(f"exclude is on {exclude.device} but query is on {query.device}")
 
 
 def _out_dtype(
@@ -159,236 +175,7 @@ def _fused_retrieve_attend(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # Default body: devices without a compiled kernel run the reference.
     check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
-    return _reference_body(query, keys, values, k, attn_query, temperature, exclude)
-
-
-def _reference_body(query, keys, values, k, attn_query, temperature, exclude):
-    if query.device.type not in _warned_devices:
-        _warned_devices.add(query.device.type)
-        warnings.warn(
-            f"reco: no compiled fused_retrieve_attend kernel for device '{query.device.type}'; "
-            "using the pure-torch reference (slower, same results)",
-            stacklevel=4,
-        )
-    r = reference.fused_retrieve_attend(
-        query, keys, values, k, attn_query=attn_query, temperature=temperature, exclude=exclude
-    )
-    return _owned(r)
-
-
-def _owned(r: RetrieveAttend) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A custom op may not return views of its inputs: fresh copies of the four results."""
-    return r.output.clone(), r.weights.clone(), r.indices.clone(), r.scores.clone()
-
-
-def _empty_outputs(query, keys, values, k, attn_query) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Uninitialised (output [B, H, dv], weights [B, H, k], indices [B, k], scores [B, k])."""
-    ct = _out_dtype(query, keys, values, attn_query)
-    B, dv = query.shape[0], values.shape[1]
-    H = 1 if attn_query is None else attn_query.shape[1]
-    return (
-        query.new_empty((B, H, dv), dtype=ct),
-        query.new_empty((B, H, k), dtype=ct),
-        query.new_empty((B, k), dtype=torch.int64),
-        query.new_empty((B, k), dtype=ct),
-    )
-
-
-def _unit_inner_stride(t: Tensor) -> Tensor:
-    # The kernel accepts any row stride (even 0, for expanded memories) but needs unit inner stride.
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-if _C is not None:
-
-    @_fused_retrieve_attend.register_kernel("cpu")
-    def _fused_retrieve_attend_cpu(
-        query: Tensor,
-        keys: Tensor,
-        values: Tensor,
-        k: int,
-        attn_query: Optional[Tensor],
-        temperature: float,
-        exclude: Optional[Tensor],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
-        if emulated_cuda() is not None:
-            args = (query, keys, values, k, attn_query, temperature, exclude)
-            emulated = _cuda_retrieve_attend(_C_emu, *args)
-            if emulated is not None:
-                return emulated
-        outputs = _empty_outputs(query, keys, values, k, attn_query)
-        if query.shape[0] == 0:
-            return outputs
-        ct = outputs[0].dtype
-        _C.retrieve_attend(
-            query.detach().to(ct).contiguous(),
-            _unit_inner_stride(keys.detach()),
-            _unit_inner_stride(values.detach()),
-            None if attn_query is None else attn_query.detach().to(ct).contiguous(),
-            None if exclude is None else exclude.contiguous(),
-            k,
-            float(temperature),
-            *outputs,
-            torch.get_num_threads(),
-        )
-        return outputs
-
-
-def query_terms(query: Tensor, dtype: torch.dtype) -> Tensor:
-    """The query as [T, B, d] terms of the 16-bit `dtype` whose sum is the query scaled per row by
-    a power of two, to about float32 precision: the tensor-core search multiplies each term by
-    16-bit keys exactly and accumulates in float32.
-
-    float16 (T = 2): each row is scaled so that its largest magnitude lies in [2^14, 2^15), which
-    keeps the second term clear of float16's subnormals; the error of a row is at most 2^-22 of
-    its largest element. bfloat16 (T = 3, no scaling): the error is at most 2^-24 of each element.
-    A term that would be inf - inf is 0, so infinite elements score as they do in float32.
-    """
-    q = query.detach().float()
-    if dtype == torch.float16:
-        # The largest finite magnitude sets the scale (an infinite one stays infinite).
-        amax = torch.where(torch.isfinite(q), q.abs(), 0.0).amax(dim=1, keepdim=True)
-        exponent = torch.frexp(torch.where(amax > 0, amax, 1.0)).exponent
-        q = torch.ldexp(q, (15 - exponent).clamp(max=126))
-        count = 2
-    elif dtype == torch.bfloat16:
-        count = 3
-    else:
-        raise ValueError(f"query_terms: dtype must be float16 or bfloat16, got {dtype}")
-    terms = []
-    rest = q
-    for _ in range(count):
-        t = rest.to(dtype)
-        terms.append(t)
-        rest = torch.where(torch.isfinite(t), rest - t.float(), 0.0)
-    return torch.stack(terms)
-
-
-def emulated_cuda() -> Optional[str]:
-    """The GPU that RECO_EMULATE_CUDA names, "sm_90" (H100) or "sm_80" (A100), or None when it is
-    unset. With it, CPU tensors take the CUDA path (planning, binding, launches, kernels, merge)
-    compiled against the CPU emulation of csrc/emulation: slow, for tests."""
-    name = os.environ.get("RECO_EMULATE_CUDA", "")
-    if not name:
-        return None
-    if name not in ("sm_80", "sm_90"):
-        raise ValueError(f"RECO_EMULATE_CUDA must be sm_80, sm_90 or unset, got {name!r}")
-    if _C_emu is None:
-        raise RuntimeError(
-            "RECO_EMULATE_CUDA is set, but this build of reco has no CUDA emulation "
-            "(reco._C_emu is built with GCC on Linux; RECO_EMULATION=OFF leaves it out)"
-        )
-    _C_emu.set_arch(name)
-    return name
-
-
-def _launch_cuda(
-    mod, q, terms, codes, scales, keys, values, attn_query, exclude, k, candidates, temperature,
-    outputs, plan,
-) -> None:  # fmt: skip
-    """mod.retrieve_attend_cuda (reco._C, or reco._C_emu on CPU tensors) on the current stream,
-    writing `outputs`: the query q as float32, its 16-bit or int8 terms for the tensor-core
-    search (or None), the int8 codes and scales (or None); the workspace of `candidates` rows per
-    split comes from torch's caching allocator (stream-ordered, CUDA-graph safe)."""
-    splits, pow2, queries, mma = plan
-    B = q.shape[0]
-    part_scores = q.new_empty((B, splits, candidates), dtype=torch.float32)
-    part_rows = q.new_empty((B, splits, candidates), dtype=torch.int64)
-    # The stream the kernels run on, also given to every array's __dlpack__.
-    stream = torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else None
-    mod.retrieve_attend_cuda(
-        q,
-        terms,
-        codes,
-        scales,
-        _unit_inner_stride(keys.detach()),
-        _unit_inner_stride(values.detach()),
-        None if attn_query is None else attn_query.detach().float().contiguous(),
-        None if exclude is None else exclude.contiguous(),
-        k,
-        candidates,
-        float(temperature),
-        *outputs,
-        part_scores,
-        part_rows,
-        splits,
-        pow2,
-        queries,
-        mma,
-        stream,
-    )
-
-
-def _cuda_plan(mod, query: Tensor, rows: int, k: int, terms: int):
-    """(splits, pow2, queries, mma) of mod.cuda_plan, or None where the kernel cannot take k."""
-    if k > mod.cuda_max_candidates:
-        return None
-    ok, splits, pow2, queries, mma = mod.cuda_plan(
-        query.shape[0], rows, query.shape[1], k, terms, query.device.index or 0
-    )
-    return (splits, pow2, queries, mma) if ok else None
-
-
-def cuda_kernel_enabled() -> bool:
-    """The CUDA kernel is compiled in but has not yet been validated on a GPU, so CUDA tensors
-    run the reference unless RECO_CUDA_KERNEL=1 opts in."""
-    return bool(getattr(_C, "with_cuda", False)) and os.environ.get("RECO_CUDA_KERNEL") == "1"
-
-
-def _cuda_retrieve_attend(mod, query, keys, values, k, attn_query, temperature, exclude):
-    """The CUDA path of fused_retrieve_attend through mod (reco._C on CUDA tensors, reco._C_emu on
-    CPU ones), or None where its kernels cannot take the call (the caller falls back)."""
-    if _out_dtype(query, keys, values, attn_query) != torch.float32:
-        return None
-    outputs = _empty_outputs(query, keys, values, k, attn_query)
-    if query.shape[0] == 0:
-        return outputs
-    # 16-bit keys: the tensor-core search takes the query as 16-bit terms of their dtype
-    # (the query itself when it has that dtype), fp32 accumulation of exact products.
-    half_query = query.dtype == keys.dtype and query.dtype in (torch.float16, torch.bfloat16)
-    terms = {torch.float16: 2, torch.bfloat16: 3}.get(keys.dtype, 0)
-    with _device_of(query):
-        plan = _cuda_plan(mod, query, keys.shape[0], k, 1 if half_query else terms)
-        if plan is None:  # k too large for the kernel's shared memory
-            return None
-        # Both searches and the merge take the query as float32 (exact for a 16-bit query).
-        q = query.detach().float().contiguous()
-        if not plan[3]:
-            terms_in = None
-        elif half_query:
-            terms_in = query.detach().contiguous()[None]
-        else:
-            terms_in = query_terms(q, keys.dtype)
-        _launch_cuda(
-            mod, q, terms_in, None, None, keys, values, attn_query, exclude, k, k, temperature,
-            outputs, plan,
-        )  # fmt: skip
-    return outputs
-
-
-def _device_of(t: Tensor):
-    """torch.cuda.device(t.device) for a CUDA tensor (DLPack exports only from the current
-    device), else a no-op context."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-if _C is not None and getattr(_C, "with_cuda", False):
-
-    @_fused_retrieve_attend.register_kernel("cuda")
-    def _fused_retrieve_attend_cuda(
-        query: Tensor,
-        keys: Tensor,
-        values: Tensor,
-        k: int,
-        attn_query: Optional[Tensor],
-        temperature: float,
-        exclude: Optional[Tensor],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
-        args = (query, keys, values, k, attn_query, temperature, exclude)
-        out = _cuda_retrieve_attend(_C, *args) if cuda_kernel_enabled() else None
-        return _reference_body(*args) if out is None else out
+    return reference_retrieve_attend(query, keys, values, k, attn_query, temperature, exclude)
 
 
 @_fused_retrieve_attend.register_fake
@@ -396,7 +183,7 @@ def _fused_retrieve_attend_fake(query, keys, values, k, attn_query, temperature,
     check_retrieve_attend_args(
         query, keys, values, k, attn_query, temperature, exclude, check_value=False
     )
-    return _empty_outputs(query, keys, values, k, attn_query)
+    return empty_outputs(query, keys, values, k, attn_query)
 
 
 def _setup_context(ctx, inputs, output):
@@ -536,71 +323,12 @@ def _fused_retrieve_attend_int8(
     temperature: float,
     exclude: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # Default body (CPU, and CUDA where the kernel cannot take the call): the reference.
+    # Default body (devices without a compiled kernel): the reference.
     check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
     check_int8_args(query, codes, scales, keys, k, candidates)
-    return _int8_reference_body(
+    return reference_int8(
         query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
     )
-
-
-def _int8_reference_body(
-    query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
-):
-    r = reference.retrieve_attend_int8(
-        query,
-        codes,
-        scales,
-        keys,
-        values,
-        k,
-        candidates,
-        attn_query=attn_query,
-        temperature=temperature,
-        exclude=exclude,
-    )
-    return _owned(r)
-
-
-if _C is not None:
-
-    @_fused_retrieve_attend_int8.register_kernel("cpu")
-    def _fused_retrieve_attend_int8_cpu(
-        query: Tensor,
-        codes: Tensor,
-        scales: Tensor,
-        keys: Tensor,
-        values: Tensor,
-        k: int,
-        candidates: int,
-        attn_query: Optional[Tensor],
-        temperature: float,
-        exclude: Optional[Tensor],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        # The coarse search in reco._C (AVX512-VNNI where available), the exact re-rank of the
-        # B x candidates rows in torch.
-        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
-        check_int8_args(query, codes, scales, keys, k, candidates)
-        if emulated_cuda() is not None:
-            args = (query, codes, scales, keys, values, k, candidates, attn_query, temperature)
-            emulated = _cuda_retrieve_attend_int8(_C_emu, *args, exclude)
-            if emulated is not None:
-                return emulated
-        B = query.shape[0]
-        rows = torch.empty(B, candidates, dtype=torch.int64)
-        coarse = torch.empty(B, candidates, dtype=torch.float32)
-        _C.coarse_int8(
-            reference.quantize_rows(query)[0],
-            _unit_inner_stride(codes.detach()),
-            scales.detach().contiguous(),
-            None if exclude is None else exclude.contiguous(),
-            candidates,
-            rows,
-            coarse,
-            torch.get_num_threads(),
-        )
-        r = reference.rerank_attend(query, keys, values, rows, rows < 0, k, attn_query, temperature)
-        return _owned(r)
 
 
 @_fused_retrieve_attend_int8.register_fake
@@ -611,60 +339,7 @@ def _fused_retrieve_attend_int8_fake(
         query, keys, values, k, attn_query, temperature, exclude, check_value=False
     )
     check_int8_args(query, codes, scales, keys, k, candidates)
-    return _empty_outputs(query, keys, values, k, attn_query)
-
-
-def _cuda_retrieve_attend_int8(
-    mod, query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
-):  # fmt: skip
-    """The CUDA path of fused_retrieve_attend_int8 through mod (see _cuda_retrieve_attend), or
-    None where its kernels cannot take the call."""
-    B, d = query.shape
-    codes = codes if codes.stride(1) == 1 else codes.contiguous()
-    if (
-        _out_dtype(query, keys, values, attn_query) != torch.float32
-        or d % 16 != 0
-        or codes.data_ptr() % 16 != 0
-        or codes.stride(0) % 16 != 0
-    ):
-        return None
-    outputs = _empty_outputs(query, keys, values, k, attn_query)
-    if B == 0:
-        return outputs
-    with _device_of(query):
-        plan = _cuda_plan(mod, query, keys.shape[0], candidates, 1)
-        if plan is None or not plan[3]:  # more candidates than the tensor-core list holds
-            return None
-        q = query.detach().float().contiguous()
-        codes, scales = codes.detach(), scales.detach().contiguous()
-        q_codes = reference.quantize_rows(q)[0][None]
-        _launch_cuda(
-            mod, q, q_codes, codes, scales, keys, values, attn_query, exclude, k, candidates,
-            temperature, outputs, plan,
-        )  # fmt: skip
-    return outputs
-
-
-if _C is not None and getattr(_C, "with_cuda", False):
-
-    @_fused_retrieve_attend_int8.register_kernel("cuda")
-    def _fused_retrieve_attend_int8_cuda(
-        query: Tensor,
-        codes: Tensor,
-        scales: Tensor,
-        keys: Tensor,
-        values: Tensor,
-        k: int,
-        candidates: int,
-        attn_query: Optional[Tensor],
-        temperature: float,
-        exclude: Optional[Tensor],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
-        check_int8_args(query, codes, scales, keys, k, candidates)
-        args = (query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude)
-        out = _cuda_retrieve_attend_int8(_C, *args) if cuda_kernel_enabled() else None
-        return _int8_reference_body(*args) if out is None else out
+    return empty_outputs(query, keys, values, k, attn_query)
 
 
 def _setup_context_int8(ctx, inputs, output):
@@ -727,3 +402,110 @@ def fused_retrieve_attend_int8(
             exclude,
         )
     )
+
+
+class SearchResult(NamedTuple):
+    indices: Tensor  # [B, k] int64
+    scores: Tensor  # [B, k], float32 (float64 if query or keys is)
+
+
+@torch.library.custom_op("reco::search", mutates_args=())
+def _search(
+    query: Tensor, keys: Tensor, k: int, exclude: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    # Default body: devices without a compiled kernel run the reference.
+    check_search_args(query, keys, k, exclude)
+    return reference_search(query, keys, k, exclude)
+
+
+@_search.register_fake
+def _search_fake(query, keys, k, exclude):
+    check_search_args(query, keys, k, exclude)
+    return empty_search_outputs(query, keys, k)
+
+
+def _setup_context_search(ctx, inputs, output):
+    query, keys, _k, _exclude = inputs
+    indices, _scores = output
+    ctx.save_for_backward(query, keys, indices)
+    ctx.mark_non_differentiable(indices)
+
+
+def _backward_search(ctx, _g_indices, g_scores):
+    """scores[b, j] = query[b] . keys[indices[b, j]]: gradients through the selected rows."""
+    query, keys, indices = ctx.saved_tensors
+    need_q, need_k, _, _ = ctx.needs_input_grad
+    g_q = g_k = None
+    if g_scores is None:
+        return None, None, None, None
+    ct = g_scores.dtype
+    if need_q:
+        g_q = torch.einsum("bk,bkd->bd", g_scores, keys[indices].to(ct)).to(query.dtype)
+    if need_k:
+        rows = (g_scores.unsqueeze(-1) * query.to(ct).unsqueeze(1)).reshape(-1, keys.shape[1])
+        g_k = keys.new_zeros(keys.shape, dtype=ct).index_add_(0, indices.reshape(-1), rows)
+        g_k = g_k.to(keys.dtype)
+    return g_q, g_k, None, None
+
+
+_search.register_autograd(_backward_search, setup_context=_setup_context_search)
+
+
+def search(
+    query: Tensor, keys: Tensor, k: int, *, exclude: Optional[Tensor] = None
+) -> SearchResult:
+    """Exact top-k rows of keys by inner product with each query: `fused_retrieve_attend`'s
+    selection without values or attention, computed by the same kernels.
+
+    query [B, d], keys [N, d]: float32, float16, bfloat16 (float64 for gradcheck). exclude [B, E]
+    int64 lists rows query b must not select (-1 = padding). Returns SearchResult(indices [B, k]
+    int64, scores [B, k] float32, or float64 if an input is): larger score first, ties to the
+    lower row, NaN scores below every number; scores are the winners re-scored exactly.
+    Differentiable in query and keys through the selected rows.
+    """
+    check_search_args(query, keys, k, exclude)
+    return SearchResult(*torch.ops.reco.search(query, keys, k, exclude))
+
+
+# ---- the kernels of each device (reco.backends), registered behind the argument checks ----------
+
+
+def _checked_retrieve_attend(kernel):
+    @functools.wraps(kernel)
+    def run(query, keys, values, k, attn_query, temperature, exclude):
+        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+        return kernel(query, keys, values, k, attn_query, temperature, exclude)
+
+    return run
+
+
+def _checked_int8(kernel):
+    @functools.wraps(kernel)
+    def run(query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude):
+        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+        check_int8_args(query, codes, scales, keys, k, candidates)
+        return kernel(
+            query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
+        )
+
+    return run
+
+
+def _checked_search(kernel):
+    @functools.wraps(kernel)
+    def run(query, keys, k, exclude):
+        check_search_args(query, keys, k, exclude)
+        return kernel(query, keys, k, exclude)
+
+    return run
+
+
+_OPS = {
+    "fused_retrieve_attend": (_fused_retrieve_attend, _checked_retrieve_attend),
+    "fused_retrieve_attend_int8": (_fused_retrieve_attend_int8, _checked_int8),
+    "search": (_search, _checked_search),
+}
+for _device, _kernels in backends.KERNELS.items():
+    for _name, _kernel in _kernels.items():
+        _op, _check = _OPS[_name]
+        _op.register_kernel(_device)(_check(_kernel))

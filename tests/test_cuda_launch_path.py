@@ -14,6 +14,7 @@ import torch
 from topk_check import assert_topk_match
 
 import reco
+import reco.backends.cuda
 import reco.ops
 from reco import reference
 
@@ -210,7 +211,7 @@ def test_a_huge_k_is_refused_at_once(tmp_path):
 
 
 def test_a_k_beyond_the_kernel_falls_back_to_the_cpu_kernel(arch):
-    assert reco.ops._cuda_plan(_EMU, torch.zeros(1, 4), 2**21, 2**20 + 1, 0) is None
+    assert reco.backends.cuda.plan(_EMU, torch.zeros(1, 4), 2**21, 2**20 + 1, 0) is None
 
 
 # ---- F7: infinite query entries -----------------------------------------------------------------

@@ -125,18 +125,21 @@ void check_exclude(const TensorView& exclude, int64_t B, int64_t N) {
 void check_args(const RetrieveAttendArgs& a) {
   expect(a.query, "query", 2);
   expect(a.keys, "keys", 2);
-  expect(a.values, "values", 2);
+  const bool attend = a.values.present();  // absent: the search alone (indices and scores)
+  if (attend) expect(a.values, "values", 2);
   if (a.query.dtype != DType::f32 && a.query.dtype != DType::f64)
     fail("query must be float32 or float64 at the kernel boundary");
   if (!is_float(a.keys.dtype)) fail("keys must be a floating-point array");
-  if (!is_float(a.values.dtype)) fail("values must be a floating-point array");
+  if (attend && !is_float(a.values.dtype)) fail("values must be a floating-point array");
   const int64_t B = a.query.shape[0], d = a.query.shape[1], N = a.keys.shape[0];
-  const int64_t dv = a.values.shape[1];
+  const int64_t dv = attend ? a.values.shape[1] : 1;
   if (a.keys.shape[1] != d)
     fail("keys " + shape_str(a.keys) + " and query " + shape_str(a.query) + " differ in d");
-  if (a.values.shape[0] != N)
+  if (attend && a.values.shape[0] != N)
     fail("values " + shape_str(a.values) + " and keys " + shape_str(a.keys) + " differ in N");
   if (N < 1 || d < 1 || dv < 1) fail("keys and values must be non-empty");
+  if (!attend && (a.attn_query.present() || a.output.present() || a.weights.present()))
+    fail("without values there is no attention: attn_query, output and weights must be absent");
   if (a.k < 1 || a.k > N)
     fail("k=" + std::to_string(a.k) + " must be in [1, N=" + std::to_string(N) + "]");
   if (a.k > (int64_t(1) << 30)) fail("k is too large");
@@ -167,6 +170,7 @@ void check_args(const RetrieveAttendArgs& a) {
        {Out{a.output, "output", acc, B, H, dv, 3}, Out{a.weights, "weights", acc, B, H, a.k, 3},
         Out{a.indices, "indices", DType::i64, B, a.k, 0, 2},
         Out{a.scores, "scores", acc, B, a.k, 0, 2}}) {
+    if (!attend && o.ndim == 3) continue;
     expect(o.t, o.name, o.ndim);
     expect_contiguous(o.t, o.name);
     if (o.t.dtype != o.dtype) fail(std::string(o.name) + " has the wrong dtype");

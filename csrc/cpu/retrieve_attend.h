@@ -12,7 +12,8 @@ namespace reco::cpu {
 struct RetrieveAttendArgs {
   TensorView query;       // [B, d] float32 | float64, rows contiguous
   TensorView keys;        // [N, d] any float dtype, inner stride 1
-  TensorView values;      // [N, dv] any float dtype, inner stride 1
+  TensorView values;      // [N, dv] any float dtype, inner stride 1; absent: the search alone
+                          // (attn_query, output and weights absent too)
   TensorView attn_query;  // [B, H, dv] same dtype as query, contiguous; ndim 0 if absent
   TensorView exclude;     // [B, E] int64, rows contiguous; ndim 0 if absent
   int64_t k = 0;

@@ -789,6 +789,7 @@ void run(const RetrieveAttendArgs& a) {
     else
       search<Acc, KT>(a, ex);
   });
+  if (!a.values.present()) return;  // the search alone
   with_dtype(a.values.dtype, [&](auto vt) {
     using VT = decltype(vt);
     if constexpr (std::is_same<Acc, float>::value && std::is_same<VT, double>::value)

@@ -251,6 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       indices[b * k + j] = -1;
       scores[b * k + j] = NAN;
     }
+    if (output == nullptr) return;
     for (int64_t i = threadIdx.x; i < int64_t(H) * k; i += blockDim.x) weights[b * H * k + i] = NAN;
     for (int64_t i = threadIdx.x; i < int64_t(H) * dv; i += blockDim.x)
       output[b * H * dv + i] = NAN;
@@ -260,6 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     indices[b * k + j] = rows[j];
     scores[b * k + j] = float(dsc[j]);
   }
+  if (output == nullptr) return;  // the search alone: no values, no attention
 
   for (int h = 0; h < H; ++h) {
     // Logits: the scores, or the attention query against each retrieved value.
@@ -330,16 +332,19 @@ void merge(const Args& a) {
   const int64_t B = a.query.shape[0], d = a.query.shape[1], N = a.keys.shape[0];
   const int64_t E = a.exclude.present() ? a.exclude.shape[1] : 0;
   const int H = a.attn_query.present() ? int(a.attn_query.shape[1]) : 1;
+  const bool attend = a.values.present();  // absent: the search alone
   const size_t smem = merge_smem(a.plan.pow2);
   allow_dynamic_smem(merge_attend_kernel<TK, TV>);
   ptx::launch(merge_attend_kernel<TK, TV>, unsigned(B), kThreads, smem,
               reinterpret_cast<cudaStream_t>(a.stream), a.query.ptr<float>(), d, a.keys.ptr<TK>(),
-              a.keys.strides[0], a.values.ptr<TV>(), a.values.shape[1], a.values.strides[0],
+              a.keys.strides[0], attend ? a.values.ptr<TV>() : nullptr,
+              attend ? a.values.shape[1] : 0, attend ? a.values.strides[0] : 0,
               a.attn_query.present() ? a.attn_query.ptr<float>() : nullptr, H,
               E > 0 ? a.exclude.ptr<int64_t>() : nullptr, E, N, a.part_scores.ptr<float>(),
               a.part_rows.ptr<int64_t>(), a.plan.splits, a.candidates, a.k, a.plan.pow2,
-              1.0 / a.temperature, a.output.ptr<float>(), a.weights.ptr<float>(),
-              a.indices.ptr<int64_t>(), a.scores.ptr<float>());
+              1.0 / a.temperature, attend ? a.output.ptr<float>() : nullptr,
+              attend ? a.weights.ptr<float>() : nullptr, a.indices.ptr<int64_t>(),
+              a.scores.ptr<float>());
   check(cudaGetLastError(), "merge kernel launch");
 }
 
@@ -404,6 +409,7 @@ void launch(const Args& a) {
 
 template <typename TK>
 void launch_values(const Args& a) {
+  if (!a.values.present()) return launch<TK, float>(a);  // the search alone
   switch (a.values.dtype) {
     case DType::f32: return launch<TK, float>(a);
     case DType::f16: return launch<TK, __half>(a);

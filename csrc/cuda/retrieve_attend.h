@@ -36,7 +36,8 @@ struct Args {
   TensorView codes;        // [N, d] int8 codes of the keys: the int8 search, or absent
   TensorView key_scales;   // [N] float32 scales of the codes
   TensorView keys;         // [N, d] float32/float16/bfloat16, unit inner stride, any row stride
-  TensorView values;       // [N, dv] likewise
+  TensorView values;       // [N, dv] likewise; absent: the search alone (no attention: attn_query,
+                           // output and weights absent too)
   TensorView attn_query;   // [B, H, dv] float32 contiguous, or absent
   TensorView exclude;      // [B, E] int64 contiguous, or absent
   TensorView output;       // [B, H, dv] float32
