@@ -1,5 +1,6 @@
 """reco: retrieval-augmented recognition, exact top-k retrieval fused with attention."""
 
+from ._version import __version__
 from .backends import build_info
 from .ops import (
     RetrieveAttend,
@@ -10,7 +11,6 @@ from .ops import (
     search,
 )
 
-__version__ = "0.1.0"
 __all__ = [
     "RetrieveAttend",
     "SearchResult",

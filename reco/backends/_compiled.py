@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Any
 
+from .._version import __version__
+
 try:
     from .. import _C
 except ImportError as e:  # a source checkout without a build, or a broken install
@@ -28,8 +30,6 @@ def build_info() -> dict[str, Any]:
     """What this build of reco holds: its version, the CPU SIMD levels compiled in (and usable on
     this CPU) and the one chosen, the CUDA architectures compiled, whether the CUDA emulation is
     there, and the compilers that built it."""
-    from .. import __version__
-
     info: dict[str, Any] = {"reco": __version__, "python": sys.version.split()[0]}
     if _C is None:
         info["compiled_core"] = False
