@@ -118,11 +118,9 @@ def read_label_names(path: str | os.PathLike, what: str = "label names file") ->
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise ValueError(f"{what} {path} holds no names")
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ValueError(f"{what} {path}: {name!r} is there twice")
-        seen.add(name)
+    twice = _repeated(names)
+    if twice is not None:
+        raise ValueError(f"{what} {path}: {twice!r} is there twice")
     return names
 
 
@@ -132,9 +130,17 @@ def _check_label_names(names: Sequence[str]) -> list[str]:
     names = list(names)
     if not names:
         raise ValueError("label_names is empty (pass None for a memory without labels)")
+    twice = _repeated(names)
+    if twice is not None:
+        raise ValueError(f"label_names holds {twice!r} twice")
+    return names
+
+
+def _repeated(names: Sequence[str]) -> str | None:
+    """The first name that is there twice, else None."""
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise ValueError(f"label_names holds {name!r} twice")
+            return name
         seen.add(name)
-    return names
+    return None

@@ -3,23 +3,8 @@ re-exports reco.ingest's public names for now; import them from reco.ingest."""
 
 import warnings
 
-from reco.ingest import (
-    IMAGE_EXTENSIONS,
-    MAX_CSV_FIELD,
-    MAX_IMAGE_BYTES,
-    MAX_LABEL_NAMES_BYTES,
-    BuildReport,
-    ItemSource,
-    NearDuplicateFilter,
-    RawItem,
-    build_from_items,
-    clip_retrieval_source,
-    import_clip_retrieval,
-    iter_caption_table,
-    iter_image_folder,
-    iter_webdataset,
-    read_label_names,
-)
+from reco import ingest as _ingest
+from reco.ingest import *  # noqa: F403
 
 warnings.warn(
     "reco.memory.builders is deprecated: import the builders from reco.ingest",
@@ -27,20 +12,4 @@ warnings.warn(
     stacklevel=2,
 )
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "MAX_CSV_FIELD",
-    "MAX_IMAGE_BYTES",
-    "MAX_LABEL_NAMES_BYTES",
-    "BuildReport",
-    "ItemSource",
-    "NearDuplicateFilter",
-    "RawItem",
-    "build_from_items",
-    "clip_retrieval_source",
-    "import_clip_retrieval",
-    "iter_caption_table",
-    "iter_image_folder",
-    "iter_webdataset",
-    "read_label_names",
-]
+__all__ = list(_ingest.__all__)

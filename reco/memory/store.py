@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import files
-from .files import as_path
+from .files import as_path, fsync_dir
 from .manifest import (
     EMBEDDING_DTYPES,
     JOURNAL_FILE,
@@ -82,14 +82,6 @@ def _fault(point: str) -> None:
         _fault_hook(point)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_synced(path: Path, data: bytes) -> FileInfo:
     with open(path, "xb") as f:  # never overwrites: every name written is fresh or reserved
         f.write(data)
@@ -107,7 +99,7 @@ def _replace_synced(root: Path, tmp_name: str, final_name: str, data: bytes, ste
     _fault(f"{step}:written")
     os.replace(tmp, root / final_name)
     _fault(f"{step}:replaced")
-    _fsync_dir(root)
+    fsync_dir(root)
     _fault(f"{step}:synced")
 
 
@@ -404,7 +396,7 @@ class MemoryWriter:
                 p.unlink()
         if names:
             (self.root / JOURNAL_FILE).unlink()
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def _free_name(self) -> str:
         """The next shard number that neither the manifest nor the folder uses."""
@@ -542,11 +534,11 @@ class MemoryWriter:
             for fname, data in files.items():
                 infos[fname] = _write_synced(tmp / fname, data)
                 _fault("shard:file")
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _fault("shard:synced")
             os.rename(tmp, shards / name)
             _fault("shard:renamed")
-            _fsync_dir(shards)
+            fsync_dir(shards)
             _fault("shard:dir-synced")
             self._commit_manifest(ShardInfo(name=name, rows=buf.rows, files=infos), buf.progress)
             _fault("committed")
