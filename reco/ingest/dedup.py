@@ -14,7 +14,7 @@ from ..memory.files import flat as _flat
 from ..memory.files import stat_regular as _stat_regular
 from ..memory.manifest import METADATA_FILE, SHARDS_DIR
 from ..memory.store import read_manifest
-from ..ops import fused_retrieve_attend
+from ..ops import search
 
 
 def _unit_rows(a: np.ndarray, where: str, first_row: int = 0) -> np.ndarray:
@@ -94,7 +94,7 @@ class NearDuplicateFilter:
         """Boolean [n]: True for items to keep."""
         self.check_dim(image_embeddings.shape[1])
         q = torch.nn.functional.normalize(image_embeddings.float(), dim=1)
-        best = fused_retrieve_attend(q, self.eval, self.eval[:, :1], 1).scores[:, 0]
+        best = search(q, self.eval, 1).scores[:, 0]
         return best < self.threshold
 
 
