@@ -38,10 +38,11 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 _REAL, _NAN, _EXCLUDED = 0, 1, 2
 
 
-def _top_candidates(
-    scores: Tensor, rows: Tensor, cls: Tensor, k: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The k best candidates per query in the lexicographic order (class, -score, row)."""
+def select_top(scores: Tensor, rows: Tensor, cls: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k best candidates per query in THE selection order, the one function that writes it
+    (the kernels' is csrc/include/reco/order.h): lexicographic in (class, -score, row), the
+    classes being a number (-inf included), NaN, then excluded or empty. So: higher score first,
+    ties to the lower row, NaN below every number, NaNs by ascending row."""
     # Three stable sorts, least significant key first.
     order = torch.sort(rows, dim=1, stable=True)[1]
     s_key = torch.where(torch.isnan(scores), -torch.inf, scores).gather(1, order)
@@ -56,7 +57,7 @@ def merge_topk(scores: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if rows.shape != scores.shape or rows.shape[1] < k:
         raise ValueError(f"need [B, M >= k={k}] candidates, got {tuple(rows.shape)}")
     cls = torch.where(torch.isnan(scores), _NAN, _REAL)
-    best_s, best_i, _ = _top_candidates(scores, rows, cls, k)
+    best_s, best_i, _ = select_top(scores, rows, cls, k)
     return best_i, best_s
 
 
@@ -78,7 +79,7 @@ def _select_chunked(
         if exclude is not None:
             hit = (rows.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
             cls = torch.where(hit, _EXCLUDED, cls)
-        best_s, best_i, best_c = _top_candidates(
+        best_s, best_i, best_c = select_top(
             torch.cat([best_s, s], 1), torch.cat([best_i, rows], 1), torch.cat([best_c, cls], 1), k
         )
     return best_s, best_i, best_c
@@ -233,5 +234,5 @@ def rerank_attend(
         ct = compute_dtype(query, keys)
         exact = torch.einsum("bd,bkd->bk", query.to(ct), keys[rows].to(ct))
         cls = torch.where(unusable, _EXCLUDED, torch.where(exact.isnan(), _NAN, _REAL))
-        _, indices, _ = _top_candidates(exact, rows, cls, k)
+        _, indices, _ = select_top(exact, rows, cls, k)
     return attend(query, keys, values, indices, attn_query, temperature)

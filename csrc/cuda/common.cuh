@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "reco/order.h"
+
 namespace reco::cuda {
 
 inline void check(cudaError_t e, const char* what) {
@@ -64,20 +66,13 @@ __device__ __forceinline__ float load(const __nv_bfloat16* p) {
   return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
 }
 
-// The selection order: a before b. Empty slots (row < 0) come last; NaN ranks below every
-// number, NaNs by ascending row; otherwise higher score first, ties to the lower row.
-template <typename S, typename R>
-__device__ __forceinline__ bool better(S sa, R ra, S sb, R rb) {
-  if (ra < 0) return false;
-  if (rb < 0) return true;
-  const bool na = isnan(sa), nb = isnan(sb);
-  if (na || nb) return na && nb ? ra < rb : nb;
-  return sa > sb || (sa == sb && ra < rb);
-}
+// The selection order (reco/order.h); empty slots are rows < 0.
+using reco::ranks_before;
 
 template <typename S, typename R>
 __device__ __forceinline__ void order_pair(S* s, R* r, int i, int j, bool best_first) {
-  const bool swap = best_first ? better(s[j], r[j], s[i], r[i]) : better(s[i], r[i], s[j], r[j]);
+  const bool swap =
+      best_first ? ranks_before(s[j], r[j], s[i], r[i]) : ranks_before(s[i], r[i], s[j], r[j]);
   if (swap) {
     const S ts = s[i];
     s[i] = s[j];

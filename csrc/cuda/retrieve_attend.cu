@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int o = 16; o > 0; o >>= 1) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], o);
         if (lane == q) mine = acc[q];
       }
-      if (lane < nq && better(mine, r, thr_s[lane], thr_r[lane]) &&
+      if (lane < nq && ranks_before(mine, r, thr_s[lane], thr_r[lane]) &&
           (exclude == nullptr || !excluded(exclude + (q0 + lane) * E, E, r))) {
         const int pos = atomicAdd(&count[lane], 1);
         scs[size_t(lane) * 2 * P + P + pos] = mine;

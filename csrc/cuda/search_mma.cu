@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int q = c_query(wq, mt, lane, i);
           const int off = int(tile0) + c_row(wn, nt, lane, i);
           const float sc = Op::score(acc[mt][nt][i], scale[i & 1]);
-          if (q < nq && n0 + off < n1 && better(sc, off, thr_s[q], thr_r[q]) &&
+          if (q < nq && n0 + off < n1 && ranks_before(sc, off, thr_s[q], thr_r[q]) &&
               (exclude == nullptr || !excluded(exclude + (q0 + q) * E, E, n0 + off))) {
             const int pos = atomicAdd(&count[q], 1);
             cs[q * kEntries + kList + pos] = sc;

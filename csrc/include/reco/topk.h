@@ -1,29 +1,11 @@
-// Per-query top-k selection shared by the CPU and CUDA kernels.
-//
-// Order: larger score first; equal scores go to the lower row; NaN ranks below every number
-// (so a corrupt memory row is chosen only when nothing else is left); an empty slot
-// (row = kEmptyRow) ranks below everything.
+// Per-query top-k selection of the CPU kernels: a bounded heap in the order of reco/order.h.
 #pragma once
 #include <cstdint>
 
 #include "reco/dtype.h"
+#include "reco/order.h"
 
 namespace reco {
-
-constexpr int64_t kEmptyRow = INT64_MAX;
-
-template <typename S>
-RECO_HD bool ranks_before(S s, int64_t i, S t, int64_t j) {
-  if (s > t) return true;
-  if (s == t) return i < j;
-  if (s < t) return false;
-  // At least one NaN (or an empty slot holding NaN).
-  const bool s_nan = !(s == s);
-  const bool t_nan = !(t == t);
-  if (t_nan && !s_nan) return true;
-  if (t_nan && s_nan) return i < j;
-  return false;
-}
 
 // A bounded min-heap whose root is the worst of the k kept candidates. Slots start empty
 // (NaN, kEmptyRow), so the first k candidates always enter.
