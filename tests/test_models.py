@@ -185,3 +185,32 @@ def test_out_of_range_config_values_name_the_field(make, field, value):
         make(value).validate()
     with pytest.raises(TypeError, match=rf"^{field} must be"):
         make("3").validate()
+
+
+@pytest.mark.parametrize(
+    "aggregator, head",
+    [("none", "linear"), ("none", "mlp"), ("mean_knn", "linear"), ("attention", "mlp")],
+)
+def test_build_model_is_the_one_factory(aggregator, head):
+    """build_model draws the same parameters as building the parts by hand (aggregator first)."""
+    from reco.models import ClassifierConfig, LinearHead, MLPHead, RetrievalClassifier, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ClassifierConfig(16, 8, 5, aggregator, head, attention_dim=8, heads=2))
+    torch.manual_seed(0)
+    agg = {
+        "none": lambda: None,
+        "mean_knn": MeanKNN,
+        "attention": lambda: MemoryAttention(MemoryAttentionConfig(16, 8, 8, 2)),
+    }[aggregator]()
+    feat = 16 + 8 if aggregator == "mean_knn" else 16
+    parts = LinearHead(feat, 5) if head == "linear" else MLPHead(feat, 5)
+    expected = RetrievalClassifier(agg, parts)
+    got, want = model.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert isinstance(build_model(RECOConfig(k=3)), RECO)
+    with pytest.raises(ValueError, match="aggregator"):
+        build_model(ClassifierConfig(16, 8, 5, "max"))
+    with pytest.raises(TypeError, match="ClassifierConfig"):
+        build_model({"head": "linear"})

@@ -13,15 +13,7 @@ from torch import Tensor
 
 from .. import eval as ev
 from ..memory import EmbeddingTable, Memory
-from ..models import (
-    LinearHead,
-    MeanKNN,
-    MemoryAttention,
-    MemoryAttentionConfig,
-    MLPHead,
-    RetrievalClassifier,
-    Retriever,
-)
+from ..models import ClassifierConfig, RetrievalClassifier, Retriever, build_model
 from ..train.data import EmbeddingDataset
 from ..train.tasks import LongTailTask
 from ..train.trainer import TrainConfig, Trainer
@@ -70,17 +62,30 @@ def memory_values(memory: Memory, which: str) -> EmbeddingTable | Tensor:
     raise ValueError(f"fusion_modality must be 'text', 'image' or 'both', got {which!r}")
 
 
+# Each method as the factory's (aggregator, head).
+_ARCHITECTURES = {
+    "linear": ("none", "linear"),
+    "mlp": ("none", "mlp"),
+    "mean_knn": ("mean_knn", "linear"),
+    "attention": ("attention", "linear"),
+}
+
+
 def make_model(method: str, qdim: int, vdim: int, classes: int, p: LongTailParams):
-    if method == "linear":
-        return RetrievalClassifier(None, LinearHead(qdim, classes))
-    if method == "mlp":
-        return RetrievalClassifier(None, MLPHead(qdim, classes, p.mlp_hidden))
-    if method == "mean_knn":
-        return RetrievalClassifier(MeanKNN(), LinearHead(qdim + vdim, classes))
-    if method == "attention":
-        cfg = MemoryAttentionConfig(qdim, vdim, p.attention_dim, p.heads)
-        return RetrievalClassifier(MemoryAttention(cfg), LinearHead(qdim, classes))
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in _ARCHITECTURES:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    aggregator, head = _ARCHITECTURES[method]
+    cfg = ClassifierConfig(
+        qdim,
+        vdim,
+        classes,
+        aggregator,
+        head,
+        attention_dim=p.attention_dim,
+        heads=p.heads,
+        mlp_hidden=p.mlp_hidden,
+    )
+    return build_model(cfg)
 
 
 class LongTailRun:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..memory import Memory
-from ..models import RECO, FusionConfig, ProjectionCLIP, RECOConfig, Retriever
+from ..models import RECO, FusionConfig, ProjectionCLIP, RECOConfig, Retriever, build_model
 from ..train.data import EmbeddingDataset
 from ..train.tasks import ContrastiveTask, RECOTask
 from ..train.trainer import TrainConfig, Trainer
@@ -122,7 +122,7 @@ class RECORuns:
     def train(self, search: str, fusion: str, k: int) -> RECO:
         cfg = reco_config(search, fusion, k, self.p)
         torch.manual_seed(self.seed)
-        model = RECO(cfg)
+        model = build_model(cfg)
         retrievers = model.retrievers(self.memory)
         tensors = dict(self.pairs)
         for qm, sm in (("image", cfg.image_search), ("text", cfg.text_search)):

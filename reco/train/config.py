@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from .. import config as _config
 from ..config import check_number
-from ..models import RECOConfig
+from ..models import ClassifierConfig, RECOConfig
 from .trainer import TrainConfig
 
 Modality = Literal["image", "text"]
@@ -66,6 +66,21 @@ class LongTailConfig:
         check_number("near_duplicate", self.near_duplicate, optional=True)
         check_number("few_below", self.few_below, integer=True, ge=0)
         check_number("many_above", self.many_above, integer=True, ge=self.few_below)
+
+    def classifier(self, query_dim: int, value_dim: int, classes: int) -> ClassifierConfig:
+        """The model part of this section (for reco.models.build_model)."""
+        return ClassifierConfig(
+            query_dim,
+            value_dim,
+            classes,
+            self.aggregator,
+            self.head,
+            self.attention_dim,
+            self.heads,
+            self.self_token,
+            self.drop_retrieved,
+            self.mlp_hidden,
+        )
 
 
 @dataclass

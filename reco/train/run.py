@@ -10,16 +10,7 @@ from torch import nn
 
 from ..config import ConfigError, to_dict
 from ..memory import Memory
-from ..models import (
-    RECO,
-    LinearHead,
-    MeanKNN,
-    MemoryAttention,
-    MemoryAttentionConfig,
-    MLPHead,
-    RetrievalClassifier,
-    Retriever,
-)
+from ..models import Retriever, build_model
 from .config import ExperimentConfig
 from .data import EmbeddingDataset
 from .tasks import LongTailTask, RECOTask
@@ -49,25 +40,9 @@ def build(cfg: ExperimentConfig) -> Built:
         )
         qdim = train_mem.keys(lt.query_modality).dim
         vdim = memory.values(lt.fusion_modality).dim
-        if lt.aggregator == "attention":
-            agg: nn.Module | None = MemoryAttention(
-                MemoryAttentionConfig(
-                    qdim, vdim, lt.attention_dim, lt.heads, lt.self_token, lt.drop_retrieved
-                )
-            )
-            feat = qdim
-        elif lt.aggregator == "mean_knn":
-            agg, feat = MeanKNN(), qdim + vdim
-        else:
-            agg, feat = None, qdim
-        head = (
-            LinearHead(feat, classes)
-            if lt.head == "linear"
-            else MLPHead(feat, classes, lt.mlp_hidden)
-        )
-        model = RetrievalClassifier(agg, head)
+        model: nn.Module = build_model(lt.classifier(qdim, vdim, classes))
         retriever = None
-        if agg is not None:
+        if lt.aggregator != "none":
             retriever = Retriever.from_memory(
                 memory,
                 lt.search_modality,
@@ -87,7 +62,7 @@ def build(cfg: ExperimentConfig) -> Built:
                 f"reco.fusion.dim={cfg.reco.fusion.dim} must equal the memory's embedding "
                 f"dims {dims}"
             )
-        model = RECO(cfg.reco)
+        model = build_model(cfg.reco)
         task = RECOTask(model.retrievers(memory), cfg.temperature)
     return Built(model, task, dataset, memory, train_mem)
 
