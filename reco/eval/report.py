@@ -116,16 +116,18 @@ def format_table(rows: list[dict], columns: list[str], title: str | None = None)
     return "\n".join(out)
 
 
-def to_markdown(rows: list[dict], columns: list[str]) -> str:
+def to_markdown(rows: list[dict], columns: list[str], align: bool = True) -> str:
     """A Markdown (GitHub) table of rows (dicts keyed by column name) in the order of columns;
-    see the module docstring for the cell rules."""
+    see the module docstring for the cell rules. The project's one Markdown table writer; align
+    False writes a plain `---` rule (no alignment marks)."""
     header, body, right = _cells(rows, columns)
 
     def line(cells: list[str]) -> str:
         # A literal "|" would end the cell.
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    rule = "|" + "|".join("---:" if r else ":---" for r in right) + "|"
+    marks = ("---:" if r else ":---" for r in right) if align else ("---" for _ in right)
+    rule = "|" + "|".join(marks) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in body)])
 
 

@@ -1,7 +1,9 @@
-"""Both papers' experiments end to end on real data that ships in packages (`reco demo`)."""
+"""Deprecated: reco.demo (`reco demo`'s experiments moved there)."""
 
-from .demo import Demo, DemoConfig
-from .longtail import LongTailParams
-from .zeroshot import ZeroShotParams
+import warnings
+
+from ..demo import Demo, DemoConfig, LongTailParams, ZeroShotParams
+
+warnings.warn("reco.experiments is deprecated: use reco.demo", DeprecationWarning, stacklevel=2)
 
 __all__ = ["Demo", "DemoConfig", "LongTailParams", "ZeroShotParams"]

