@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from ..memory.files import atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -179,33 +180,9 @@ def save_checkpoint(
     version, internal, gauss_next = random.getstate()
     meta["rng.python"] = json.dumps([version, list(internal), gauss_next])
 
-    _atomic_save(tensors, meta, path)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder (os.replace is atomic only within a file system); a dot name and a suffix
-    # latest_checkpoint does not match, so a leftover of a crash is never taken for a checkpoint.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a power loss
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":  # folders cannot be opened for fsync on Windows
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # One file, written atomically (a dot name latest_checkpoint does not match, fsync, rename).
+    data = save(tensors, metadata=meta)
+    atomic_write(path, lambda f: f.write(data))
 
 
 # ---------------------------------------------------------------------------------------------
