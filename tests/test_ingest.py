@@ -253,9 +253,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_build(tmp_path, tiny_clip):
     assert 0 < rows_at_kill < 600, "the build was not caught mid-way"
     enc = OpenCLIPEncoder(name, weights, device="cpu")
     kw = {"image_encoder": enc, "batch_size": 10, "shard_rows": 20, "progress_bar": False}
-    resumed = ingest.build_from_items(
-        tmp_path / "killed", ingest.iter_caption_table(table), **kw
-    )
+    resumed = ingest.build_from_items(tmp_path / "killed", ingest.iter_caption_table(table), **kw)
     assert resumed.resumed_from > 0
     ingest.build_from_items(tmp_path / "clean", ingest.iter_caption_table(table), **kw)
     a, b = Memory.open(tmp_path / "killed", verify="full"), Memory.open(tmp_path / "clean")
@@ -471,9 +469,7 @@ def test_source_identity(tmp_path, caption_set, image_tree):
     )
     assert ingest.iter_image_folder(image_tree, "a {}.").source["template"] == "a {}."
     (image_tree / "bee" / "6.png").write_bytes((image_tree / "bee" / "0.png").read_bytes())
-    assert (
-        ingest.iter_image_folder(image_tree).source["fingerprint"] != tree.source["fingerprint"]
-    )
+    assert ingest.iter_image_folder(image_tree).source["fingerprint"] != tree.source["fingerprint"]
 
     _write_tar(tmp_path / "a.tar", [("k", {"txt": b"x"})])
     _write_tar(tmp_path / "b.tar", [("k", {"txt": b"y"})])
@@ -496,9 +492,7 @@ def test_another_source_is_refused_unless_appended(tmp_path, caption_set, encode
     from reco.memory.manifest import MemoryFormatError
 
     kw = {"image_encoder": encoder, "progress_bar": False, "label_names": CLASSES}
-    first = ingest.build_from_items(
-        tmp_path / "mem", ingest.iter_caption_table(caption_set), **kw
-    )
+    first = ingest.build_from_items(tmp_path / "mem", ingest.iter_caption_table(caption_set), **kw)
     assert first.rows == 40
     other = tmp_path / "other.csv"
     rows = [f"img/{i:03d}.png,another caption {i},cat" for i in range(30, 40)]
