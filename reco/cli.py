@@ -62,80 +62,19 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encode-batch-size", type=int, default=64)
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _add_model_configs(paths: list[str], flag: str = "--model-config") -> None:
-    """Registers open_clip model configs (files or folders of them) after checking each: open_clip
-    keeps a registered path for good, so a bad file would break every later model lookup."""
-    if not paths:
-        return
-    import open_clip
-
-    for given in paths:
-        path = Path(given)
-        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
-        for f in files:
-            if not f.is_file():
-                raise ValueError(f"{flag} {given}: no such file or folder (or not a regular file)")
-            if f.suffix != ".json" or f.stat().st_size > 1 << 24:
-                raise ValueError(f"{flag} {f}: not an open_clip model config (.json)")
-            try:
-                cfg = json.loads(f.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"{flag} {f}: not a JSON model config ({e})") from None
-            if not isinstance(cfg, dict) or not all(
-                k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")
-            ):
-                raise ValueError(
-                    f"{flag} {f}: not an open_clip model config (it needs embed_dim, vision_cfg "
-                    "and text_cfg)"
-                )
-        open_clip.add_model_config(path)
-
-
-def _open_clip(model: str, pretrained: str | None, flag: str, **kw):
-    """An OpenCLIPEncoder; a checkpoint that does not load is an error naming flag."""
-    import pickle
-
-    from reco.encoders import OpenCLIPEncoder
-
-    try:
-        return OpenCLIPEncoder(model, pretrained, **kw)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        if pretrained is None:
-            raise
-        raise ValueError(
-            f"{flag} {pretrained} cannot be loaded as a checkpoint of {model} ({_one_line(e)})"
-        ) from None
-
-
 def _encoders(args: argparse.Namespace):
-    if args.model is None:
-        raise ValueError("--model is required (an open_clip architecture name)")
-    if args.device is not None:
-        import torch
+    from reco.eval.encoders import load_encoders
 
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            raise ValueError(f"--device {args.device!r} is not a device ({e})") from None
-        if device.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if count == 0 or (device.index is not None and device.index >= count):
-                raise ValueError(f"--device {args.device}: this machine has {count} CUDA devices")
-    _add_model_configs(args.model_config)
-    kw = {
-        "device": args.device,
-        "batch_size": args.encode_batch_size,
-        "allow_random_weights": args.allow_random_weights,
-    }
-    image = _open_clip(args.model, args.pretrained, "--pretrained", **kw)
-    if args.text_model is None:
-        return image, image
-    return image, _open_clip(args.text_model, args.text_pretrained, "--text-pretrained", **kw)
+    return load_encoders(
+        args.model,
+        args.pretrained,
+        args.text_model,
+        args.text_pretrained,
+        model_configs=args.model_config,
+        device=args.device,
+        batch_size=args.encode_batch_size,
+        allow_random_weights=args.allow_random_weights,
+    )
 
 
 _SOURCES = ("--captions", "--image-folder", "--webdataset", "--clip-retrieval")
@@ -261,6 +200,7 @@ def _memory_info(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     import torch
 
+    from reco.eval.encoders import add_model_configs, open_clip_encoder
     from reco.index import Index
     from reco.memory import Memory
 
@@ -271,8 +211,8 @@ def _search(args: argparse.Namespace) -> int:
     info = mem.manifest.modalities[query_modality].encoder
     model = args.model or info.name.removeprefix("open_clip:")
     pretrained = args.pretrained or info.checkpoint
-    _add_model_configs(args.model_config)
-    enc = _open_clip(
+    add_model_configs(args.model_config)
+    enc = open_clip_encoder(
         model,
         pretrained,
         "--pretrained",
@@ -304,24 +244,6 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_trained(args: argparse.Namespace):
-    """The experiment config, the built experiment, with the trained weights loaded."""
-    from reco.train.checkpoint import latest_checkpoint, load_checkpoint
-    from reco.train.config import load_experiment
-    from reco.train.run import build
-
-    cfg = load_experiment(args.config)
-    built = build(cfg)
-    ckpt = args.checkpoint
-    if ckpt is None and cfg.train.out_dir is not None:
-        ckpt = latest_checkpoint(cfg.train.out_dir)
-    if ckpt is None:
-        raise ValueError("no checkpoint: pass --checkpoint or train first (train.out_dir)")
-    load_checkpoint(ckpt, model=built.model, restore_rng=False)
-    built.model.eval()
-    return cfg, built, ckpt
-
-
 def _train(args: argparse.Namespace) -> int:
     from reco.train.config import load_experiment
     from reco.train.run import train
@@ -332,209 +254,43 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _class_prompts(cfg, built, test):
-    """[C, P, d] class prompt embeddings for zero-shot evaluation (see ZeroShotConfig)."""
-    import numpy as np
-    import torch
-
-    zs = cfg.zero_shot
-    if zs.class_embeddings is not None:
-        cls = torch.from_numpy(np.load(zs.class_embeddings)).float()
-        return cls if cls.dim() == 3 else cls.unsqueeze(1)
-    names = zs.class_names or test.manifest.label_names
-    if not names:
-        raise ValueError(
-            "zero-shot needs zero_shot.class_embeddings, zero_shot.class_names or "
-            "label names in the test memory"
-        )
-    if zs.model_config is not None:
-        _add_model_configs([zs.model_config], "zero_shot.model_config")
-    info = built.memory.manifest.modalities["text"].encoder
-    enc = _open_clip(info.name.removeprefix("open_clip:"), info.checkpoint, "the checkpoint")
-    texts = [t.format(n) for n in names for t in zs.templates]
-    return enc.encode_texts(texts).unflatten(0, (len(names), len(zs.templates)))
-
-
-def _eval_one(config: str, checkpoint: str | None) -> dict[str, dict]:
-    """Metrics of one experiment (several rows for RECO: frozen CLIP and RECO)."""
-    import torch
-
-    from reco import eval as ev
-    from reco.memory import Memory
-
-    cfg, built, ckpt = _load_trained(argparse.Namespace(config=config, checkpoint=checkpoint))
-    if cfg.data.test is None:
-        raise ValueError(f"{config}: data.test (a memory folder of evaluation items) is required")
-    test = Memory.open(cfg.data.test)
-    if test.labels is None:
-        raise ValueError(f"data.test={cfg.data.test} has no labels")
-    rows: dict[str, dict] = {}
-    with torch.no_grad():
-        if cfg.method == "longtail":
-            lt = cfg.longtail
-            z = test.keys(lt.query_modality).materialize().float()
-            logits = torch.cat(
-                [
-                    built.task.logits(built.model, {lt.query_modality: z[i : i + 4096]})
-                    for i in range(0, len(z), 4096)
-                ]
-            )
-            counts = torch.bincount(built.train_memory.labels, minlength=logits.shape[1])
-            buckets = ev.ShotBuckets(lt.many_above, lt.few_below)
-            pred = logits.argmax(1)
-            res = ev.long_tail_accuracy(pred, test.labels, counts, buckets)
-            res.update(ev.accuracy(logits, test.labels))
-            res["mean_class_acc"] = ev.mean_per_class_accuracy(pred, test.labels, logits.shape[1])
-            rows[f"{lt.aggregator}+{lt.head} ({Path(config).stem})"] = res
-        else:
-            cls = _class_prompts(cfg, built, test)
-            img = test.keys("image").materialize().float()
-            retr = built.model.retrievers(built.memory)
-            refined_cls = built.model.refine("text", cls.flatten(0, 1), retr["text"])
-            refined_img = torch.cat(
-                [
-                    built.model.refine("image", img[i : i + 4096], retr["image"])
-                    for i in range(0, len(img), 4096)
-                ]
-            )
-            for name, (v, t) in {
-                "frozen CLIP": (img, cls),
-                f"RECO ({Path(config).stem})": (
-                    refined_img,
-                    refined_cls.unflatten(0, cls.shape[:2]),
-                ),
-            }.items():
-                logits = ev.zero_shot_logits(v, t)
-                res = ev.accuracy(logits, test.labels)
-                res["mean_class_acc"] = ev.mean_per_class_accuracy(
-                    logits.argmax(1), test.labels, logits.shape[1]
-                )
-                rows[name] = res
-            if "text" in test.modalities:
-                txt = test.keys("text").materialize().float()
-                pairs = torch.arange(len(txt))
-                rows["frozen CLIP"]["retrieval"] = ev.image_text_retrieval(img, txt, pairs)
-                refined_txt = built.model.refine("text", txt, retr["text"])
-                rows[f"RECO ({Path(config).stem})"]["retrieval"] = ev.image_text_retrieval(
-                    refined_img, refined_txt, pairs
-                )
-    for r in rows.values():
-        r["checkpoint"] = str(ckpt)
-    if cfg.train.out_dir is not None:
-        out = Path(cfg.train.out_dir) / "eval.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2, default=float))
-    return rows
-
-
 def _eval(args: argparse.Namespace) -> int:
-    from reco import eval as ev
+    from reco.eval.trained import evaluate
 
-    rows: dict[str, dict] = {}
-    for config in args.configs:
-        rows.update(_eval_one(config, args.checkpoint if len(args.configs) == 1 else None))
-    longtail = any("many" in r for r in rows.values())
-    columns = ("many", "medium", "few", "all", "top1", "top5") if longtail else ("top1", "top5")
-    print(ev.compare_methods(rows, (*columns, "mean_class_acc")))
+    print(evaluate(args.configs, args.checkpoint))
     return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("reco explain draws with matplotlib: pip install 'reco[viz]'") from None
+    from reco.eval.explain import explain
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-    from PIL import Image
-
-    cfg, built, _ = _load_trained(args)
-    query_modality = cfg.longtail.query_modality if cfg.method == "longtail" else "image"
-    if query_modality != "image":
-        raise ValueError("explain shows image queries; this experiment queries with texts")
-    info = built.train_memory.manifest.modalities["image"].encoder
-    _add_model_configs(args.model_config)
-    enc = _open_clip(
-        args.model or info.name.removeprefix("open_clip:"),
-        args.pretrained or info.checkpoint,
-        "--pretrained",
+    k = explain(
+        args.image,
+        args.config,
+        checkpoint=args.checkpoint,
+        out=args.out,
+        model=args.model,
+        pretrained=args.pretrained,
+        model_configs=args.model_config,
         allow_random_weights=args.allow_random_weights,
     )
-    image = Image.open(args.image).convert("RGB")
-    with torch.no_grad():
-        z = enc.encode_images([image])
-        if cfg.method == "longtail":
-            lt = cfg.longtail
-            if cfg.longtail.aggregator != "attention":
-                raise ValueError("explain needs an attention aggregator (longtail.aggregator)")
-            r = built.task.retriever(z)
-            weights = built.model.aggregator.attention_weights(z, r.values, r.keep)[0]
-            k = lt.k
-        else:
-            r = built.model.retrievers(built.memory)["image"](z)
-            weights = built.model.image_fusion.attention_weights(z, r.values, r.keep)[0, 1:]
-            k = cfg.reco.k
-    meta = built.memory.metadata(r.indices[0].tolist())
-    cols = min(k, 5) + 1
-    rows = (k + cols - 2) // (cols - 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    axes[0, 0].imshow(image)
-    axes[0, 0].set_title("query", fontsize=9)
-    for j, (m, w) in enumerate(zip(meta, weights.tolist())):
-        ax = axes[j // (cols - 1), 1 + j % (cols - 1)]
-        src = Path(str(m.get("source") or ""))
-        if src.is_file():
-            ax.imshow(Image.open(src).convert("RGB"))
-        else:
-            ax.text(0.5, 0.5, "(no image)", ha="center", va="center", fontsize=8)
-        caption = str(m.get("caption") or "")[:40]
-        ax.set_title(f"w={w:.3f}\n{caption}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out}: {k} neighbours with their attention weights")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from reco.demo import Demo, DemoConfig, LongTailParams, ZeroShotParams
-
-    lt, zs = LongTailParams(), ZeroShotParams()
-    if args.quick:  # the reduced demo the tests run: fewer images, one seed, shorter training
-        lt = dataclasses.replace(lt, steps=500)
-        zs = dataclasses.replace(
-            zs, pretrain=4000, fusion_train=2000, clip_steps=300, reco_steps=300, ablations=False
-        )
-    cfg = DemoConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        seed=args.seed,
-        seeds=args.seeds if args.seeds is not None else (1 if args.quick else 3),
-        head=args.head,
-        imbalance=args.imbalance,
-        noise=args.noise,
-        k=args.k,
-        out=args.out,
-        cache=args.cache,
-        device=args.device,
-        resolution=args.resolution,
-        train_limit=args.train_limit or (12000 if args.quick else None),
-        test_limit=args.test_limit or (2000 if args.quick else None),
-        keep_memories=args.keep_memories,
-        longtail=lt,
-        zeroshot=zs,
-    )
-    if args.steps is not None:
-        cfg.longtail.steps = args.steps
-    cfg.longtail.fusion_modality = args.values
-    report = Demo(cfg).run()
+    from reco.demo import Demo, demo_config
     from reco.demo.report import longtail_table, zeroshot_tables
 
+    options = ("dataset", "data_dir", "seed", "head", "imbalance", "noise", "k", "out", "cache")
+    options += ("device", "resolution", "keep_memories", "seeds", "train_limit", "test_limit")
+    cfg = demo_config(
+        quick=args.quick,
+        steps=args.steps,
+        values=args.values,
+        **{name: getattr(args, name) for name in options},
+    )
+    report = Demo(cfg).run()
     print(longtail_table(report["longtail"]))
     print()
     print(zeroshot_tables(report["zeroshot"])[0])
@@ -677,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
-        print(f"reco {args.command}: error: {_one_line(e, 2000)}", file=sys.stderr)
+        from reco.eval.encoders import one_line
+
+        print(f"reco {args.command}: error: {one_line(e, 2000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resume = "; run the same command to resume" if args.command == "build-memory" else ""

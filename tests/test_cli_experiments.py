@@ -194,3 +194,75 @@ train: {{steps: 4, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, 
     res = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert set(res) == {"frozen CLIP", "RECO (zs)"}
     assert 0.0 <= res["frozen CLIP"]["top1"] <= 1.0
+
+
+def test_train_and_evaluate_as_library_functions(tmp_path):
+    """What `reco train` and `reco eval` call, without the CLI."""
+    from reco.eval.trained import evaluate, evaluate_experiment, load_trained
+    from reco.train.config import load_experiment
+    from reco.train.run import train
+
+    data, (x_test, y_test), retriever = long_tail_task(seed=0)
+    names = [f"class{c}" for c in range(C)]
+    _write(tmp_path / "train", {"image": data.tensors["image"]}, data.tensors["label"], names)
+    _write(tmp_path / "test", {"image": x_test}, y_test, names)
+    keys, values = retriever.index.keys.shards[0], retriever.index.values.shards[0]
+    _write(tmp_path / "memory", {"image": keys, "text": values})
+    cfg = tmp_path / "lt.yaml"
+    cfg.write_text(
+        f"""
+method: longtail
+data: {{train: {tmp_path / "train"}, memory: {tmp_path / "memory"}, test: {tmp_path / "test"}}}
+longtail: {{aggregator: mean_knn, head: linear, k: 10}}
+train: {{steps: 50, batch_size: 64, warmup_steps: 5, out_dir: {tmp_path / "run"}, progress: false}}
+"""
+    )
+    with pytest.raises(ValueError, match="no checkpoint"):
+        load_trained(cfg)
+    last = train(load_experiment(cfg), steps=40)
+    assert last["step"] == 40
+    _, built, ckpt = load_trained(cfg)
+    assert ckpt.name == "step-00000040.safetensors" and not built.model.training
+    rows = evaluate_experiment(cfg)
+    row = rows["mean_knn+linear (lt)"]
+    assert {"many", "medium", "few", "all", "top1", "mean_class_acc"} <= row.keys()
+    assert json.loads((tmp_path / "run" / "eval.json").read_text()).keys() == rows.keys()
+    table = evaluate([str(cfg)])
+    assert "mean_knn+linear (lt)" in table and "few" in table.splitlines()[0]
+
+
+def test_explain_as_a_library_function(tmp_path, image_tree, tiny_memory):
+    pytest.importorskip("matplotlib")
+    from reco.eval.explain import explain
+    from reco.train.config import load_experiment
+    from reco.train.run import train
+
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(
+        f"""
+method: longtail
+data: {{train: {tiny_memory}, memory: {tiny_memory}, train_in_memory: true}}
+longtail: {{k: 4, heads: 2}}
+train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, progress: false}}
+"""
+    )
+    train(load_experiment(cfg))
+    out = tmp_path / "grid.png"
+    k = explain(
+        image_tree / "bee" / "3.png",
+        cfg,
+        out=out,
+        model_configs=[str(DATA / "reco-tiny-clip.json")],
+    )
+    assert k == 4 and out.stat().st_size > 0
+
+
+def test_load_encoders_checks_its_arguments():
+    from reco.eval.encoders import load_encoders, one_line
+
+    with pytest.raises(ValueError, match="--model is required"):
+        load_encoders(None)
+    with pytest.raises(ValueError, match="is not a device"):
+        load_encoders("RN50", device="gpu-ish")
+    assert one_line(ValueError("a\n  b"), 300) == "a b"
+    assert one_line(ValueError("x" * 20), 10) == "xxxxxxx..."

@@ -406,3 +406,15 @@ def test_demo_tables_are_plain_markdown():
     assert _table(["k", "seen"], [["1", "82.1"], ["5", "84.3"]]) == (
         "| k | seen |\n|---|---|\n| 1 | 82.1 |\n| 5 | 84.3 |"
     )
+
+
+def test_demo_config_as_reco_demo_makes_it():
+    from reco.demo import demo_config
+
+    full = demo_config(dataset="mnist", k=5)
+    assert full.seeds == 3 and full.train_limit is None and full.zeroshot.ablations
+    assert full.dataset == "mnist" and full.k == 5 and full.longtail.fusion_modality == "text"
+    quick = demo_config(quick=True, steps=7, values="both", test_limit=300)
+    assert quick.seeds == 1 and quick.train_limit == 12000 and quick.test_limit == 300
+    assert quick.longtail.steps == 7 and quick.longtail.fusion_modality == "both"
+    assert not quick.zeroshot.ablations and quick.zeroshot.pretrain == 4000

@@ -80,6 +80,40 @@ class DemoConfig:
                 raise ValueError(f"{name} must be >= 100, got {v}")
 
 
+def demo_config(
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    steps: int | None = None,
+    values: str = "text",
+    **fields: object,
+) -> DemoConfig:
+    """The config `reco demo` runs: quick is the reduced demo the tests run (12,000 training and
+    2,000 test images, one seed, shorter training, no ablations); seeds default to 3 (1 with
+    quick); steps and values set the long-tail models' training steps and memory values; other
+    fields are DemoConfig's."""
+    lt, zs = LongTailParams(), ZeroShotParams()
+    if quick:
+        lt = dataclasses.replace(lt, steps=500)
+        zs = dataclasses.replace(
+            zs, pretrain=4000, fusion_train=2000, clip_steps=300, reco_steps=300, ablations=False
+        )
+    cfg = DemoConfig(
+        seeds=seeds if seeds is not None else (1 if quick else 3),
+        train_limit=train_limit or (12000 if quick else None),
+        test_limit=test_limit or (2000 if quick else None),
+        longtail=lt,
+        zeroshot=zs,
+        **fields,
+    )
+    if steps is not None:
+        cfg.longtail.steps = steps
+    cfg.longtail.fusion_modality = values
+    return cfg
+
+
 def _subsample(s: ImageSet, limit: int | None, seed: int) -> ImageSet:
     if limit is None or limit >= len(s):
         return s
