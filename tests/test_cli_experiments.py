@@ -27,13 +27,18 @@ def _write(path, embeddings: dict, labels=None, label_names=None):
         )
 
 
-def test_train_and_eval_long_tail(tmp_path, capsys):
+def _long_tail_memories(tmp_path) -> None:
+    """train/, test/ (labelled) and memory/ folders of the synthetic long-tail task."""
     data, (x_test, y_test), retriever = long_tail_task(seed=0)
     names = [f"class{c}" for c in range(C)]
     _write(tmp_path / "train", {"image": data.tensors["image"]}, data.tensors["label"], names)
     _write(tmp_path / "test", {"image": x_test}, y_test, names)
     keys, values = retriever.index.keys.shards[0], retriever.index.values.shards[0]
     _write(tmp_path / "memory", {"image": keys, "text": values})
+
+
+def test_train_and_eval_long_tail(tmp_path, capsys):
+    _long_tail_memories(tmp_path)
     cfg = tmp_path / "lt.yaml"
     cfg.write_text(
         f"""
@@ -202,12 +207,7 @@ def test_train_and_evaluate_as_library_functions(tmp_path):
     from reco.train.config import load_experiment
     from reco.train.run import train
 
-    data, (x_test, y_test), retriever = long_tail_task(seed=0)
-    names = [f"class{c}" for c in range(C)]
-    _write(tmp_path / "train", {"image": data.tensors["image"]}, data.tensors["label"], names)
-    _write(tmp_path / "test", {"image": x_test}, y_test, names)
-    keys, values = retriever.index.keys.shards[0], retriever.index.values.shards[0]
-    _write(tmp_path / "memory", {"image": keys, "text": values})
+    _long_tail_memories(tmp_path)
     cfg = tmp_path / "lt.yaml"
     cfg.write_text(
         f"""
