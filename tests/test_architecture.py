@@ -44,7 +44,12 @@ FLOORS = {
 
 # Old import paths kept for a while after a move: thin re-exports that warn DeprecationWarning.
 # They alone may point up (to where their names went); nothing in reco imports them.
-SHIMS = {"reco.memory.builders"}
+SHIMS = {
+    "reco.memory.builders",
+    "reco.train.experiment",
+    *(f"reco.experiments.{m}" for m in ("data", "demo", "longtail", "report", "zeroshot")),
+    "reco.experiments",
+}
 
 
 def _modules() -> dict[str, pathlib.Path | None]:
