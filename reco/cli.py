@@ -15,18 +15,9 @@ def _info(_args: argparse.Namespace) -> int:
     import reco
     from reco import ops
 
-    info = {
-        "reco": reco.__version__,
-        "torch": torch.__version__,
-        "compiled_core": ops._C is not None,
-    }
-    if ops._C is not None:
-        info["cpu_levels"] = ops._C.cpu_levels()
-        info["default_cpu_level"] = ops._C.default_cpu_level()
-        info["with_cuda"] = bool(ops._C.with_cuda)
-        # The CUDA kernels run only when enabled (they have not been validated on a GPU yet).
-        info["cuda_kernel_enabled"] = ops.cuda_kernel_enabled()
-    info["cuda_emulation_built"] = ops._C_emu is not None
+    info = {**reco.build_info(), "torch": torch.__version__}
+    # The CUDA kernels run only when enabled (they have not been validated on a GPU yet).
+    info["cuda_kernel_enabled"] = ops.cuda_kernel_enabled()
     emulated = ops.emulated_cuda()  # ValueError for an unknown RECO_EMULATE_CUDA
     if emulated is not None:
         info["cuda"] = f"emulated {emulated}"  # CPU tensors take the CUDA path

@@ -53,8 +53,8 @@ def test_build_info_says_what_was_compiled():
     assert info["reco"] == reco.__version__ and info["compiled_core"] is True
     assert info["cpu_levels"] == list(reco.ops._C.cpu_levels())
     assert info["cpu_level"] in info["cpu_levels"]
-    assert info["cuda"] == bool(reco.ops._C.with_cuda)
-    if info["cuda"]:
+    assert info["with_cuda"] == bool(reco.ops._C.with_cuda)
+    if info["with_cuda"]:
         assert "80-real" in info["cuda_architectures"] and "90-real" in info["cuda_architectures"]
         assert info["cuda_compiler"]
     assert info["cuda_emulation"] == (reco.ops._C_emu is not None)

@@ -38,7 +38,7 @@ def build_info() -> dict[str, Any]:
         compiled_core=True,
         cpu_levels=list(_C.cpu_levels()),
         cpu_level=_C.default_cpu_level(),
-        cuda=bool(_C.with_cuda),
+        with_cuda=bool(_C.with_cuda),
         cuda_architectures=list(_C.cuda_architectures) if _C.with_cuda else [],
         cuda_emulation=_C_emu is not None,
         cxx_compiler=_C.cxx_compiler,
