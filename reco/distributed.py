@@ -211,12 +211,16 @@ class ShardedIndex:
 
     def _all_to_all(self, t: Tensor) -> Tensor:
         """t [world * m, ...]: rows [j*m, (j+1)*m) go to rank j; returns what every rank sent
-        here, concatenated along dim 1 ([m, world * ...])."""
-        send = [c.contiguous() for c in t.chunk(self.world)]
-        recv = [torch.empty_like(c) for c in send]
-        self._collective(dist.all_to_all, recv, send, group=self.group)
-        self.bytes_exchanged += sum(c.numel() * c.element_size() for c in recv)
-        return torch.cat(recv, 1)
+        here, concatenated along dim 1 ([m, world * ...]).
+
+        all_to_all_single (one tensor, equal splits), not the list form dist.all_to_all, which
+        gloo implements only in recent torch (pytorch#165435; torch 2.4 raises "Backend gloo
+        does not support alltoall")."""
+        send = t.contiguous()
+        recv = torch.empty_like(send)
+        self._collective(dist.all_to_all_single, recv, send, group=self.group)
+        self.bytes_exchanged += recv.numel() * recv.element_size()
+        return torch.cat(recv.chunk(self.world), 1)
 
     # -- retrieval -----------------------------------------------------------------------------
     def retrieve_attend(
