@@ -13,6 +13,16 @@ LEVELS = reco.ops._C.cpu_levels() if reco.ops._C is not None else []
 DATA = pathlib.Path(__file__).parent / "data"
 
 
+@pytest.fixture(autouse=True)
+def _gradual_underflow():
+    """Each test starts with subnormals honoured. torch.compile on CPU in torch 2.4 turns on
+    flush-to-zero and denormals-are-zero for the calling thread and keeps them on (inductor
+    links its kernels with -ffast-math: pytorch#126848, fixed in 2.5), which would change the
+    arithmetic of every later test in the process (the oracle's, numpy's, hypothesis's)."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture(params=LEVELS or ["reference"])
 def cpu_level(request, monkeypatch):
     """Runs a test once per SIMD level compiled in and supported here (RECO_CPU_LEVEL)."""
