@@ -72,8 +72,9 @@ class FusionTransformer(nn.Module):
         pad = None
         if keep is not None:
             # The query token is always visible, so no row is fully masked.
-            pad = torch.cat([torch.zeros_like(keep[:, :1]), ~keep], 1)
-        out, w = self.attn(x[:, :1], x, x, key_padding_mask=pad, need_weights=weights)
+            pad = nn.functional.pad(~keep, (1, 0), value=False)
+        at_query = x.narrow(1, 0, 1)  # the query token attends over all of them
+        out, w = self.attn(at_query, x, x, key_padding_mask=pad, need_weights=weights)
         return tokens, out, w
 
     def forward(self, query: Tensor, retrieved: Tensor, keep: Tensor | None = None) -> Tensor:
