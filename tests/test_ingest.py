@@ -238,7 +238,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_build(tmp_path, tiny_clip):
                                 progress_bar=False)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "killed")])
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "killed")], cwd=tmp_path)
     manifest = tmp_path / "killed" / "manifest.json"
     deadline = time.time() + 120
     rows_at_kill = 0

@@ -222,7 +222,7 @@ def test_disk_full_keeps_the_last_commit(tmp_path):
         """
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert out.returncode == 0, out.stderr
     assert "the disk is full" in out.stdout and "stays at its last commit" in out.stdout
@@ -623,13 +623,14 @@ def test_bad_writer_arguments(tmp_path, kwargs, match):
     assert not (tmp_path / "m").exists()  # refused before anything was created
 
 
-def test_a_refused_writer_prints_nothing_at_exit():
+def test_a_refused_writer_prints_nothing_at_exit(tmp_path):
     script = (
         "from reco.memory import MemoryWriter\n"
         "try:\n    MemoryWriter('/nonexistent/m', {}, shard_rows=0)\n"
         "except ValueError as e:\n    print('refused:', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0 and "refused: shard_rows" in out.stdout
     assert out.stderr == "", out.stderr  # no "Exception ignored in __del__" traceback
 
@@ -684,6 +685,7 @@ def test_random_sigints_during_a_build_never_lose_a_commit(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            cwd=tmp_path,  # not the checkout, whose reco/ has no compiled core
         )
         assert p.stdout.readline().strip() == "ready"
         return p
