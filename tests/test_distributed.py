@@ -213,6 +213,11 @@ def test_shutdown_does_not_wait_for_a_busy_peer_past_its_timeout(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    torch.__version__ < (2, 6),
+    reason="torch < 2.6 itself: gloo's destroy_process_group() after an un-waited async "
+    "collective hangs in some runs (seen without reco on torch 2.4.0 and 2.5.1)",
+)
 def test_three_rank_jobs_exit_cleanly_every_time(tmp_path):
     """The op through ShardedIndex and collectives, then the end of the script, every other run
     with its own destroy_process_group() (dist_workers.exit_job): 20 runs of 3 ranks, every exit
