@@ -63,6 +63,13 @@ def _check_tensor(name: str, t: object, dims: str, ndim: int) -> Tensor:
 _SYMBOLIC = (torch.SymInt, torch.SymFloat)
 
 
+def _as_float(temperature):
+    """The temperature for the op's float argument: torch.sym_float of a SymInt/SymFloat (under
+    torch.compile), a Python number as it is (dynamo in torch 2.4 cannot trace torch.sym_float
+    of a number: "torch.* op returned non-Tensor float")."""
+    return torch.sym_float(temperature) if isinstance(temperature, _SYMBOLIC) else temperature
+
+
 def check_temperature(temperature: object, *, value: bool = True) -> None:
     """TypeError unless temperature is a real number; ValueError unless it is finite and > 0.
 
@@ -271,7 +278,7 @@ def fused_retrieve_attend(
     check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
     return RetrieveAttend(
         *torch.ops.reco.fused_retrieve_attend(
-            query, keys, values, k, attn_query, torch.sym_float(temperature), exclude
+            query, keys, values, k, attn_query, _as_float(temperature), exclude
         )
     )
 
@@ -398,7 +405,7 @@ def fused_retrieve_attend_int8(
             k,
             candidates,
             attn_query,
-            torch.sym_float(temperature),  # a SymFloat under torch.compile stays symbolic
+            _as_float(temperature),  # a SymFloat under torch.compile stays symbolic
             exclude,
         )
     )
