@@ -7,11 +7,21 @@ A memory folder:
     shards/00000/text_emb.npy
     shards/00000/labels.npy        optional int64 [rows]
     shards/00000/metadata.parquet  one row per item: caption, source, label_name, ...
+    shards/00000/ids.npy           int64 [rows]: the rows' stable ids (format 2)
+    tombstones/00000007.npy        int64: the ids one delete commit tombstoned
     .lock                          held (flock) by the one writer
-    .journal.json                  the shard folders a writer has created and not yet committed
+    .journal.json                  the shard folders and tombstone files a writer has created and
+                                   not yet committed
+    .readers/<pid>-<hex>.json      reader leases: the oldest version each open Memory may read
 
-Only shards listed in the manifest exist for readers. A writer removes only what its journal lists
-and the manifest does not name: nothing else in the folder is ever deleted.
+Only shards and tombstone files listed in the manifest exist for readers. A writer removes only
+what its journal lists and the manifest does not name, and the files a compaction retired once no
+reader's lease names a version that still lists them (`retired`); nothing else is ever deleted.
+
+Format 2 adds stable ids: `next_id` (never reused), per shard `ids.npy` (or, for a shard written
+in format 1, `first_id`: its ids are first_id + arange(rows)), `commit` (the version, one more
+with each commit), `tombstones` and `retired`. A format-1 manifest reads as format 2 with ids
+0..rows-1 and commit 0; the next commit writes format 2 and touches no shard file.
 
 Every name read from the manifest is untrusted: shard, modality and file names must be single
 path components (letters, digits, `_`, `-`, `.`), and readers also check that each path resolves
@@ -27,18 +37,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_NAME = "reco-memory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 LOCK_FILE = ".lock"
 JOURNAL_FILE = ".journal.json"
+TOMBSTONES_DIR = "tombstones"
+READERS_DIR = ".readers"
 # The writer's own temporary files: replaced atomically, so whatever holds these names is its own.
 MANIFEST_TMP = MANIFEST_FILE + ".tmp"
 JOURNAL_TMP = JOURNAL_FILE + ".tmp"
-RESERVED = frozenset({LOCK_FILE, JOURNAL_FILE, MANIFEST_TMP, JOURNAL_TMP})
+RESERVED = frozenset({LOCK_FILE, JOURNAL_FILE, MANIFEST_TMP, JOURNAL_TMP, READERS_DIR})
 EMBEDDING_DTYPES = ("float16", "float32")
 METADATA_FILE = "metadata.parquet"
 LABELS_FILE = "labels.npy"
+IDS_FILE = "ids.npy"
 MAX_MANIFEST_BYTES = 1 << 28  # 256 MiB: millions of shards; a bound on what a reader loads
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
@@ -91,6 +105,28 @@ class ShardInfo:
     name: str
     rows: int
     files: dict[str, FileInfo]
+    # A shard written in format 1 has no ids.npy: its ids are first_id + arange(rows).
+    first_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TombstoneInfo:
+    """tombstones/<name>: the int64 ids one delete commit tombstoned (`rows` of them)."""
+
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Retired:
+    """Files a compaction stopped naming at commit `commit`: removed (by a later compaction or
+    gc) once no reader lease holds a version older than `commit`."""
+
+    commit: int
+    shards: list[str]
+    tombstones: list[str]
 
 
 @dataclass
@@ -104,25 +140,49 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     # Earlier sources, oldest first, when rows from another source were appended.
     history: list[dict[str, Any]] = field(default_factory=list)
+    commit: int = 0  # the version: one more with each commit
+    next_id: int = 0  # the id the next added row gets (ids are never reused)
+    next_shard: int = 0  # the number the next shard folder gets (names are never reused)
+    tombstones: list[TombstoneInfo] = field(default_factory=list)
+    retired: list[Retired] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
+        """Rows stored, tombstoned ones included (they go at the next compaction)."""
         return sum(s.rows for s in self.shards)
 
-    def required_files(self) -> list[str]:
-        """The files every shard holds."""
+    @property
+    def deleted(self) -> int:
+        """Rows tombstoned and not yet compacted away."""
+        return sum(t.rows for t in self.tombstones)
+
+    def required_files(self, shard: ShardInfo | None = None) -> list[str]:
+        """The files every shard holds (and ids.npy, for a shard written in format 2)."""
         files = [embedding_file(m) for m in self.modalities] + [METADATA_FILE]
-        return files + ([LABELS_FILE] if self.has_labels else [])
+        files += [LABELS_FILE] if self.has_labels else []
+        return files + ([IDS_FILE] if shard is not None and shard.first_id is None else [])
 
     def to_json(self) -> str:
+        shards = []
+        for s in self.shards:
+            d = {"name": s.name, "rows": s.rows}
+            d["files"] = {f: dataclasses.asdict(i) for f, i in s.files.items()}
+            if s.first_id is not None:
+                d["first_id"] = s.first_id
+            shards.append(d)
         d = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
+            "commit": self.commit,
             "rows": self.rows,
+            "next_id": self.next_id,
+            "next_shard": self.next_shard,
             "modalities": {m: dataclasses.asdict(info) for m, info in self.modalities.items()},
             "has_labels": self.has_labels,
             "label_names": self.label_names,
-            "shards": [dataclasses.asdict(s) for s in self.shards],
+            "shards": shards,
+            "tombstones": [dataclasses.asdict(t) for t in self.tombstones],
+            "retired": [dataclasses.asdict(r) for r in self.retired],
             "progress": self.progress,
             "source": self.source,
             "history": self.history,
@@ -142,12 +202,13 @@ class Manifest:
             raise MemoryFormatError(f"{where} is not valid JSON ({e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise MemoryFormatError(f"{where} is not a reco memory manifest")
-        if d.get("version") != FORMAT_VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise MemoryFormatError(
-                f"{where} has format version {d.get('version')!r}; this reco reads {FORMAT_VERSION}"
+                f"{where} has format version {d.get('version')!r}; this reco reads "
+                f"{' and '.join(map(str, READABLE_VERSIONS))}"
             )
         try:
-            m = _parse(d)
+            m = _parse(d, d["version"])
         except MemoryFormatError as e:
             raise MemoryFormatError(f"{where}: {e}") from None
         if m.rows != d.get("rows"):
@@ -187,7 +248,13 @@ def _dict(value: object, what: str) -> dict:
     return value
 
 
-def _parse(d: dict) -> Manifest:
+def _names(value: object, what: str) -> list[str]:
+    if not isinstance(value, list):
+        raise _bad(what, value, "a list of names")
+    return [check_name(n, what) for n in value]
+
+
+def _parse(d: dict, version: int) -> Manifest:
     mods = _dict(_get(d, "modalities", "the manifest"), "modalities")
     if not mods:
         raise MemoryFormatError("corrupt manifest: it lists no modalities")
@@ -234,7 +301,6 @@ def _parse(d: dict) -> Manifest:
     if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
         raise _bad("history", history, "a list of objects")
     m.history = history
-    required = m.required_files()
     seen: set[str] = set()
     for i, s in enumerate(shard_list):
         s = _dict(s, f"shard {i}")
@@ -254,10 +320,68 @@ def _parse(d: dict) -> Manifest:
                 bytes=_int(_get(fi, "bytes", f"{what} file {fname!r}"), f"{what} bytes", 0),
                 sha256=digest,
             )
-        missing = [f for f in required if f not in files]
+        rows = _int(_get(s, "rows", what), f"{what} rows", 0)
+        if version == 1:
+            first_id: int | None = m.rows  # format 1: ids are the row numbers
+        else:
+            first_id = s.get("first_id")
+            if first_id is not None:
+                first_id = _int(first_id, f"{what} first_id", 0)
+        shard = ShardInfo(name=name, rows=rows, files=files, first_id=first_id)
+        missing = [f for f in m.required_files(shard) if f not in files]
         if missing:
             raise MemoryFormatError(f"corrupt manifest: {what} lists no {', '.join(missing)}")
-        m.shards.append(
-            ShardInfo(name=name, rows=_int(_get(s, "rows", what), f"{what} rows", 0), files=files)
+        m.shards.append(shard)
+    if version == 1:
+        m.next_id = m.rows
+        numbers = [int(s.name) for s in m.shards if s.name.isdigit()]
+        m.next_shard = max(numbers, default=-1) + 1
+        return m
+    m.commit = _int(_get(d, "commit", "the manifest"), "commit", 0)
+    m.next_id = _int(_get(d, "next_id", "the manifest"), "next_id", 0)
+    m.next_shard = _int(_get(d, "next_shard", "the manifest"), "next_shard", 0)
+    for s in m.shards:
+        if s.first_id is not None and s.first_id + s.rows > m.next_id:
+            raise _bad(f"shard {s.name!r} first_id", s.first_id, f"ids below next_id={m.next_id}")
+    stones = _get(d, "tombstones", "the manifest")
+    if not isinstance(stones, list):
+        raise _bad("tombstones", stones, "a list")
+    for i, t in enumerate(stones):
+        t = _dict(t, f"tombstones[{i}]")
+        what = f"tombstones[{i}]"
+        digest = _get(t, "sha256", what)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise _bad(f"{what} sha256", digest, "64 hex digits")
+        m.tombstones.append(
+            TombstoneInfo(
+                name=check_name(_get(t, "name", what), f"{what} name"),
+                rows=_int(_get(t, "rows", what), f"{what} rows", 1),
+                bytes=_int(_get(t, "bytes", what), f"{what} bytes", 0),
+                sha256=digest,
+            )
         )
+    if len({t.name for t in m.tombstones}) != len(m.tombstones):
+        raise MemoryFormatError("corrupt manifest: a tombstone file is listed twice")
+    if m.deleted > m.rows:
+        raise MemoryFormatError(
+            f"corrupt manifest: {m.deleted} rows are tombstoned, but the shards hold {m.rows}"
+        )
+    retired = _get(d, "retired", "the manifest")
+    if not isinstance(retired, list):
+        raise _bad("retired", retired, "a list")
+    for i, r in enumerate(retired):
+        r = _dict(r, f"retired[{i}]")
+        m.retired.append(
+            Retired(
+                commit=_int(_get(r, "commit", f"retired[{i}]"), f"retired[{i}] commit", 1),
+                shards=_names(_get(r, "shards", f"retired[{i}]"), f"retired[{i}] shard"),
+                tombstones=_names(
+                    _get(r, "tombstones", f"retired[{i}]"), f"retired[{i}] tombstone"
+                ),
+            )
+        )
+    shards, stones = {s.name for s in m.shards}, {t.name for t in m.tombstones}
+    for r in m.retired:
+        if shards & set(r.shards) or stones & set(r.tombstones):
+            raise MemoryFormatError("corrupt manifest: a retired file is still listed as live")
     return m
