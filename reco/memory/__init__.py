@@ -6,6 +6,7 @@ Builders (from images, WebDataset shards, clip-retrieval embeddings) are in reco
 
 from .manifest import EncoderInfo, Manifest, MemoryFormatError, ModalityInfo
 from .store import EmbeddingTable, Memory, MemoryLockedError, MemoryWriteError, MemoryWriter
+from .where import where_mask
 
 __all__ = [
     "EmbeddingTable",
@@ -17,4 +18,5 @@ __all__ = [
     "MemoryWriteError",
     "MemoryWriter",
     "ModalityInfo",
+    "where_mask",
 ]

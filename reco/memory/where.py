@@ -167,11 +167,13 @@ def _exposed(name: str) -> str:
 def _concat(tables: list[pa.Table], root: object) -> pa.Table:
     import pyarrow as pa
 
+    # pyarrow < 14 promotes only nulls and missing columns (ArrowTypeError is a TypeError, so
+    # the version is read rather than the keyword tried).
+    permissive = int(pa.__version__.split(".")[0]) >= 14
     try:
-        try:
+        if permissive:
             return pa.concat_tables(tables, promote_options="permissive")
-        except TypeError:  # pyarrow < 14: only nulls and missing columns are promoted
-            return pa.concat_tables(tables, promote=True)
+        return pa.concat_tables(tables, promote=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise ValueError(
             f"the metadata of {root} cannot be filtered: its shards store a column with "
