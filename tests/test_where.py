@@ -89,8 +89,7 @@ def _fresh_cache():
 def _records(mem: Memory) -> list[dict]:
     """Each row's metadata as written (the shard's own columns), plus id, label, shard, row."""
     rows = mem.metadata(range(mem.rows))
-    ids = getattr(mem, "ids", None)
-    ids = list(range(mem.rows)) if ids is None else [int(i) for i in ids]
+    ids = mem.ids.tolist()
     shard_of = np.repeat(np.arange(len(mem.manifest.shards)), [s.rows for s in mem.manifest.shards])
     for r, rec in enumerate(rows):
         rec.update(id=ids[r], label=int(mem.labels[r]), shard=int(shard_of[r]), row=r)
@@ -366,6 +365,28 @@ def test_masks_are_cached_per_clause_and_version(tmp_path, monkeypatch):
     for i in range(where_module.CACHE_ENTRIES + 8):
         where_mask(new, f"row = {i}")
     assert len(where_module._cache) == where_module.CACHE_ENTRIES
+
+
+def test_ids_after_deletes_and_compaction_and_refresh(tmp_path):
+    path = tmp_path / "m"
+    mem = _build(path, [(30, "full"), (20, "full")], seed=7)
+    before = where_mask(mem, "id >= 40")
+    assert before.nonzero().squeeze(1).tolist() == list(range(40, 50))
+    with MemoryWriter.open(path) as w:
+        w.delete([0, 3, 41, 45])
+    mem.refresh()  # a tombstone commit: a new version, the same rows (live says which)
+    assert torch.equal(where_mask(mem, "id >= 40"), before)
+    with MemoryWriter.open(path) as w:
+        w.compact()
+    mem.refresh()
+    ids = mem.ids
+    assert mem.rows == 46 and ids[:3].tolist() == [1, 2, 4]
+    got = where_mask(mem, "id >= 40 OR id % 5 = 1")
+    assert torch.equal(got, (ids >= 40) | (ids % 5 == 1))
+    records = _records(mem)
+    assert got.tolist() == [r["id"] >= 40 or r["id"] % 5 == 1 for r in records]
+    assert torch.equal(where_mask(mem, "row = 2"), torch.arange(46) == 2)  # row != id now
+    assert int(where_mask(mem, "id = 4").nonzero()) == 2
 
 
 def test_search_restricted_to_the_mask_is_exact(memory):

@@ -9,7 +9,7 @@ The clause sees one relation `t`, a row per memory row in row order, with these 
   like a computed one (case-insensitively) is renamed `meta_<name>`; this includes the `row`
   column the writer stores when rows were added without metadata (`meta_row`, the row within
   its shard).
-- `id` BIGINT: the row's stable id (`memory.ids`; row numbers until memories carry ids);
+- `id` BIGINT: the row's stable id (`memory.ids`, kept through deletes and compaction);
 - `label` BIGINT, never NULL: the row's class label. Absent when the memory has no labels, so a
   clause naming it fails with DuckDB's binder error (rather than silently selecting nothing);
 - `shard` BIGINT: the index of the shard holding the row (its place in the manifest);
@@ -58,8 +58,8 @@ _cache_lock = threading.Lock()
 
 def where_mask(memory: Memory, clause: str) -> Tensor:
     """bool [memory.rows] (CPU): True where the row satisfies the SQL WHERE clause over the
-    memory's metadata (columns: see this module's docstring). Deleted rows are not masked out
-    here; combine with the memory's live rows.
+    memory's metadata (columns: see this module's docstring). Deleted (tombstoned) rows are
+    not masked out here: combine with memory.live.
 
     Raises TypeError if clause is not a str; ValueError, quoting the clause and DuckDB's message,
     if it is not a valid read-only filter or selects no rows; ImportError without DuckDB.
@@ -104,23 +104,19 @@ def _duckdb() -> Any:
 
 
 def _ids(memory: Memory) -> np.ndarray:
-    """The rows' stable int64 ids: memory.ids where memories have them, else the row numbers."""
-    ids = getattr(memory, "ids", None)
-    if ids is None:
-        return np.arange(memory.rows, dtype=np.int64)
-    ids = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+    """The rows' stable int64 ids, in row order (the one place the relation's `id` comes from)."""
+    ids = memory.ids.detach().cpu().numpy()
     if ids.shape != (memory.rows,):
         raise MemoryFormatError(f"{memory.root}: {ids.shape} ids for {memory.rows} rows")
     return ids.astype(np.int64, copy=False)
 
 
 def _version_token(memory: Memory) -> str:
-    """Names one committed state of the memory. The manifest lists every file's sha256, so its
-    hash changes with any commit; memory.version is added where memories count their versions
-    (a counter alone could repeat when a folder is rebuilt)."""
+    """Names one committed state of the memory: its version (one more with each commit) and the
+    sha256 of its manifest, which lists every file's sha256 (a version number alone repeats when
+    a folder is deleted and built again)."""
     digest = hashlib.sha256(memory.manifest.to_json().encode()).hexdigest()
-    version = getattr(memory, "version", None)
-    return digest if version is None else f"{version}:{digest}"
+    return f"{memory.version}:{digest}"
 
 
 def _check_clause(duckdb: Any, clause: str) -> set[str] | None:
