@@ -804,7 +804,7 @@ class MemoryWriter:
         if again.size:
             raise ValueError(f"ids already deleted from {self.root}: {show_ids(again)}")
         name = self._free_tombstone_name()
-        tmp_name = f".{_tmp_name(name)}"
+        tmp_name = _tmp_name(name)
         folder = self.root / TOMBSTONES_DIR
         self._unsettled = True
         try:
