@@ -1,4 +1,5 @@
-"""The `reco` command line: info, build-memory, memory info, search, train, eval, explain."""
+"""The `reco` command line: info, build-memory, memory (info, add, delete, compact, gc), search,
+train, eval, explain."""
 
 from __future__ import annotations
 
@@ -113,6 +114,12 @@ def _check_build_args(args: argparse.Namespace) -> str:
 
 
 def _build_memory(args: argparse.Namespace) -> int:
+    print(_build(args, args.out, append=args.append).summary())
+    return 0
+
+
+def _build(args: argparse.Namespace, out: str, append: bool):
+    """Builds into (or appends to) the memory at out from the source options; the report."""
     from reco import ingest as builders
 
     kind = _check_build_args(args)
@@ -127,12 +134,12 @@ def _build_memory(args: argparse.Namespace) -> int:
         "shard_rows": args.shard_rows,
         "dedup": not args.no_dedup,
         "near_duplicates": near,
-        "append": args.append,
+        "append": append,
         "progress_bar": not args.no_progress,
     }
     if kind == "--clip-retrieval":
-        report = builders.import_clip_retrieval(
-            args.out,
+        return builders.import_clip_retrieval(
+            out,
             args.clip_retrieval,
             image_encoder=args.encoder_name or "unknown",
             text_encoder=args.text_encoder_name,
@@ -153,8 +160,8 @@ def _build_memory(args: argparse.Namespace) -> int:
             if args.label_names is not None:
                 label_names = builders.read_label_names(args.label_names, "--label-names")
         image_enc, text_enc = _encoders(args)
-        report = builders.build_from_items(
-            args.out,
+        return builders.build_from_items(
+            out,
             items,
             image_encoder=image_enc,
             text_encoder=text_enc,
@@ -162,8 +169,6 @@ def _build_memory(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             **common,
         )
-    print(report.summary())
-    return 0
 
 
 def _memory_info(args: argparse.Namespace) -> int:
@@ -181,10 +186,91 @@ def _memory_info(args: argparse.Namespace) -> int:
             for k, v in m.modalities.items()
         },
         "labels": len(m.label_names) if m.label_names else None,
+        "version": mem.version,
+        "ids": [int(mem.ids[0]), int(mem.ids[-1])],
+        "next_id": m.next_id,
+        "deleted": m.deleted,
+        "live_rows": mem.rows - m.deleted,
+        "retired_files": sum(len(r.shards) + len(r.tombstones) for r in m.retired),
         "source": m.source,
         "verified": "sha256" if args.verify else "sizes",
     }
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def _memory_add(args: argparse.Namespace) -> int:
+    from reco.memory.store import read_manifest
+
+    have = read_manifest(Path(args.path))  # an existing memory only (build-memory makes one)
+    if args.dtype is None:
+        args.dtype = have.modalities["image"].dtype
+    report = _build(args, args.path, append=True)
+    now = read_manifest(Path(args.path))
+    added = f"ids {have.next_id}..{now.next_id - 1}" if now.next_id > have.next_id else "no ids"
+    print(f"{report.summary()}; {added} added; version {now.commit}")
+    return 0
+
+
+def _read_ids(args: argparse.Namespace):
+    """The ids of --ids (comma-separated) or --ids-file (ids separated by commas or
+    whitespace, or a .npy array of integers)."""
+    import io
+
+    import numpy as np
+
+    from reco.memory.files import read_regular
+
+    if args.ids is not None:
+        text, what = args.ids, "--ids"
+    else:
+        data = read_regular(Path(args.ids_file), "--ids-file", limit=1 << 30)
+        if data.startswith(b"\x93NUMPY"):
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        text, what = data.decode("utf-8", errors="replace"), f"--ids-file {args.ids_file}"
+    words = text.replace(",", " ").split()
+    bad = [w for w in words if not w.isdigit()]
+    if bad:
+        raise ValueError(f"{what} must list ids (integers >= 0), got {bad[0]!r}")
+    return np.array([int(w) for w in words], dtype=np.int64)
+
+
+def _memory_delete(args: argparse.Namespace) -> int:
+    from reco.memory import Memory, MemoryWriter
+
+    if sum(x is not None for x in (args.ids, args.ids_file, args.where)) != 1:
+        raise ValueError("give exactly one of --ids, --ids-file or --where")
+    with MemoryWriter.open(args.path) as w:  # the lock first: the rows chosen stay the latest
+        if args.where is not None:
+            try:
+                from reco.memory.where import where_mask
+            except ImportError as e:
+                raise ValueError(f"--where is not available here ({e})") from None
+            with Memory.open(args.path) as mem:
+                ids = mem.ids[where_mask(mem, args.where) & mem.live]
+        else:
+            ids = _read_ids(args)
+        n = w.delete(ids) if len(ids) or args.where is None else 0
+        m = w.manifest
+    print(f"deleted {n} rows; version {m.commit}; {m.rows - m.deleted} live of {m.rows} rows")
+    return 0
+
+
+def _memory_compact(args: argparse.Namespace) -> int:
+    from reco.memory import MemoryWriter
+
+    with MemoryWriter.open(args.path) as w:
+        report = w.compact()
+        m = w.manifest
+    print(f"{report.summary()}; version {m.commit}; {m.rows} rows")
+    return 0
+
+
+def _memory_gc(args: argparse.Namespace) -> int:
+    from reco.memory import MemoryWriter
+
+    with MemoryWriter.open(args.path) as w:
+        print(w.gc().summary())
     return 0
 
 
@@ -289,17 +375,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reco", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("info", help="versions and the compiled kernels available here").set_defaults(
-        func=_info
-    )
-
-    b = sub.add_parser("build-memory", help="build (or resume building) a memory folder")
-    b.add_argument("out", help="memory folder (created, or resumed if it holds a partial build)")
+def _add_source_args(b: argparse.ArgumentParser, dtype: str | None) -> None:
+    """The source options of build-memory and memory add: one parser for both."""
     src = b.add_argument_group("source (exactly one)")
     src.add_argument("--captions", help="CSV (path,caption[,label]) or JSONL table of images")
     src.add_argument("--image-root", help="folder that relative paths in --captions start from")
@@ -319,7 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         help="--clip-retrieval metadata without a caption column: import no captions",
     )
     _add_encoder_args(b)
-    b.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    b.add_argument(
+        "--dtype",
+        default=dtype,
+        choices=["float16", "float32"],
+        help=f"dtype of the stored embeddings (default {dtype or 'that of the memory'})",
+    )
     b.add_argument("--batch-size", type=int, default=256, help="items encoded per commit batch")
     b.add_argument("--shard-rows", type=int, default=1 << 16)
     b.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
@@ -327,6 +409,21 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--near-dup-threshold", type=float, help="cosine for --near-dup-eval (default 0.95)"
     )
+    b.add_argument("--no-progress", action="store_true")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reco", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="versions and the compiled kernels available here").set_defaults(
+        func=_info
+    )
+
+    b = sub.add_parser("build-memory", help="build (or resume building) a memory folder")
+    b.add_argument("out", help="memory folder (created, or resumed if it holds a partial build)")
+    _add_source_args(b, dtype="float16")
     b.add_argument(
         "--append",
         action="store_true",
@@ -334,15 +431,34 @@ def main(argv: list[str] | None = None) -> int:
         "read from its start; images already in the memory are dropped as duplicates unless "
         "--no-dedup). Without it, an existing memory resumes only the source it was built from",
     )
-    b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_build_memory)
 
-    m = sub.add_parser("memory", help="inspect a memory")
+    m = sub.add_parser("memory", help="inspect and edit a memory")
     msub = m.add_subparsers(dest="memory_command", required=True)
-    mi = msub.add_parser("info", help="rows, shards, encoders, sizes")
+    mi = msub.add_parser("info", help="rows, shards, encoders, sizes, ids, version")
     mi.add_argument("path")
     mi.add_argument("--verify", action="store_true", help="check every file's sha256")
     mi.set_defaults(func=_memory_info)
+    ma = msub.add_parser(
+        "add",
+        help="add a source's rows with fresh ids (encoded as the memory's are); the same "
+        "command again resumes an interrupted add",
+    )
+    ma.add_argument("path", help="an existing memory folder")
+    _add_source_args(ma, dtype=None)
+    ma.set_defaults(func=_memory_add)
+    md = msub.add_parser("delete", help="delete rows by id (tombstones until compact)")
+    md.add_argument("path")
+    md.add_argument("--ids", help="comma-separated ids, e.g. 3,5,9")
+    md.add_argument("--ids-file", help="file of ids (comma or whitespace separated, or .npy)")
+    md.add_argument("--where", help="SQL condition on the metadata (and id, label, shard, row)")
+    md.set_defaults(func=_memory_delete)
+    mc = msub.add_parser("compact", help="write shards anew without deleted rows (ids kept)")
+    mc.add_argument("path")
+    mc.set_defaults(func=_memory_compact)
+    mg = msub.add_parser("gc", help="remove retired files that no open reader still reads")
+    mg.add_argument("path")
+    mg.set_defaults(func=_memory_gc)
 
     s = sub.add_parser("search", help="top-k memory items for an image or a text")
     s.add_argument("path", help="memory folder")

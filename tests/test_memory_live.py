@@ -686,3 +686,80 @@ def test_a_bad_tombstone_file_is_refused(tmp_path):
         _ = Memory.open(m).live
     with MemoryWriter.open(m) as w, pytest.raises(MemoryFormatError, match="corrupt tombstones"):
         w.compact()
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+def test_memory_add_delete_compact_gc_from_the_command_line(tmp_path, capsys):
+    from test_memory import _clip_retrieval_folder
+
+    from reco.cli import main
+
+    m = str(tmp_path / "m")
+    a = _clip_retrieval_folder(tmp_path / "a", parts=2, rows=4, seed=1)
+    b = _clip_retrieval_folder(tmp_path / "b", parts=1, rows=3, seed=2)
+    c = _clip_retrieval_folder(tmp_path / "c", parts=1, rows=3, seed=3)
+    common = ["--no-progress", "--shard-rows", "4"]
+    assert (
+        main(["build-memory", m, "--clip-retrieval", str(a), "--encoder-name", "e1", *common]) == 0
+    )
+    assert (
+        main(["memory", "add", m, "--clip-retrieval", str(b), "--encoder-name", "e1", *common]) == 0
+    )
+    assert "ids 8..10 added" in capsys.readouterr().out
+    # Rows encoded by another encoder are refused, naming both, before anything is written.
+    before = files_of(m)
+    code = main(["memory", "add", m, "--clip-retrieval", str(c), "--encoder-name", "e2", *common])
+    err = capsys.readouterr().err
+    assert code == 2 and "image encoder: the memory's is e1" in err and "the new rows' is e2" in err
+    assert files_of(m) == before
+    assert main(["memory", "add", str(tmp_path / "none"), "--clip-retrieval", str(c)]) == 2
+    assert "is not a reco memory" in capsys.readouterr().err
+    assert main(["memory", "delete", m, "--ids", "0,3"]) == 0
+    assert "deleted 2 rows" in capsys.readouterr().out
+    (tmp_path / "ids.txt").write_text("4\n5 9\n")
+    assert main(["memory", "delete", m, "--ids-file", str(tmp_path / "ids.txt")]) == 0
+    assert main(["memory", "delete", m, "--ids", "3,77"]) == 2
+    err = capsys.readouterr().err
+    assert "ids not in the memory" in err and err.strip().endswith(": 77")
+    assert main(["memory", "delete", m, "--ids", "x1"]) == 2
+    assert "--ids must list ids (integers >= 0), got 'x1'" in capsys.readouterr().err
+    assert main(["memory", "delete", m]) == 2
+    assert "give exactly one of --ids, --ids-file or --where" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["memory", "info", m, "--verify"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 11 and info["deleted"] == 5 and info["live_rows"] == 6
+    assert info["ids"] == [0, 10] and info["next_id"] == 11
+    assert main(["memory", "compact", m]) == 0
+    assert "removed 5 tombstoned rows" in capsys.readouterr().out
+    assert main(["memory", "gc", m]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert main(["memory", "info", m, "--verify"]) == 0
+    info2 = json.loads(capsys.readouterr().out)
+    assert info2["rows"] == 6 and info2["deleted"] == 0 and info2["retired_files"] == 0
+    assert info2["version"] > info["version"]
+    with Memory.open(m) as mem:
+        assert mem.ids.tolist() == [1, 2, 6, 7, 8, 10]
+        captions = [r["caption"] for r in mem.metadata(range(6))]
+    assert captions == [f"part 0 row {r}" for r in (1, 2)] + [f"part 1 row {r}" for r in (2, 3)] + [
+        f"part 0 row {r}" for r in (0, 2)
+    ]
+
+
+def test_memory_delete_where(tmp_path, capsys):
+    pytest.importorskip("duckdb")
+    from reco.cli import main
+
+    m = tmp_path / "m"
+    build(m, n=10)
+    with MemoryWriter.open(m) as w:
+        w.delete([2])
+    assert main(["memory", "delete", str(m), "--where", "n >= 50 OR id = 2"]) == 0
+    assert "deleted 5 rows" in capsys.readouterr().out  # id 2 is deleted already: not again
+    assert state(m)[2] == [2, 5, 6, 7, 8, 9]
+    assert main(["memory", "delete", str(m), "--where", "id = 2"]) == 0  # deleted already
+    assert "deleted 0 rows" in capsys.readouterr().out
+    assert main(["memory", "delete", str(m), "--where", "id > 100"]) == 2
+    assert "selects no rows" in capsys.readouterr().err
