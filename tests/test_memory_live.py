@@ -763,3 +763,28 @@ def test_memory_delete_where(tmp_path, capsys):
     assert "deleted 0 rows" in capsys.readouterr().out
     assert main(["memory", "delete", str(m), "--where", "id > 100"]) == 2
     assert "selects no rows" in capsys.readouterr().err
+
+
+def test_a_deleted_row_may_be_added_again(tmp_path, capsys):
+    """Exact-duplicate dropping on add compares with the live rows only."""
+    from test_memory import _clip_retrieval_folder
+
+    from reco.cli import main
+
+    m = str(tmp_path / "m")
+    a = _clip_retrieval_folder(tmp_path / "a", parts=2, rows=4, seed=1)
+    shutil.copytree(a, tmp_path / "copy")
+    assert main(["build-memory", m, "--clip-retrieval", str(a), "--no-progress"]) == 0
+    assert main(["memory", "delete", m, "--ids", "2"]) == 0
+    assert (
+        main(["memory", "add", m, "--clip-retrieval", str(tmp_path / "copy"), "--no-progress"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "ids 8..8 added" in out and "7 exact duplicates" in out
+    with Memory.open(m) as mem:
+        assert mem.ids.tolist() == list(range(9)) and mem.live.tolist() == [
+            i != 2 for i in range(9)
+        ]
+        torch.testing.assert_close(
+            mem.keys("image")[torch.tensor([8])], mem.keys("image")[torch.tensor([2])]
+        )

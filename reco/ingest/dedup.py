@@ -13,7 +13,7 @@ from torch import Tensor
 from ..memory.files import flat as _flat
 from ..memory.files import stat_regular as _stat_regular
 from ..memory.manifest import METADATA_FILE, SHARDS_DIR
-from ..memory.store import read_manifest
+from ..memory.store import read_manifest, read_tombstones, shard_ids
 from ..ops import search
 
 
@@ -99,19 +99,25 @@ class NearDuplicateFilter:
 
 
 def _committed_column(root: Path, column: str) -> list:
-    """A metadata column over all committed shards (to rebuild dedup state on resume); shards
-    without the column contribute nothing."""
+    """A metadata column over the live rows of all committed shards (to rebuild dedup state on
+    resume; a deleted row's image may be added again); shards without the column contribute
+    nothing."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    manifest = read_manifest(root)
+    dead = read_tombstones(root, manifest)
     out: list = []
-    for shard in read_manifest(root).shards:
+    for shard in manifest.shards:
         path = root / SHARDS_DIR / shard.name / METADATA_FILE
         try:
             if column not in pq.read_schema(path).names:
                 continue
-            table = pq.read_table(path, columns=[column])
+            values = pq.read_table(path, columns=[column]).column(column).to_pylist()
         except (pa.ArrowException, OSError) as e:
             raise ValueError(f"{path}: the memory's metadata cannot be read ({_flat(e)})") from None
-        out.extend(table.column(column).to_pylist())
+        if len(dead):
+            live = ~np.isin(shard_ids(root, shard).numpy(), dead)
+            values = [v for v, keep in zip(values, live) if keep]
+        out.extend(values)
     return out

@@ -797,8 +797,8 @@ class MemoryWriter:
         unknown = want[~np.isin(want, have)]
         if unknown.size:
             raise ValueError(
-                f"ids not in the memory {self.root} (its ids run from 0 to {self.next_id - 1}; "
-                f"compacted ones are gone): {show_ids(unknown)}"
+                f"ids not in the memory {self.root} (it gave ids below {self.next_id}; those "
+                f"of compacted rows are gone): {show_ids(unknown)}"
             )
         again = want[np.isin(want, read_tombstones(self.root, self.manifest))]
         if again.size:
