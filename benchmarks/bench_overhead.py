@@ -61,7 +61,7 @@ def measure(n: int, d: int, k: int, calls: int) -> dict:
         ),
         "c_direct_us": per_call_us(
             lambda: ops._C.retrieve_attend(
-                q, keys, values, None, None, k, 1.0, out, w, idx, sc, threads
+                q, keys, values, None, None, None, k, 1.0, out, w, idx, sc, threads
             ),
             calls,
         ),

@@ -52,6 +52,8 @@ DType dtype_of(const DLDataType& t, const std::string& name) {
     if (t.code == kDLBfloat && t.bits == 16) return DType::bf16;
     if (t.code == kDLInt && t.bits == 64) return DType::i64;
     if (t.code == kDLInt && t.bits == 8) return DType::i8;
+    // allow masks: torch.bool exports as kDLBool (older torch as kDLUInt), one byte each
+    if ((t.code == kDLUInt || t.code == kDLBool) && t.bits == 8) return DType::u8;
   }
   throw py::type_error(name + " has an unsupported dtype (DLPack code " + std::to_string(t.code) +
                        ", " + std::to_string(t.bits) + " bits, " + std::to_string(t.lanes) +
@@ -97,13 +99,13 @@ TensorView import_array(const py::handle& obj, const std::string& name, Imported
   return v;
 }
 
-// The op's inputs and outputs, the same for every device's argument struct; owners[0..8] keep
+// The op's inputs and outputs, the same for every device's argument struct; owners[0..9] keep
 // the imported tensors alive.
 template <typename Args>
 void import_op_arrays(Args& a, Imported* owners, py::handle query, py::handle keys,
                       py::handle values, py::handle attn_query, py::handle exclude,
-                      py::handle output, py::handle weights, py::handle indices, py::handle scores,
-                      const std::optional<py::object>& stream = std::nullopt) {
+                      py::handle allow, py::handle output, py::handle weights, py::handle indices,
+                      py::handle scores, const std::optional<py::object>& stream = std::nullopt) {
   a.query = import_array(query, "query", owners[0], stream);
   a.keys = import_array(keys, "keys", owners[1], stream);
   a.values = import_array(values, "values", owners[2], stream);
@@ -113,6 +115,7 @@ void import_op_arrays(Args& a, Imported* owners, py::handle query, py::handle ke
   a.weights = import_array(weights, "weights", owners[6], stream);
   a.indices = import_array(indices, "indices", owners[7], stream);
   a.scores = import_array(scores, "scores", owners[8], stream);
+  a.allow = import_array(allow, "allow", owners[9], stream);
 }
 
 #if !defined(RECO_EMULATION)
@@ -130,13 +133,13 @@ reco::cpu::Level parse_level(const std::optional<std::string>& level) {
 }
 
 void retrieve_attend(py::handle query, py::handle keys, py::handle values, py::handle attn_query,
-                     py::handle exclude, int64_t k, double temperature, py::handle output,
-                     py::handle weights, py::handle indices, py::handle scores, int num_threads,
-                     const std::optional<std::string>& level) {
-  Imported owners[9];
+                     py::handle exclude, py::handle allow, int64_t k, double temperature,
+                     py::handle output, py::handle weights, py::handle indices, py::handle scores,
+                     int num_threads, const std::optional<std::string>& level) {
+  Imported owners[10];
   reco::cpu::RetrieveAttendArgs a;
-  import_op_arrays(a, owners, query, keys, values, attn_query, exclude, output, weights, indices,
-                   scores);
+  import_op_arrays(a, owners, query, keys, values, attn_query, exclude, allow, output, weights,
+                   indices, scores);
   a.k = k;
   a.temperature = temperature;
   a.num_threads = num_threads;
@@ -146,8 +149,9 @@ void retrieve_attend(py::handle query, py::handle keys, py::handle values, py::h
 }
 
 void coarse_int8(py::handle query_codes, py::handle codes, py::handle scales, py::handle exclude,
-                 int64_t candidates, py::handle rows, py::handle scores, int num_threads) {
-  Imported owners[6];
+                 py::handle allow, int64_t candidates, py::handle rows, py::handle scores,
+                 int num_threads) {
+  Imported owners[7];
   reco::cpu::CoarseInt8Args a;
   a.query_codes = import_array(query_codes, "query_codes", owners[0]);
   a.codes = import_array(codes, "codes", owners[1]);
@@ -155,6 +159,7 @@ void coarse_int8(py::handle query_codes, py::handle codes, py::handle scales, py
   a.exclude = import_array(exclude, "exclude", owners[3]);
   a.rows = import_array(rows, "rows", owners[4]);
   a.scores = import_array(scores, "scores", owners[5]);
+  a.allow = import_array(allow, "allow", owners[6]);
   for (const TensorView* v : {&a.query_codes, &a.codes, &a.scales, &a.rows, &a.scores})
     if (v->device_type != 1) throw py::value_error("coarse_int8: every array must be on the CPU");
   const int64_t B = a.query_codes.ndim == 2 ? a.query_codes.shape[0] : -1;
@@ -197,7 +202,7 @@ void check_cuda_arrays(const reco::cuda::Args& a, int64_t k) {
   };
   for (const TensorView* v : {&a.query, &a.keys, &a.values, &a.output, &a.weights, &a.indices,
                               &a.scores, &a.part_scores, &a.part_rows, &a.query_terms, &a.codes,
-                              &a.key_scales, &a.attn_query, &a.exclude})
+                              &a.key_scales, &a.attn_query, &a.exclude, &a.allow})
     if (v->present() && (v->device_type != kDeviceType || v->device_id != a.query.device_id))
       fail("every array must be on the query's CUDA device");
   const bool attend = a.values.present();  // absent: the search alone
@@ -219,6 +224,8 @@ void check_cuda_arrays(const reco::cuda::Args& a, int64_t k) {
   if (a.exclude.present() &&
       !contiguous(a.exclude, DType::i64, {B, a.exclude.ndim == 2 ? a.exclude.shape[1] : -1}))
     fail("exclude must be contiguous int64 [B, E]");
+  if (a.allow.present() && !contiguous(a.allow, DType::u8, {N}))
+    fail("allow must be a contiguous bool [N] array");
   if ((attend && (!contiguous(a.output, DType::f32, {B, H, dv}) ||
                   !contiguous(a.weights, DType::f32, {B, H, k}))) ||
       !contiguous(a.indices, DType::i64, {B, k}) || !contiguous(a.scores, DType::f32, {B, k}))
@@ -240,7 +247,8 @@ void check_cuda_arrays(const reco::cuda::Args& a, int64_t k) {
 #if defined(RECO_WITH_CUDA)
 void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle codes,
                           py::handle key_scales, py::handle keys, py::handle values,
-                          py::handle attn_query, py::handle exclude, int64_t k, int64_t candidates,
+                          py::handle attn_query, py::handle exclude, py::handle allow, int64_t k,
+                          int64_t candidates,
                           double temperature, py::handle output, py::handle weights,
                           py::handle indices, py::handle scores, py::handle part_scores,
                           py::handle part_rows, int splits, int pow2, int queries, bool mma,
@@ -253,15 +261,15 @@ void retrieve_attend_cuda(py::handle query, py::handle query_terms, py::handle c
     launch_stream = stream.cast<uintptr_t>();
     dl_stream = py::int_(launch_stream == 0 ? uintptr_t(1) : launch_stream);
   }
-  Imported owners[14];
+  Imported owners[15];
   reco::cuda::Args a;
-  import_op_arrays(a, owners, query, keys, values, attn_query, exclude, output, weights, indices,
-                   scores, dl_stream);
-  a.part_scores = import_array(part_scores, "part_scores", owners[9], dl_stream);
-  a.part_rows = import_array(part_rows, "part_rows", owners[10], dl_stream);
-  a.query_terms = import_array(query_terms, "query_terms", owners[11], dl_stream);
-  a.codes = import_array(codes, "codes", owners[12], dl_stream);
-  a.key_scales = import_array(key_scales, "key_scales", owners[13], dl_stream);
+  import_op_arrays(a, owners, query, keys, values, attn_query, exclude, allow, output, weights,
+                   indices, scores, dl_stream);
+  a.part_scores = import_array(part_scores, "part_scores", owners[10], dl_stream);
+  a.part_rows = import_array(part_rows, "part_rows", owners[11], dl_stream);
+  a.query_terms = import_array(query_terms, "query_terms", owners[12], dl_stream);
+  a.codes = import_array(codes, "codes", owners[13], dl_stream);
+  a.key_scales = import_array(key_scales, "key_scales", owners[14], dl_stream);
   check_cuda_arrays(a, k);
   if (candidates < k) throw py::value_error("retrieve_attend_cuda: candidates must be >= k");
   a.k = k;
@@ -313,9 +321,9 @@ PYBIND11_MODULE(RECO_MODULE, m) {
 #else
   m.doc() = "reco's compiled kernels (framework-free; arrays through DLPack)";
   m.def("retrieve_attend", &retrieve_attend, py::arg("query"), py::arg("keys"), py::arg("values"),
-        py::arg("attn_query"), py::arg("exclude"), py::arg("k"), py::arg("temperature"),
-        py::arg("output"), py::arg("weights"), py::arg("indices"), py::arg("scores"),
-        py::arg("num_threads"), py::arg("level") = py::none(),
+        py::arg("attn_query"), py::arg("exclude"), py::arg("allow"), py::arg("k"),
+        py::arg("temperature"), py::arg("output"), py::arg("weights"), py::arg("indices"),
+        py::arg("scores"), py::arg("num_threads"), py::arg("level") = py::none(),
         "CPU fused top-k retrieval + attention, writing into the given output arrays.");
   m.def(
       "cpu_levels",
@@ -332,7 +340,8 @@ PYBIND11_MODULE(RECO_MODULE, m) {
       [] { return std::string(reco::cpu::level_name(reco::cpu::default_level())); },
       "The level used when none is given (RECO_CPU_LEVEL overrides).");
   m.def("coarse_int8", &coarse_int8, py::arg("query_codes"), py::arg("codes"), py::arg("scales"),
-        py::arg("exclude"), py::arg("candidates"), py::arg("rows"), py::arg("scores"),
+        py::arg("exclude"), py::arg("allow"), py::arg("candidates"), py::arg("rows"),
+        py::arg("scores"),
         py::arg("num_threads"),
         "CPU coarse int8 search of fused_retrieve_attend_int8, writing rows and scores.");
   m.def("coarse_int8_uses_vnni", &reco::cpu::coarse_int8_uses_vnni,
@@ -370,7 +379,8 @@ PYBIND11_MODULE(RECO_MODULE, m) {
       "the keys' dtype, 0 for none).");
   m.def("retrieve_attend_cuda", &retrieve_attend_cuda, py::arg("query"), py::arg("query_terms"),
         py::arg("codes"), py::arg("key_scales"), py::arg("keys"), py::arg("values"),
-        py::arg("attn_query"), py::arg("exclude"), py::arg("k"), py::arg("candidates"),
+        py::arg("attn_query"), py::arg("exclude"), py::arg("allow"), py::arg("k"),
+        py::arg("candidates"),
         py::arg("temperature"), py::arg("output"), py::arg("weights"), py::arg("indices"),
         py::arg("scores"), py::arg("part_scores"), py::arg("part_rows"), py::arg("splits"),
         py::arg("pow2"), py::arg("queries"), py::arg("mma"), py::arg("stream"),

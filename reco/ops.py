@@ -88,8 +88,29 @@ def check_temperature(temperature: object, *, value: bool = True) -> None:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
+def check_allow(allow: object, N: int, query: Tensor) -> None:
+    """TypeError/ValueError unless allow is None or a bool tensor [N] on the query's device."""
+    if allow is None:
+        return
+    if not isinstance(allow, Tensor):
+        raise TypeError(f"allow must be a bool torch.Tensor [N], got {type(allow).__name__}")
+    if allow.dtype != torch.bool:
+        raise TypeError(f"allow must be bool, got {allow.dtype} ({_shape(allow)})")
+    if allow.dim() != 1 or allow.shape[0] != N:
+        raise ValueError(
+            f"allow must be [N] with N={N} (one flag per row of keys), got {_shape(allow)}"
+        )
+    if allow.device != query.device:
+        raise ValueError(f"allow is on {allow.device} but query is on {query.device}")
+
+
 def check_search_args(
-    query: Tensor, keys: Tensor, k: int, exclude: Optional[Tensor], values: Optional[Tensor] = None
+    query: Tensor,
+    keys: Tensor,
+    k: int,
+    exclude: Optional[Tensor],
+    values: Optional[Tensor] = None,
+    allow: Optional[Tensor] = None,
 ) -> None:
     """Raises TypeError/ValueError naming the bad argument of `search` (and the common arguments
     of the fused ops, with their values [N, dv]); checks shapes, dtypes and devices only."""
@@ -126,6 +147,7 @@ def check_search_args(
             raise ValueError(f"exclude must be [B, E] with B={B}, got {_shape(exclude)}")
         if exclude.device != query.device:
             raise ValueError(f"exclude is on {exclude.device} but query is on {query.device}")
+    check_allow(allow, N, query)
 
 
 def check_retrieve_attend_args(
@@ -136,17 +158,19 @@ def check_retrieve_attend_args(
     attn_query: Optional[Tensor],
     temperature: float,
     exclude: Optional[Tensor],
+    allow: Optional[Tensor] = None,
     *,
     check_value: bool = True,
 ) -> None:
     """Raises TypeError/ValueError naming the bad argument; checks shapes, dtypes and devices only.
 
-    Checks that need the data (exclude rows in range, k <= N minus excluded) run in the kernels.
-    check_value=False leaves the temperature's value to the op's kernels (see check_temperature).
+    Checks that need the data (exclude rows in range, k <= a query's allowed, not excluded rows)
+    run in the kernels. check_value=False leaves the temperature's value to the op's kernels (see
+    check_temperature).
     """
     if values is None:
         raise TypeError("values must be a torch.Tensor [N, dv], got NoneType")
-    check_search_args(query, keys, k, exclude, values)
+    check_search_args(query, keys, k, exclude, values, allow)
     check_temperature(temperature, value=check_value)
     if attn_query is not None:
         B = query.shape[0]
@@ -179,22 +203,26 @@ def _fused_retrieve_attend(
     attn_query: Optional[Tensor],
     temperature: float,
     exclude: Optional[Tensor],
+    allow: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # Default body: devices without a compiled kernel run the reference.
-    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
-    return reference_retrieve_attend(query, keys, values, k, attn_query, temperature, exclude)
+    args = (query, keys, values, k, attn_query, temperature, exclude, allow)
+    check_retrieve_attend_args(*args)
+    return reference_retrieve_attend(*args)
 
 
 @_fused_retrieve_attend.register_fake
-def _fused_retrieve_attend_fake(query, keys, values, k, attn_query, temperature, exclude):
+def _fused_retrieve_attend_fake(
+    query, keys, values, k, attn_query, temperature, exclude, allow=None
+):
     check_retrieve_attend_args(
-        query, keys, values, k, attn_query, temperature, exclude, check_value=False
+        query, keys, values, k, attn_query, temperature, exclude, allow, check_value=False
     )
     return empty_outputs(query, keys, values, k, attn_query)
 
 
 def _setup_context(ctx, inputs, output):
-    query, keys, values, _k, attn_query, temperature, _exclude = inputs
+    query, keys, values, _k, attn_query, temperature = inputs[:6]  # exclude, allow: no grads
     _out, weights, indices, _scores = output
     ctx.save_for_backward(query, keys, values, attn_query, indices, weights)
     ctx.temperature = temperature
@@ -202,11 +230,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_output, g_weights, _g_indices, g_scores):
-    need_q, need_k, need_v, _, need_aq, _, _ = ctx.needs_input_grad
+    need_q, need_k, need_v, _, need_aq = ctx.needs_input_grad[:5]
     g_q, g_k, g_v, g_aq = _selected_rows_grads(
         ctx, (need_q, need_k, need_v, need_aq), g_output, g_weights, g_scores
     )
-    return g_q, g_k, g_v, None, g_aq, None, None
+    # one gradient per input the op was given (allow may be left out)
+    return (g_q, g_k, g_v, None, g_aq) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
 def _selected_rows_grads(ctx, needs, g_output, g_weights, g_scores):
@@ -262,12 +291,15 @@ def fused_retrieve_attend(
     attn_query: Optional[Tensor] = None,
     temperature: float = 1.0,
     exclude: Optional[Tensor] = None,
+    allow: Optional[Tensor] = None,
 ) -> RetrieveAttend:
     """Exact top-k retrieval by inner product, fused with attention over the retrieved values.
 
     query [B, d], keys [N, d], values [N, dv]: float32, float16, bfloat16 (float64 for gradcheck);
     keys and values may differ in dtype. exclude [B, E] int64 lists rows query b must not select
-    (-1 = padding). attn_query [B, H, dv] switches the attention logits from the scores to
+    (-1 = padding); allow [N] bool, rows any query may select (False: never). A k above a query's
+    allowed, not excluded rows is a ValueError (on CUDA, that query's indices are -1).
+    attn_query [B, H, dv] switches the attention logits from the scores to
     attn_query . values. Returns RetrieveAttend(output [B, H, dv], weights [B, H, k],
     indices [B, k] int64, scores [B, k]), float32 (float64 if any input is float64).
     Ties go to the lower row; NaN scores rank below every number. Scores are float32 arithmetic
@@ -275,10 +307,10 @@ def fused_retrieve_attend(
     caller's flush-to-zero mode (torch.set_flush_denormal). Differentiable in query, keys, values
     and attn_query through the selected rows. See DESIGN.md for the full contract.
     """
-    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude, allow)
     return RetrieveAttend(
         *torch.ops.reco.fused_retrieve_attend(
-            query, keys, values, k, attn_query, _as_float(temperature), exclude
+            query, keys, values, k, attn_query, _as_float(temperature), exclude, allow
         )
     )
 
@@ -329,28 +361,29 @@ def _fused_retrieve_attend_int8(
     attn_query: Optional[Tensor],
     temperature: float,
     exclude: Optional[Tensor],
+    allow: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # Default body (devices without a compiled kernel): the reference.
-    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude, allow)
     check_int8_args(query, codes, scales, keys, k, candidates)
     return reference_int8(
-        query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
+        query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude, allow
     )
 
 
 @_fused_retrieve_attend_int8.register_fake
 def _fused_retrieve_attend_int8_fake(
-    query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
+    query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude, allow=None
 ):
     check_retrieve_attend_args(
-        query, keys, values, k, attn_query, temperature, exclude, check_value=False
+        query, keys, values, k, attn_query, temperature, exclude, allow, check_value=False
     )
     check_int8_args(query, codes, scales, keys, k, candidates)
     return empty_outputs(query, keys, values, k, attn_query)
 
 
 def _setup_context_int8(ctx, inputs, output):
-    query, _codes, _scales, keys, values, _k, _c, attn_query, temperature, _exclude = inputs
+    query, _codes, _scales, keys, values, _k, _c, attn_query, temperature = inputs[:9]
     _out, weights, indices, _scores = output
     ctx.save_for_backward(query, keys, values, attn_query, indices, weights)
     ctx.temperature = temperature
@@ -358,11 +391,12 @@ def _setup_context_int8(ctx, inputs, output):
 
 
 def _backward_int8(ctx, g_output, g_weights, _g_indices, g_scores):
-    need_q, _, _, need_k, need_v, _, _, need_aq, _, _ = ctx.needs_input_grad
+    need_q, _, _, need_k, need_v, _, _, need_aq = ctx.needs_input_grad[:8]
     g_q, g_k, g_v, g_aq = _selected_rows_grads(
         ctx, (need_q, need_k, need_v, need_aq), g_output, g_weights, g_scores
     )
-    return g_q, None, None, g_k, g_v, None, None, g_aq, None, None
+    rest = (None,) * (len(ctx.needs_input_grad) - 8)
+    return (g_q, None, None, g_k, g_v, None, None, g_aq, *rest)
 
 
 _fused_retrieve_attend_int8.register_autograd(_backward_int8, setup_context=_setup_context_int8)
@@ -380,6 +414,7 @@ def fused_retrieve_attend_int8(
     attn_query: Optional[Tensor] = None,
     temperature: float = 1.0,
     exclude: Optional[Tensor] = None,
+    allow: Optional[Tensor] = None,
 ) -> RetrieveAttend:
     """`fused_retrieve_attend` with the search done coarsely on int8 keys, then re-ranked exactly.
 
@@ -391,7 +426,7 @@ def fused_retrieve_attend_int8(
     is missed: measure recall@k on your data (benchmarks/bench_int8.py). On CUDA, the coarse search
     runs on int8 tensor cores (candidates <= 64, d a multiple of 16); elsewhere, the reference.
     """
-    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude, allow)
     if candidates is None:
         candidates = min(keys.shape[0], max(4 * k, k + 16))
     check_int8_args(query, codes, scales, keys, k, candidates)
@@ -407,6 +442,7 @@ def fused_retrieve_attend_int8(
             attn_query,
             _as_float(temperature),  # a SymFloat under torch.compile stays symbolic
             exclude,
+            allow,
         )
     )
 
@@ -418,21 +454,21 @@ class SearchResult(NamedTuple):
 
 @torch.library.custom_op("reco::search", mutates_args=())
 def _search(
-    query: Tensor, keys: Tensor, k: int, exclude: Optional[Tensor]
+    query: Tensor, keys: Tensor, k: int, exclude: Optional[Tensor], allow: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:
     # Default body: devices without a compiled kernel run the reference.
-    check_search_args(query, keys, k, exclude)
-    return reference_search(query, keys, k, exclude)
+    check_search_args(query, keys, k, exclude, allow=allow)
+    return reference_search(query, keys, k, exclude, allow)
 
 
 @_search.register_fake
-def _search_fake(query, keys, k, exclude):
-    check_search_args(query, keys, k, exclude)
+def _search_fake(query, keys, k, exclude, allow=None):
+    check_search_args(query, keys, k, exclude, allow=allow)
     return empty_search_outputs(query, keys, k)
 
 
 def _setup_context_search(ctx, inputs, output):
-    query, keys, _k, _exclude = inputs
+    query, keys = inputs[:2]
     indices, _scores = output
     ctx.save_for_backward(query, keys, indices)
     ctx.mark_non_differentiable(indices)
@@ -441,10 +477,11 @@ def _setup_context_search(ctx, inputs, output):
 def _backward_search(ctx, _g_indices, g_scores):
     """scores[b, j] = query[b] . keys[indices[b, j]]: gradients through the selected rows."""
     query, keys, indices = ctx.saved_tensors
-    need_q, need_k, _, _ = ctx.needs_input_grad
+    need_q, need_k = ctx.needs_input_grad[:2]
+    rest = (None,) * (len(ctx.needs_input_grad) - 2)
     g_q = g_k = None
     if g_scores is None:
-        return None, None, None, None
+        return (None, None, *rest)
     ct = g_scores.dtype
     if need_q:
         g_q = torch.einsum("bk,bkd->bd", g_scores, keys[indices].to(ct)).to(query.dtype)
@@ -452,26 +489,33 @@ def _backward_search(ctx, _g_indices, g_scores):
         rows = (g_scores.unsqueeze(-1) * query.to(ct).unsqueeze(1)).reshape(-1, keys.shape[1])
         g_k = keys.new_zeros(keys.shape, dtype=ct).index_add_(0, indices.reshape(-1), rows)
         g_k = g_k.to(keys.dtype)
-    return g_q, g_k, None, None
+    return (g_q, g_k, *rest)
 
 
 _search.register_autograd(_backward_search, setup_context=_setup_context_search)
 
 
 def search(
-    query: Tensor, keys: Tensor, k: int, *, exclude: Optional[Tensor] = None
+    query: Tensor,
+    keys: Tensor,
+    k: int,
+    *,
+    exclude: Optional[Tensor] = None,
+    allow: Optional[Tensor] = None,
 ) -> SearchResult:
     """Exact top-k rows of keys by inner product with each query: `fused_retrieve_attend`'s
     selection without values or attention, computed by the same kernels.
 
     query [B, d], keys [N, d]: float32, float16, bfloat16 (float64 for gradcheck). exclude [B, E]
-    int64 lists rows query b must not select (-1 = padding). Returns SearchResult(indices [B, k]
-    int64, scores [B, k] float32, or float64 if an input is): larger score first, ties to the
+    int64 lists rows query b must not select (-1 = padding); allow [N] bool, rows any query may
+    select (False: never; the kernels skip disallowed rows cheaply, see README "A living memory").
+    A k above a query's allowed, not excluded rows is a ValueError. Returns SearchResult(indices
+    [B, k] int64, scores [B, k] float32, or float64 if an input is): larger score first, ties to the
     lower row, NaN scores below every number; scores are the winners re-scored exactly.
     Differentiable in query and keys through the selected rows.
     """
-    check_search_args(query, keys, k, exclude)
-    return SearchResult(*torch.ops.reco.search(query, keys, k, exclude))
+    check_search_args(query, keys, k, exclude, allow=allow)
+    return SearchResult(*torch.ops.reco.search(query, keys, k, exclude, allow))
 
 
 # ---- the kernels of each device (reco.backends), registered behind the argument checks ----------
@@ -479,30 +523,35 @@ def search(
 
 def _checked_retrieve_attend(kernel):
     @functools.wraps(kernel)
-    def run(query, keys, values, k, attn_query, temperature, exclude):
-        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
-        return kernel(query, keys, values, k, attn_query, temperature, exclude)
+    def run(query, keys, values, k, attn_query, temperature, exclude, allow=None):
+        args = (query, keys, values, k, attn_query, temperature, exclude, allow)
+        check_retrieve_attend_args(*args)
+        return kernel(*args)
 
     return run
 
 
 def _checked_int8(kernel):
     @functools.wraps(kernel)
-    def run(query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude):
-        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude)
+    def run(
+        query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude,
+        allow=None,
+    ):  # fmt: skip
+        check_retrieve_attend_args(query, keys, values, k, attn_query, temperature, exclude, allow)
         check_int8_args(query, codes, scales, keys, k, candidates)
         return kernel(
-            query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
-        )
+            query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude,
+            allow,
+        )  # fmt: skip
 
     return run
 
 
 def _checked_search(kernel):
     @functools.wraps(kernel)
-    def run(query, keys, k, exclude):
-        check_search_args(query, keys, k, exclude)
-        return kernel(query, keys, k, exclude)
+    def run(query, keys, k, exclude, allow=None):
+        check_search_args(query, keys, k, exclude, allow=allow)
+        return kernel(query, keys, k, exclude, allow)
 
     return run
 

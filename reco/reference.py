@@ -61,12 +61,50 @@ def merge_topk(scores: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return best_i, best_s
 
 
+def selectable_rows(N: int, exclude: Tensor | None, allow: Tensor | None) -> Tensor:
+    """Per query, the rows it may select: allowed (allow [N] bool, None = all) and not in
+    exclude[b] (-1 = padding). int64 [B] on the CPU ([1] without exclude)."""
+    allowed = torch.tensor(N) if allow is None else allow.sum().cpu()
+    if exclude is None or exclude.shape[1] == 0:
+        return allowed.reshape(1)
+    rows = exclude.sort(1).values
+    distinct = rows >= 0
+    distinct[:, 1:] &= rows[:, 1:] != rows[:, :-1]
+    if allow is not None:
+        distinct &= allow[rows.clamp(min=0)]
+    return allowed - distinct.sum(1).cpu()
+
+
+def short_k_error(k: int, N: int, exclude: Tensor | None, allow: Tensor | None) -> ValueError:
+    """The error for a k above some query's selectable rows, naming the first such query and its
+    count, as the CPU kernel does."""
+    counts = selectable_rows(N, exclude, allow)
+    short = (counts < k).nonzero()
+    b = int(short[0]) if short.numel() else 0
+    allowed = N if allow is None else int(allow.sum())
+    excluded = 0
+    if exclude is not None and exclude.shape[1]:
+        excluded = int(exclude[b][exclude[b] >= 0].unique().numel())
+    return ValueError(
+        f"k={k} exceeds the {int(counts[min(b, counts.numel() - 1)])} selectable rows of query "
+        f"{b} (N={N}, {allowed} allowed, {excluded} excluded)"
+    )
+
+
 def _select_chunked(
-    score, B: int, N: int, k: int, exclude: Tensor | None, chunk: int, like: Tensor
+    score,
+    B: int,
+    N: int,
+    k: int,
+    exclude: Tensor | None,
+    chunk: int,
+    like: Tensor,
+    allow: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The k best (scores, rows, classes) per query of score(n0, n1) -> [B, n1 - n0] over rows
-    0..N-1, chunk by chunk, in the contract's order; excluded rows rank last (class _EXCLUDED).
-    `like` gives the scores' dtype and device. ValueError for an exclude value out of range."""
+    0..N-1, chunk by chunk, in the contract's order; excluded rows and rows with allow False rank
+    last (class _EXCLUDED). `like` gives the scores' dtype and device. ValueError for an exclude
+    value out of range."""
     if exclude is not None and bool(((exclude < -1) | (exclude >= N)).any()):
         raise ValueError(f"exclude holds values that are neither rows of keys (N={N}) nor -1")
     best_s = like.new_empty(B, 0)
@@ -79,6 +117,8 @@ def _select_chunked(
         if exclude is not None:
             hit = (rows.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
             cls = torch.where(hit, _EXCLUDED, cls)
+        if allow is not None:
+            cls = torch.where(allow[n0 : n0 + s.shape[1]], cls, _EXCLUDED)
         best_s, best_i, best_c = select_top(
             torch.cat([best_s, s], 1), torch.cat([best_i, rows], 1), torch.cat([best_c, cls], 1), k
         )
@@ -86,21 +126,27 @@ def _select_chunked(
 
 
 def search(
-    query: Tensor, keys: Tensor, k: int, exclude: Tensor | None = None, chunk: int = 1 << 16
+    query: Tensor,
+    keys: Tensor,
+    k: int,
+    exclude: Tensor | None = None,
+    chunk: int = 1 << 16,
+    allow: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact top-k rows of keys by inner product with each query.
 
-    Order: larger score first, equal scores to the lower row, NaN below every number, excluded
-    rows (exclude[b], -1 = padding) never. Returns (indices int64 [B, k], scores [B, k]).
+    Order: larger score first, equal scores to the lower row, NaN below every number; excluded
+    rows (exclude[b], -1 = padding) and rows with allow [N] False never.
+    Returns (indices int64 [B, k], scores [B, k]).
     """
     ct = compute_dtype(query, keys)
     q = query.to(ct)
     N = keys.shape[0]
     best_s, best_i, best_c = _select_chunked(
-        lambda n0, n1: q @ keys[n0:n1].to(ct).T, q.shape[0], N, k, exclude, chunk, q
+        lambda n0, n1: q @ keys[n0:n1].to(ct).T, q.shape[0], N, k, exclude, chunk, q, allow
     )
     if best_i.shape[1] < k or bool((best_c == _EXCLUDED).any()):
-        raise ValueError(f"k={k} exceeds the number of selectable rows (N={N} minus excluded)")
+        raise short_k_error(k, N, exclude, allow)
     return best_i, best_s
 
 
@@ -151,10 +197,11 @@ def fused_retrieve_attend(
     attn_query: Tensor | None = None,
     temperature: float = 1.0,
     exclude: Tensor | None = None,
+    allow: Tensor | None = None,
 ) -> RetrieveAttend:
     """Reference of `reco.fused_retrieve_attend`: `search`, then `attend` on the selected rows."""
     with torch.no_grad():
-        indices, _ = search(query, keys, k, exclude)
+        indices, _ = search(query, keys, k, exclude, allow=allow)
     return attend(query, keys, values, indices, attn_query, temperature)
 
 
@@ -192,11 +239,12 @@ def retrieve_attend_int8(
     temperature: float = 1.0,
     exclude: Tensor | None = None,
     chunk: int = 1 << 16,
+    allow: Tensor | None = None,
 ) -> RetrieveAttend:
     """Reference of `reco.fused_retrieve_attend_int8`: the `candidates` rows of best coarse score
     (`coarse_scores` of the int8-quantised query against codes; the contract's order: ties to the
-    lower row, NaN last, excluded rows never), re-scored exactly against keys; the k best of them
-    (same order) are attended as in `attend`."""
+    lower row, NaN last, excluded and disallowed rows never), re-scored exactly against keys; the
+    k best of them (same order) are attended as in `attend`."""
     with torch.no_grad():
         q_codes, _ = quantize_rows(query)
         _, best_i, best_c = _select_chunked(
@@ -207,9 +255,10 @@ def retrieve_attend_int8(
             exclude,
             chunk,
             torch.empty(0, device=query.device),
+            allow,
         )
     return rerank_attend(
-        query, keys, values, best_i, best_c == _EXCLUDED, k, attn_query, temperature
+        query, keys, values, best_i, best_c == _EXCLUDED, k, attn_query, temperature, exclude, allow
     )
 
 
@@ -222,14 +271,16 @@ def rerank_attend(
     k: int,
     attn_query: Tensor | None = None,
     temperature: float = 1.0,
+    exclude: Tensor | None = None,
+    allow: Tensor | None = None,
 ) -> RetrieveAttend:
     """The exact re-rank of fused_retrieve_attend_int8: candidate rows [B, c] (best coarse score
     first; `unusable` [B, c] marks excluded or empty slots, which come last) re-scored exactly
-    against keys; the k best in the contract's order are attended as in `attend`."""
+    against keys; the k best in the contract's order are attended as in `attend`. exclude and
+    allow only name the count in the error where fewer than k are usable."""
     with torch.no_grad():
         if rows.shape[1] < k or bool(unusable[:, :k].any()):
-            N = keys.shape[0]
-            raise ValueError(f"k={k} exceeds the number of selectable rows (N={N} minus excluded)")
+            raise short_k_error(k, keys.shape[0], exclude, allow)
         rows = torch.where(unusable, 0, rows)
         ct = compute_dtype(query, keys)
         exact = torch.einsum("bd,bkd->bk", query.to(ct), keys[rows].to(ct))

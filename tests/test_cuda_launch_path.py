@@ -285,7 +285,7 @@ def _run_binding(q, keys, values, k, *, plan, candidates=None, stream=None, wrap
         return t if t is None or wrap is None else wrap(torch.as_tensor(t))
 
     _EMU.retrieve_attend_cuda(
-        as_arg(q), as_arg(terms), None, None, as_arg(keys), as_arg(values), None, None, k,
+        as_arg(q), as_arg(terms), None, None, as_arg(keys), as_arg(values), None, None, None, k,
         candidates, 1.0, *(as_arg(outputs[n]) for n in ("output", "weights", "indices", "scores")),
         *(as_arg(w) for w in workspace), *plan, stream,
     )  # fmt: skip

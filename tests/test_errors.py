@@ -126,13 +126,13 @@ def test_compiled_core_rejects_bad_arrays():
         np.empty((2, 3), np.int64),
         np.empty((2, 3), np.float32),
     )
-    args = [Q.numpy(), K.numpy(), V.numpy(), None, None, 3, 1.0, out, w, idx, sc, 1]
+    args = [Q.numpy(), K.numpy(), V.numpy(), None, None, None, 3, 1.0, out, w, idx, sc, 1]
     bad = list(args)
     bad[1] = K.numpy()[:, :3]
     with pytest.raises(ValueError, match="differ in d"):
         reco.ops._C.retrieve_attend(*bad)
     bad = list(args)
-    bad[9] = np.empty((2, 3), np.int32)
+    bad[10] = np.empty((2, 3), np.int32)
     with pytest.raises(TypeError, match="indices has an unsupported dtype"):
         reco.ops._C.retrieve_attend(*bad)
     bad = list(args)

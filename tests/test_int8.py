@@ -158,7 +158,7 @@ def test_cpu_coarse_search_equals_the_reference_bit_for_bit(monkeypatch, level, 
     exclude = torch.randint(-1, N, (B, 20), generator=torch.Generator().manual_seed(3))
     rows = torch.empty(B, c, dtype=torch.int64)
     got = torch.empty(B, c)
-    _C.coarse_int8(q_codes, codes, scales, exclude, c, rows, got, 2)
+    _C.coarse_int8(q_codes, codes, scales, exclude, None, c, rows, got, 2)
     coarse = reference.coarse_scores(q_codes, codes, scales)
     for b in range(B):
         coarse[b, exclude[b][exclude[b] >= 0]] = float("-inf")  # never selectable

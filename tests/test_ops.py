@@ -272,7 +272,7 @@ def test_numpy_arrays_through_dlpack():
     w = np.empty((3, 1, 5), np.float32)
     idx = np.empty((3, 5), np.int64)
     sc = np.empty((3, 5), np.float32)
-    reco.ops._C.retrieve_attend(query, keys, values, None, None, 5, 1.0, out, w, idx, sc, 1)
+    reco.ops._C.retrieve_attend(query, keys, values, None, None, None, 5, 1.0, out, w, idx, sc, 1)
     want = reference.fused_retrieve_attend(
         torch.from_numpy(query), torch.from_numpy(keys), torch.from_numpy(values), 5
     )
@@ -487,7 +487,7 @@ def test_int8_caller_flush_to_zero_mode_is_ignored(cpu_level):
     def coarse() -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.empty(4, 32, dtype=torch.int64)
         scores = torch.empty(4, 32)
-        reco.ops._C.coarse_int8(query_codes, codes, scales, None, 32, rows, scores, 1)
+        reco.ops._C.coarse_int8(query_codes, codes, scales, None, None, 32, rows, scores, 1)
         return rows, scores
 
     want_rows, want_scores = coarse()

@@ -205,7 +205,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void score_block(
           hit = static_cast<__mmask16>(hit & (hit - 1));
           const int64_t r = r0 + first + lane;
           if (lanes[lane] < h[i]->worst_score()) continue;  // the worst rose since the compare
-          if (ex.contains(q0 + i, r)) continue;
+          if (ex.rejects(q0 + i, r)) continue;
           h[i]->push(lanes[lane], r);
         }
       }
@@ -240,10 +240,13 @@ void coarse_int8(const CoarseInt8Args& a) {
         "scales [N] float32 contiguous");
   if (c < 1 || c > N) throw std::invalid_argument("coarse_int8: candidates must be in [1, N]");
   check_exclude(a.exclude, B, N);
+  check_allow(a.allow, N);
   // Subnormal scales and scores honoured whatever the caller's mode (fp_mode.h): here for the
   // merge on this thread, in the parallel region for every worker.
   const HonourSubnormals fp_mode;
-  const Exclusions ex = make_exclusions(a.exclude, B);
+  Exclusions ex = make_exclusions(a.exclude, B);
+  // Disallowed rows are skipped where a score would enter a heap (the scan itself is not cut).
+  ex.allow = a.allow.present() ? a.allow.ptr<const uint8_t>() : nullptr;
   const bool vnni = has_vnni(), avx2 = !vnni && has_avx2();
   const int threads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N / 16384)));
@@ -331,7 +334,7 @@ void coarse_int8(const CoarseInt8Args& a) {
             for (int j = 0; j < 4 && r + j < r1; ++j) {
               // float32(dot) * scale, each rounded once, as reference.coarse_scores.
               const float s = float(dots[j]) * scales[r + j];
-              if (s < h.worst_score() || ex.contains(b0 + i, r + j)) continue;
+              if (s < h.worst_score() || ex.rejects(b0 + i, r + j)) continue;
               h.push(s, r + j);
             }
           }

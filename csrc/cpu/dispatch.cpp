@@ -122,6 +122,16 @@ void check_exclude(const TensorView& exclude, int64_t B, int64_t N) {
     }
 }
 
+void check_allow(const TensorView& allow, int64_t N) {
+  if (!allow.present()) return;
+  if (allow.device_type != 1) fail("allow must be on the CPU");
+  if (allow.dtype != DType::u8) fail("allow must be a bool (or uint8) array");
+  if (allow.ndim != 1 || allow.shape[0] != N)
+    fail("allow " + shape_str(allow) + " must be [N] with N=" + std::to_string(N) +
+         " (one flag per row of keys)");
+  if (allow.strides[0] != 1 && N > 1) fail("allow must be contiguous");
+}
+
 void check_args(const RetrieveAttendArgs& a) {
   expect(a.query, "query", 2);
   expect(a.keys, "keys", 2);
@@ -158,6 +168,7 @@ void check_args(const RetrieveAttendArgs& a) {
     if (H < 1) fail("attn_query must have H >= 1");
   }
   check_exclude(a.exclude, B, N);
+  check_allow(a.allow, N);
   const DType acc = a.query.dtype;
   struct Out {
     const TensorView& t;

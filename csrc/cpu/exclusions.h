@@ -1,7 +1,9 @@
-// Each query's excluded rows, sorted, for the CPU searches (validated by check_exclude first).
+// Which rows each query may select, for the CPU searches: per-query exclusions (sorted) and the
+// allow mask shared by all queries (validated by check_exclude / check_allow first).
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "reco/tensor_view.h"
@@ -12,9 +14,15 @@ struct Exclusions {
   std::vector<int64_t> rows;
   std::vector<int64_t> start;  // B + 1 offsets
   bool any = false;
+  // allow[n] == 0: row n is never selected; null when every row is allowed, or when the search
+  // visits only allowed rows (a gathered row list).
+  const uint8_t* allow = nullptr;
 
   bool contains(int64_t b, int64_t row) const {
     return any && std::binary_search(rows.begin() + start[b], rows.begin() + start[b + 1], row);
+  }
+  bool rejects(int64_t b, int64_t row) const {
+    return (allow != nullptr && allow[row] == 0) || contains(b, row);
   }
 };
 
@@ -35,6 +43,57 @@ inline Exclusions make_exclusions(const TensorView& exclude, int64_t B) {
     ex.start[b + 1] = static_cast<int64_t>(ex.rows.size());
   }
   return ex;
+}
+
+// The rows an allow mask leaves. mask: null (no mask, or every row allowed) or allow's bytes;
+// rows: the allowed rows in ascending order, filled only when gathered (few enough allowed).
+struct Allowed {
+  int64_t count = 0;
+  const uint8_t* mask = nullptr;
+  std::vector<int64_t> rows;
+  bool gathered = false;
+};
+
+// Below this fraction of allowed rows the searches visit a gathered list of the allowed rows
+// (copied block by block, as the compute-bound path copies every block); above it they scan
+// every row and test the mask where a score would enter a heap (benchmarks/bench_filter.py).
+constexpr double kGatherBelow = 0.5;
+
+inline Allowed make_allowed(const TensorView& allow, int64_t N) {
+  Allowed a;
+  a.count = N;
+  if (!allow.present()) return a;
+  const uint8_t* m = allow.ptr<const uint8_t>();
+  int64_t count = 0;
+  for (int64_t n = 0; n < N; ++n) count += m[n] != 0;
+  a.count = count;
+  if (count == N) return a;
+  a.mask = m;
+  if (static_cast<double>(count) < kGatherBelow * static_cast<double>(N)) {
+    a.gathered = true;
+    a.rows.reserve(count);
+    for (int64_t n = 0; n < N; ++n)
+      if (m[n] != 0) a.rows.push_back(n);
+  }
+  return a;
+}
+
+// The rows query b may select: allowed and not excluded.
+inline int64_t selectable_rows(const Exclusions& ex, const Allowed& al, int64_t b) {
+  int64_t n = al.count;
+  if (ex.any)
+    for (int64_t i = ex.start[b]; i < ex.start[b + 1]; ++i)
+      n -= al.mask == nullptr || al.mask[ex.rows[i]] != 0;
+  return n;
+}
+
+// The error of a query left with fewer than k selectable rows, the same at every CPU entry.
+inline std::string short_query_message(int64_t k, int64_t b, const Exclusions& ex,
+                                       const Allowed& al, int64_t N) {
+  const int64_t excluded = ex.any ? ex.start[b + 1] - ex.start[b] : 0;
+  return "k=" + std::to_string(k) + " exceeds the " + std::to_string(selectable_rows(ex, al, b)) +
+         " selectable rows of query " + std::to_string(b) + " (N=" + std::to_string(N) + ", " +
+         std::to_string(al.count) + " allowed, " + std::to_string(excluded) + " excluded)";
 }
 
 }  // namespace reco::cpu

@@ -16,6 +16,7 @@ struct RetrieveAttendArgs {
                           // (attn_query, output and weights absent too)
   TensorView attn_query;  // [B, H, dv] same dtype as query, contiguous; ndim 0 if absent
   TensorView exclude;     // [B, E] int64, rows contiguous; ndim 0 if absent
+  TensorView allow;       // [N] uint8 (bool): 0 = never select; ndim 0 if absent
   int64_t k = 0;
   double temperature = 1.0;
   int num_threads = 1;
@@ -37,6 +38,8 @@ Level default_level();
 void check_args(const RetrieveAttendArgs& a);
 // exclude (absent, or [B, E] int64 of rows in [0, N) or -1): std::invalid_argument otherwise.
 void check_exclude(const TensorView& exclude, int64_t B, int64_t N);
+// allow (absent, or [N] bool/uint8 on the CPU, contiguous): std::invalid_argument otherwise.
+void check_allow(const TensorView& allow, int64_t N);
 void retrieve_attend(const RetrieveAttendArgs& a, Level level);
 
 // The coarse search of fused_retrieve_attend_int8 (coarse_int8.cpp): per query, the `candidates`
@@ -47,6 +50,7 @@ struct CoarseInt8Args {
   TensorView codes;        // [N, d] int8, inner stride 1
   TensorView scales;       // [N] float32, contiguous
   TensorView exclude;      // [B, E] int64; ndim 0 if absent
+  TensorView allow;        // [N] uint8 (bool); ndim 0 if absent
   int64_t candidates = 0;
   int num_threads = 1;
   TensorView rows;    // [B, candidates] int64

@@ -73,11 +73,19 @@ inline void widen(const T* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-// Widens `rows` rows of width d (row stride ld) into dst rows of width dpad, zero padded.
+// Row r of a block: src's row r, or (a gathered block) its row ids[r].
 template <typename T>
-void widen_rows(const T* src, int64_t ld, int64_t rows, int64_t d, float* dst, int64_t dpad) {
+inline const T* block_row(const T* src, int64_t ld, const int64_t* ids, int64_t r) {
+  return src + (ids != nullptr ? ids[r] : r) * ld;
+}
+
+// Widens `rows` rows of width d (row stride ld; rows ids[r] where ids is given) into dst rows of
+// width dpad, zero padded.
+template <typename T>
+void widen_rows(const T* src, int64_t ld, const int64_t* ids, int64_t rows, int64_t d, float* dst,
+                int64_t dpad) {
   for (int64_t r = 0; r < rows; ++r) {
-    widen(src + r * ld, dst + r * dpad, d);
+    widen(block_row(src, ld, ids, r), dst + r * dpad, d);
     std::fill(dst + r * dpad + d, dst + (r + 1) * dpad, 0.0f);
   }
 }
@@ -275,13 +283,13 @@ __attribute__((noinline)) void rescore_inexact(const DotBlock& db, int64_t slot0
 
 // Copies rows of bfloat16 keys unchanged into rows of width dpad, zero padded; returns the least
 // min_exponent of the rows (each measured while its copy is still in L1).
-inline int copy_rows_measured(const bf16_t* src, int64_t ld, int64_t rows, int64_t d, bf16_t* dst,
-                              int64_t dpad) {
+inline int copy_rows_measured(const bf16_t* src, int64_t ld, const int64_t* ids, int64_t rows,
+                              int64_t d, bf16_t* dst, int64_t dpad) {
 #if defined(__AVX512BW__)
   // dpad is a multiple of 32 (vdpbf16ps tiles step 32 columns): whole vectors only.
   __m512i acc = _mm512_set1_epi16(-1);
   for (int64_t r = 0; r < rows; ++r) {
-    const bf16_t* s = src + r * ld;
+    const bf16_t* s = block_row(src, ld, ids, r);
     bf16_t* t = dst + r * dpad;
     int64_t c = 0;
     for (; c + 32 <= d; c += 32) {
@@ -302,7 +310,7 @@ inline int copy_rows_measured(const bf16_t* src, int64_t ld, int64_t rows, int64
 #else
   int least = 255;
   for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(dst + r * dpad, src + r * ld, d * sizeof(bf16_t));
+    std::memcpy(dst + r * dpad, block_row(src, ld, ids, r), d * sizeof(bf16_t));
     std::memset(static_cast<void*>(dst + r * dpad + d), 0, (dpad - d) * sizeof(bf16_t));
     least = std::min(least, min_exponent(dst + r * dpad, d));
   }
@@ -310,9 +318,6 @@ inline int copy_rows_measured(const bf16_t* src, int64_t ld, int64_t rows, int64
 #endif
 }
 
-// ---- exclusions ---------------------------------------------------------------------------
-
-// Per query, the sorted distinct rows it must not select.
 // ---- search -------------------------------------------------------------------------------
 
 // Heaps for a chunk of queries, one set per thread: slot (t, b) holds k entries.
@@ -332,7 +337,7 @@ struct HeapSet {
 template <typename S>
 inline void offer(TopKHeap<S>& h, const Exclusions& ex, int64_t b, S s, int64_t row) {
   if (s < h.worst_score()) return;  // the common case; false for NaN, which push() ranks
-  if (ex.contains(b, row)) return;
+  if (ex.rejects(b, row)) return;
   h.push(s, row);
 }
 
@@ -372,9 +377,12 @@ inline uint8_t row_exponent(const DotBlock& db, __m512i fold) {
 // which), re-scored in float32; false everywhere else, the plain tile loop.
 template <int QR, int KR, bool Fix, typename QT, typename KT>
 void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int64_t rows,
-                      int64_t row0, int64_t slot0, const int64_t* gid, HeapSet<float>& hs, int t,
-                      const Exclusions& ex, const DotBlock* db) {
-  // slot0: the tile's first query's heap slot; gid[qi]: its row in the batch.
+                      int64_t row0, const int64_t* ids, int64_t slot0, const int64_t* gid,
+                      HeapSet<float>& hs, int t, const Exclusions& ex,
+                      [[maybe_unused]] const DotBlock* db) {
+  // slot0: the tile's first query's heap slot; gid[qi]: its row in the batch. Block row r is key
+  // row row0 + r, or ids[r] in a gathered block.
+  const auto key_row = [&](int64_t r) { return ids != nullptr ? ids[r] : row0 + r; };
   TopKHeap<float> heaps[QR];
   for (int qi = 0; qi < QR; ++qi) heaps[qi] = hs.heap(t, slot0 + qi);
   float s[QR * KR];
@@ -398,7 +406,7 @@ void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int6
     score_tile<QR, KR>(q, dpad, kp + r * ldk, ldk, dpad, s);
 #endif
     for (int qi = 0; qi < QR; ++qi)
-      for (int j = 0; j < KR; ++j) offer(heaps[qi], ex, gid[qi], s[qi * KR + j], row0 + r + j);
+      for (int j = 0; j < KR; ++j) offer(heaps[qi], ex, gid[qi], s[qi * KR + j], key_row(r + j));
   }
   for (; r < rows; ++r) {  // only copied blocks (KR = 4) have tails: ek is filled
     score_tile<QR, 1>(q, dpad, kp + r * ldk, ldk, dpad, s);
@@ -407,7 +415,7 @@ void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int6
       if (!dot_is_exact(db->pass->eq_min, db->ek[r]))
         rescore_inexact<QR, 1>(*db, slot0, kp, ldk, r, db->ek + r, s);
 #endif
-    for (int qi = 0; qi < QR; ++qi) offer(heaps[qi], ex, gid[qi], s[qi], row0 + r);
+    for (int qi = 0; qi < QR; ++qi) offer(heaps[qi], ex, gid[qi], s[qi], key_row(r));
   }
 }
 
@@ -417,24 +425,24 @@ void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int6
 // batch it came in.
 template <int KR, bool Fix = false, typename QT, typename KT>
 void score_block(const QT* qpad, int64_t dpad, const int64_t* gid, int64_t nq, const KT* kp,
-                 int64_t ld, int64_t rows, int64_t r0, HeapSet<float>& hs, int t,
-                 const Exclusions& ex, const DotBlock* db = nullptr) {
+                 int64_t ld, int64_t rows, int64_t r0, const int64_t* ids, HeapSet<float>& hs,
+                 int t, const Exclusions& ex, const DotBlock* db = nullptr) {
   int64_t i = 0;
   for (; i + 4 <= nq; i += 4)
-    score_block_rows<4, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex,
-                                 db);
+    score_block_rows<4, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, ids, i, gid + i, hs, t,
+                                 ex, db);
   switch (nq - i) {
     case 3:
-      score_block_rows<3, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex,
-                                   db);
+      score_block_rows<3, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, ids, i, gid + i, hs, t,
+                                   ex, db);
       break;
     case 2:
-      score_block_rows<2, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex,
-                                   db);
+      score_block_rows<2, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, ids, i, gid + i, hs, t,
+                                   ex, db);
       break;
     case 1:
-      score_block_rows<1, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, i, gid + i, hs, t, ex,
-                                   db);
+      score_block_rows<1, KR, Fix>(qpad + i * dpad, dpad, kp, ld, rows, r0, ids, i, gid + i, hs, t,
+                                   ex, db);
       break;
     default: break;
   }
@@ -448,12 +456,13 @@ inline int64_t block_rows(int64_t dpad) {
   return std::max<int64_t>(4, std::min<int64_t>(1024, (192 << 10) / (dpad * 4)) / 4 * 4);
 }
 
-// Scores the nq queries of a pass against key rows [n0, n1), offering into thread t's heaps.
-// float32 tiles (keys widened exactly); search_range_dot scores vdpbf16ps passes.
+// Scores the nq queries of a pass against key rows [n0, n1) (or, given a gathered list ids of
+// allowed rows, rows ids[n0 .. n1)), offering into thread t's heaps. float32 tiles (keys widened
+// exactly); search_range_dot scores vdpbf16ps passes.
 template <typename KT>
 void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, const int64_t* gid,
-                  int64_t nq, int64_t n0, int64_t n1, HeapSet<float>& hs, int t,
-                  const Exclusions& ex) {
+                  int64_t nq, int64_t n0, int64_t n1, const int64_t* ids, HeapSet<float>& hs,
+                  int t, const Exclusions& ex) {
   const int64_t d = a.keys.shape[1];
   const int64_t ldk = a.keys.strides[0];
   const KT* keys = a.keys.ptr<const KT>();
@@ -461,17 +470,18 @@ void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, 
   // sequential stream that runs at memory bandwidth (16-bit keys widened in registers); each
   // tile holds one key row. Many queries (compute-bound): 4 x 4 tiles reuse each load 4 times,
   // but read 4 rows at once, which the hardware prefetcher serves badly, so each block is first
-  // copied (widened) sequentially into an L2-resident scratch.
-  const bool direct = d == dpad && nq <= kStreamMaxQueries;
+  // copied (widened) sequentially into an L2-resident scratch. Gathered rows are always copied.
+  const bool direct = d == dpad && nq <= kStreamMaxQueries && ids == nullptr;
   const int64_t block = block_rows(dpad);
   std::vector<float> scratch(direct ? 0 : block * dpad);
   for (int64_t r0 = n0; r0 < n1; r0 += block) {
     const int64_t rows = std::min(block, n1 - r0);
     if (direct) {
-      score_block<1>(qpad, dpad, gid, nq, keys + r0 * ldk, ldk, rows, r0, hs, t, ex);
+      score_block<1>(qpad, dpad, gid, nq, keys + r0 * ldk, ldk, rows, r0, nullptr, hs, t, ex);
     } else {
-      widen_rows(keys + r0 * ldk, ldk, rows, d, scratch.data(), dpad);
-      score_block<4>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, hs, t, ex);
+      const int64_t* bid = ids != nullptr ? ids + r0 : nullptr;
+      widen_rows(bid != nullptr ? keys : keys + r0 * ldk, ldk, bid, rows, d, scratch.data(), dpad);
+      score_block<4>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, bid, hs, t, ex);
     }
   }
 }
@@ -482,12 +492,12 @@ void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, 
 // per-row checks when all their rows pass); rows read in place are measured one by one.
 template <typename KT>
 void search_range_dot(const RetrieveAttendArgs& a, const bf16_t* qpad, int64_t dpad,
-                      const int64_t* gid, int64_t nq, int64_t n0, int64_t n1, HeapSet<float>& hs,
-                      int t, const Exclusions& ex, const DotPass& dot) {
+                      const int64_t* gid, int64_t nq, int64_t n0, int64_t n1, const int64_t* ids,
+                      HeapSet<float>& hs, int t, const Exclusions& ex, const DotPass& dot) {
   const int64_t d = a.keys.shape[1];
   const int64_t ldk = a.keys.strides[0];
   const KT* keys = a.keys.ptr<const KT>();
-  const bool direct = d == dpad && nq <= kStreamMaxQueries;
+  const bool direct = d == dpad && nq <= kStreamMaxQueries && ids == nullptr;
   const int64_t block = block_rows(dpad);
   std::vector<bf16_t> scratch(direct ? 0 : block * dpad);
   std::vector<uint8_t> ek(block);
@@ -498,15 +508,19 @@ void search_range_dot(const RetrieveAttendArgs& a, const bf16_t* qpad, int64_t d
   for (int64_t r0 = n0; r0 < n1; r0 += block) {
     const int64_t rows = std::min(block, n1 - r0);
     if (direct) {
-      score_block<1, true>(qpad, dpad, gid, nq, keys + r0 * ldk, ldk, rows, r0, hs, t, ex, &db);
+      score_block<1, true>(qpad, dpad, gid, nq, keys + r0 * ldk, ldk, rows, r0, nullptr, hs, t,
+                           ex, &db);
       continue;
     }
-    const int least = copy_rows_measured(keys + r0 * ldk, ldk, rows, d, scratch.data(), dpad);
+    const int64_t* bid = ids != nullptr ? ids + r0 : nullptr;
+    const int least = copy_rows_measured(bid != nullptr ? keys : keys + r0 * ldk, ldk, bid, rows, d,
+                                         scratch.data(), dpad);
     if (dot_is_exact(dot.eq_min, least)) {
-      score_block<4>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, hs, t, ex);
+      score_block<4>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, bid, hs, t, ex);
     } else {  // rare: measure row by row
       for (int64_t r = 0; r < rows; ++r) ek[r] = min_exponent(scratch.data() + r * dpad, d);
-      score_block<4, true>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, hs, t, ex, &db);
+      score_block<4, true>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, bid, hs, t, ex,
+                           &db);
     }
   }
 }
@@ -514,7 +528,8 @@ void search_range_dot(const RetrieveAttendArgs& a, const bf16_t* qpad, int64_t d
 // float64 search (gradcheck and exactness checks): plain loops, parallel over key ranges.
 template <typename KT>
 void search_range_f64(const RetrieveAttendArgs& a, const int64_t* gid, int64_t nq, int64_t n0,
-                      int64_t n1, HeapSet<double>& hs, int t, const Exclusions& ex) {
+                      int64_t n1, const int64_t* ids, HeapSet<double>& hs, int t,
+                      const Exclusions& ex) {
   const int64_t d = a.keys.shape[1];
   const int64_t ldk = a.keys.strides[0];
   const int64_t ldq = a.query.strides[0];
@@ -523,7 +538,8 @@ void search_range_f64(const RetrieveAttendArgs& a, const int64_t* gid, int64_t n
   for (int64_t i = 0; i < nq; ++i) {
     TopKHeap<double> h = hs.heap(t, i);
     const double* qb = q + gid[i] * ldq;
-    for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t p = n0; p < n1; ++p) {
+      const int64_t n = ids != nullptr ? ids[p] : p;
       const KT* kr = keys + n * ldk;
       double s = 0.0;
       for (int64_t c = 0; c < d; ++c) s += qb[c] * to_acc<double>(kr[c]);
@@ -608,9 +624,12 @@ inline int min_exponent_f32(const float* x, int64_t n) {
 // One pass over the keys for the queries gid[0..nq); QT picks the tile kind (see search_range).
 // vdpbf16ps passes (QT = bf16_t) take each query's min_exponent in eq[0..nq).
 template <typename Acc, typename QT, typename KT>
-void search_pass(const RetrieveAttendArgs& a, const Exclusions& ex, const int64_t* gid, int64_t nq,
-                 int threads, const uint8_t* eq = nullptr) {
+void search_pass(const RetrieveAttendArgs& a, const Exclusions& ex, const Allowed& al,
+                 const int64_t* gid, int64_t nq, int threads, const uint8_t* eq = nullptr) {
   const int64_t N = a.keys.shape[0], d = a.query.shape[1], k = a.k;
+  // The rows visited: all N (the mask, if any, tested in offer), or the gathered allowed ones.
+  const int64_t* ids = al.gathered ? al.rows.data() : nullptr;
+  const int64_t M = al.gathered ? static_cast<int64_t>(al.rows.size()) : N;
   HeapSet<Acc> hs(threads, nq, k);
   // float tiles step VW columns; vdpbf16ps tiles step 2 x VW.
   const int64_t dpad = round_up(d, std::is_same<QT, float>::value ? VW : 2 * VW);
@@ -642,32 +661,28 @@ void search_pass(const RetrieveAttendArgs& a, const Exclusions& ex, const int64_
     const HonourSubnormals fp_mode;
     const int t = omp_get_thread_num();
     // Ranges start on multiples of 4 rows so that tiles stay whole.
-    const int64_t per = round_up((N + threads - 1) / threads, 4);
-    const int64_t n0 = std::min(N, t * per), n1 = std::min(N, n0 + per);
+    const int64_t per = round_up((M + threads - 1) / threads, 4);
+    const int64_t n0 = std::min(M, t * per), n1 = std::min(M, n0 + per);
     for (int64_t i = 0; i < nq; ++i) hs.heap(t, i).reset(std::numeric_limits<Acc>::quiet_NaN());
     if constexpr (!std::is_same<Acc, float>::value)
-      search_range_f64<KT>(a, gid, nq, n0, n1, hs, t, ex);
+      search_range_f64<KT>(a, gid, nq, n0, n1, ids, hs, t, ex);
     else if constexpr (std::is_same<QT, float>::value)
-      search_range<KT>(a, qpad.data(), dpad, gid, nq, n0, n1, hs, t, ex);
+      search_range<KT>(a, qpad.data(), dpad, gid, nq, n0, n1, ids, hs, t, ex);
     else
-      search_range_dot<KT>(a, qpad.data(), dpad, gid, nq, n0, n1, hs, t, ex, dot);
+      search_range_dot<KT>(a, qpad.data(), dpad, gid, nq, n0, n1, ids, hs, t, ex, dot);
   }
   const int64_t short_query = merge_heaps<Acc, KT>(a, hs, threads, gid, nq);
-  if (short_query >= 0) {
-    const int64_t excluded = ex.any ? ex.start[short_query + 1] - ex.start[short_query] : 0;
-    throw std::invalid_argument("k=" + std::to_string(k) + " exceeds the " +
-                                std::to_string(N - excluded) + " selectable rows of query " +
-                                std::to_string(short_query) + " (N=" + std::to_string(N) +
-                                " minus " + std::to_string(excluded) + " excluded)");
-  }
+  if (short_query >= 0)
+    throw std::invalid_argument(short_query_message(k, short_query, ex, al, N));
 }
 
 template <typename Acc, typename KT>
-void search(const RetrieveAttendArgs& a, const Exclusions& ex) {
-  const int64_t B = a.query.shape[0], N = a.keys.shape[0], d = a.query.shape[1], k = a.k;
+void search(const RetrieveAttendArgs& a, const Exclusions& ex, const Allowed& al) {
+  const int64_t B = a.query.shape[0], d = a.query.shape[1], k = a.k;
+  const int64_t M = al.gathered ? static_cast<int64_t>(al.rows.size()) : a.keys.shape[0];
   // Below ~16K rows per thread the fork/merge costs more than it saves.
   const int threads =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N / 16384)));
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, M / 16384)));
   // Bound heap memory (threads x queries x k entries) to about 64 MiB per pass over the keys.
   const int64_t per_query = static_cast<int64_t>(threads) * k * (sizeof(Acc) + 8);
   const int64_t chunk = std::max<int64_t>(1, (64 << 20) / per_query);
@@ -692,11 +707,11 @@ void search(const RetrieveAttendArgs& a, const Exclusions& ex) {
     (dot ? dot_ids : float_ids).push_back(b);
   }
   for (int64_t i = 0; i < static_cast<int64_t>(float_ids.size()); i += chunk)
-    search_pass<Acc, float, KT>(a, ex, float_ids.data() + i,
+    search_pass<Acc, float, KT>(a, ex, al, float_ids.data() + i,
                                 std::min<int64_t>(chunk, float_ids.size() - i), threads);
   if constexpr (kHasBf16Dot && std::is_same<Acc, float>::value && std::is_same<KT, bf16_t>::value)
     for (int64_t i = 0; i < static_cast<int64_t>(dot_ids.size()); i += chunk)
-      search_pass<Acc, bf16_t, KT>(a, ex, dot_ids.data() + i,
+      search_pass<Acc, bf16_t, KT>(a, ex, al, dot_ids.data() + i,
                                    std::min<int64_t>(chunk, dot_ids.size() - i), threads,
                                    dot_eq.data() + i);
 }
@@ -781,13 +796,18 @@ void with_dtype(DType t, F&& f) {
 
 template <typename Acc>
 void run(const RetrieveAttendArgs& a) {
-  const Exclusions ex = make_exclusions(a.exclude, a.query.shape[0]);
+  Exclusions ex = make_exclusions(a.exclude, a.query.shape[0]);
+  const Allowed al = make_allowed(a.allow, a.keys.shape[0]);
+  if (al.count < a.k) {  // every query is short: say so before any search
+    throw std::invalid_argument(short_query_message(a.k, 0, ex, al, a.keys.shape[0]));
+  }
+  ex.allow = al.gathered ? nullptr : al.mask;
   with_dtype(a.keys.dtype, [&](auto kt) {
     using KT = decltype(kt);
     if constexpr (std::is_same<Acc, float>::value && std::is_same<KT, double>::value)
       throw std::invalid_argument("float64 keys need a float64 query");
     else
-      search<Acc, KT>(a, ex);
+      search<Acc, KT>(a, ex, al);
   });
   if (!a.values.present()) return;  // the search alone
   with_dtype(a.values.dtype, [&](auto vt) {

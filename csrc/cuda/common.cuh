@@ -118,6 +118,13 @@ __device__ __forceinline__ bool excluded(const int64_t* __restrict__ ex, int64_t
   return false;
 }
 
+// Whether query row ex (its exclude list, or null) may select key row r under the allow mask
+// (or null); tested only for a score that would enter the query's list.
+__device__ __forceinline__ bool selectable(const int64_t* __restrict__ ex, int64_t E,
+                                           const uint8_t* __restrict__ allow, int64_t r) {
+  return (allow == nullptr || __ldg(allow + r) != 0) && (ex == nullptr || !excluded(ex, E, r));
+}
+
 // The tensor-core search (search_mma.cu): for keys of a 16-bit float type or int8 and the query
 // as terms of that type, writes each split's top-k (k <= mma::kMaxK) to the workspace, as the
 // CUDA-core search does (scores in the terms' scale; for int8, dot * the row's scale).
@@ -130,6 +137,7 @@ struct SearchArgs {
   bool int8;                // keys and query are int8 codes
   const float* key_scales;  // [N] for int8, else null
   const int64_t* exclude;   // [B, E] or null
+  const uint8_t* allow;     // [N] (0 = never select) or null
   int64_t E, k, rows_per_split;
   float* part_scores;  // [B, S, k]
   int64_t* part_rows;

@@ -15,7 +15,7 @@
 // candidates (k; more for the int8 search) in float64 against the keys and re-sorts them, keeps
 // the k best, then computes the softmax and the weighted sum of values
 // in float64 (as the CPU kernel does) and writes float32 results. Argument errors that depend on
-// the data (an exclude row out of range, k above N minus a query's excluded rows) cannot raise
+// the data (an exclude row out of range, k above a query's allowed, not excluded rows) cannot raise
 // without a host synchronisation: that query gets index -1 and NaN scores, weights and output.
 #include <algorithm>
 #include <cmath>
@@ -67,7 +67,8 @@ template <typename TK>
 __global__ void __launch_bounds__(kThreads, 2)
     search_kernel(const float* __restrict__ query, int64_t B, int64_t d,
                   const TK* __restrict__ keys, int64_t N, int64_t key_stride,
-                  const int64_t* __restrict__ exclude, int64_t E, int64_t k, int P, int QB,
+                  const int64_t* __restrict__ exclude, const uint8_t* __restrict__ allow,
+                  int64_t E, int64_t k, int P, int QB,
                   int64_t rows_per_split, float* __restrict__ part_scores,
                   int64_t* __restrict__ part_rows, int S, bool vec) {
   RECO_DYNAMIC_SHARED(smem);
@@ -143,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (lane == q) mine = acc[q];
       }
       if (lane < nq && ranks_before(mine, r, thr_s[lane], thr_r[lane]) &&
-          (exclude == nullptr || !excluded(exclude + (q0 + lane) * E, E, r))) {
+          selectable(exclude == nullptr ? nullptr : exclude + (q0 + lane) * E, E, allow, r)) {
         const int pos = atomicAdd(&count[lane], 1);
         scs[size_t(lane) * 2 * P + P + pos] = mine;
         rows[size_t(lane) * 2 * P + P + pos] = r;
@@ -373,6 +374,7 @@ void launch(const Args& a) {
   const int64_t rows_per_split = (N + p.splits - 1) / p.splits;
   const int64_t E = a.exclude.present() ? a.exclude.shape[1] : 0;
   const int64_t* exclude = E > 0 ? a.exclude.ptr<int64_t>() : nullptr;
+  const uint8_t* allow = a.allow.present() ? a.allow.ptr<uint8_t>() : nullptr;
   float* ps = a.part_scores.ptr<float>();
   int64_t* pr = a.part_rows.ptr<int64_t>();
   if (a.codes.present()) {  // coarse int8 search; the merge re-ranks the candidates exactly
@@ -382,7 +384,7 @@ void launch(const Args& a) {
           "and 16-byte aligned rows");
     search_mma(
         {a.query_terms.data, 1, B, d, a.codes.data, N, a.codes.strides[0], true,
-         a.key_scales.ptr<float>(), exclude, E, a.candidates, rows_per_split, ps, pr, p.splits, st},
+         a.key_scales.ptr<float>(), exclude, allow, E, a.candidates, rows_per_split, ps, pr, p.splits, st},
         false);
     return merge<TK, TV>(a);
   }
@@ -390,7 +392,7 @@ void launch(const Args& a) {
     if (use_mma(a)) {
       search_mma(
           {a.query_terms.data, int(a.query_terms.shape[0]), B, d, a.keys.data, N, a.keys.strides[0],
-           false, nullptr, exclude, E, a.candidates, rows_per_split, ps, pr, p.splits, st},
+           false, nullptr, exclude, allow, E, a.candidates, rows_per_split, ps, pr, p.splits, st},
           std::is_same_v<TK, __nv_bfloat16>);
       return merge<TK, TV>(a);
     }
@@ -401,7 +403,7 @@ void launch(const Args& a) {
   const bool vec = aligned(a.keys.data) && a.keys.strides[0] % V == 0 && d % V == 0;
   allow_dynamic_smem(search_kernel<TK>);
   ptx::launch(search_kernel<TK>, dim3(unsigned(qblocks), unsigned(p.splits)), kThreads, s1, st,
-              a.query.ptr<float>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0], exclude, E,
+              a.query.ptr<float>(), B, d, a.keys.ptr<TK>(), N, a.keys.strides[0], exclude, allow, E,
               a.candidates, p.pow2, p.queries, rows_per_split, ps, pr, p.splits, vec);
   check(cudaGetLastError(), "search kernel launch");
   merge<TK, TV>(a);

@@ -40,6 +40,7 @@ struct Args {
                            // output and weights absent too)
   TensorView attn_query;   // [B, H, dv] float32 contiguous, or absent
   TensorView exclude;      // [B, E] int64 contiguous, or absent
+  TensorView allow;        // [N] uint8 (bool) contiguous: 0 = never select; or absent
   TensorView output;       // [B, H, dv] float32
   TensorView weights;      // [B, H, k] float32
   TensorView indices;      // [B, k] int64

@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     search_mma_kernel(const uint16_t* __restrict__ query, int64_t B, int64_t d,
                       const uint16_t* __restrict__ keys, int64_t N, int64_t key_stride,
                       const float* __restrict__ key_scales, const int64_t* __restrict__ exclude,
-                      int64_t E, int64_t k, int64_t rows_per_split, float* __restrict__ part_scores,
+                      const uint8_t* __restrict__ allow, int64_t E, int64_t k, int64_t rows_per_split, float* __restrict__ part_scores,
                       int64_t* __restrict__ part_rows, int S) {
   using T = uint16_t;
   using Acc = typename Op::Acc;
@@ -216,7 +216,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int off = int(tile0) + c_row(wn, nt, lane, i);
           const float sc = Op::score(acc[mt][nt][i], scale[i & 1]);
           if (q < nq && n0 + off < n1 && ranks_before(sc, off, thr_s[q], thr_r[q]) &&
-              (exclude == nullptr || !excluded(exclude + (q0 + q) * E, E, n0 + off))) {
+              selectable(exclude == nullptr ? nullptr : exclude + (q0 + q) * E, E, allow,
+                         n0 + off)) {
             const int pos = atomicAdd(&count[q], 1);
             cs[q * kEntries + kList + pos] = sc;
             cr[q * kEntries + kList + pos] = off;
@@ -252,7 +253,7 @@ void launch_stages(const SearchArgs& a) {
   ptx::launch(search_mma_kernel<Op, kTerms, kStages>, dim3(unsigned(qblocks), unsigned(a.S)),
               kThreads, smem, a.stream, static_cast<const uint16_t*>(a.query), a.B, a.d / unit,
               static_cast<const uint16_t*>(a.keys), a.N, a.key_stride / unit, a.key_scales,
-              a.exclude, a.E, a.k, a.rows_per_split, a.part_scores, a.part_rows, a.S);
+              a.exclude, a.allow, a.E, a.k, a.rows_per_split, a.part_scores, a.part_rows, a.S);
   check(cudaGetLastError(), "tensor-core search kernel launch");
 }
 

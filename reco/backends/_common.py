@@ -37,6 +37,11 @@ def empty_search_outputs(query, keys, k) -> tuple[Tensor, Tensor]:
     return query.new_empty((B, k), dtype=torch.int64), query.new_empty((B, k), dtype=ct)
 
 
+def allow_bytes(allow: Tensor | None) -> Tensor | None:
+    """The allow mask at the kernel boundary: contiguous bytes (1 = may be selected), or None."""
+    return None if allow is None else allow.detach().contiguous().view(torch.uint8)
+
+
 def unit_inner_stride(t: Tensor) -> Tensor:
     # The kernels accept any row stride (even 0, for expanded memories) but need unit inner stride.
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
@@ -57,25 +62,26 @@ def owned(r: RetrieveAttend) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return r.output.clone(), r.weights.clone(), r.indices.clone(), r.scores.clone()
 
 
-def reference_retrieve_attend(query, keys, values, k, attn_query, temperature, exclude):
+def reference_retrieve_attend(query, keys, values, k, attn_query, temperature, exclude, allow):
     warn_reference(query.device.type)
     r = reference.fused_retrieve_attend(
-        query, keys, values, k, attn_query=attn_query, temperature=temperature, exclude=exclude
-    )
-    return owned(r)
-
-
-def reference_int8(query, codes, scales, keys, values, k, candidates, attn_query, temperature,
-                   exclude):  # fmt: skip
-    r = reference.retrieve_attend_int8(
-        query, codes, scales, keys, values, k, candidates,
-        attn_query=attn_query, temperature=temperature, exclude=exclude,
+        query, keys, values, k, attn_query=attn_query, temperature=temperature, exclude=exclude,
+        allow=allow,
     )  # fmt: skip
     return owned(r)
 
 
-def reference_search(query, keys, k, exclude) -> tuple[Tensor, Tensor]:
+def reference_int8(query, codes, scales, keys, values, k, candidates, attn_query, temperature,
+                   exclude, allow):  # fmt: skip
+    r = reference.retrieve_attend_int8(
+        query, codes, scales, keys, values, k, candidates,
+        attn_query=attn_query, temperature=temperature, exclude=exclude, allow=allow,
+    )  # fmt: skip
+    return owned(r)
+
+
+def reference_search(query, keys, k, exclude, allow) -> tuple[Tensor, Tensor]:
     warn_reference(query.device.type)
     with torch.no_grad():
-        indices, scores = reference.search(query.detach(), keys.detach(), k, exclude)
+        indices, scores = reference.search(query.detach(), keys.detach(), k, exclude, allow=allow)
     return indices.clone(), scores.clone()

@@ -8,12 +8,14 @@ import torch
 
 from .. import reference
 from . import emulated
-from ._common import empty_outputs, empty_search_outputs, owned, unit_inner_stride
+from ._common import allow_bytes, empty_outputs, empty_search_outputs, owned, unit_inner_stride
 from ._compiled import _C
 
 
-def _fused_retrieve_attend(query, keys, values, k, attn_query, temperature, exclude):
-    out = emulated.fused_retrieve_attend(query, keys, values, k, attn_query, temperature, exclude)
+def _fused_retrieve_attend(query, keys, values, k, attn_query, temperature, exclude, allow):
+    out = emulated.fused_retrieve_attend(
+        query, keys, values, k, attn_query, temperature, exclude, allow
+    )
     if out is not None:
         return out
     outputs = empty_outputs(query, keys, values, k, attn_query)
@@ -26,6 +28,7 @@ def _fused_retrieve_attend(query, keys, values, k, attn_query, temperature, excl
         unit_inner_stride(values.detach()),
         None if attn_query is None else attn_query.detach().to(ct).contiguous(),
         None if exclude is None else exclude.contiguous(),
+        allow_bytes(allow),
         k,
         float(temperature),
         *outputs,
@@ -34,8 +37,8 @@ def _fused_retrieve_attend(query, keys, values, k, attn_query, temperature, excl
     return outputs
 
 
-def _search(query, keys, k, exclude):
-    out = emulated.search(query, keys, k, exclude)
+def _search(query, keys, k, exclude, allow):
+    out = emulated.search(query, keys, k, exclude, allow)
     if out is not None:
         return out
     indices, scores = empty_search_outputs(query, keys, k)
@@ -47,6 +50,7 @@ def _search(query, keys, k, exclude):
         None,
         None,
         None if exclude is None else exclude.contiguous(),
+        allow_bytes(allow),
         k,
         1.0,
         None,
@@ -59,9 +63,10 @@ def _search(query, keys, k, exclude):
 
 
 def _fused_retrieve_attend_int8(
-    query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
+    query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude, allow
 ):  # fmt: skip
-    args = (query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude)
+    args = (query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude,
+            allow)  # fmt: skip
     out = emulated.fused_retrieve_attend_int8(*args)
     if out is not None:
         return out
@@ -75,12 +80,15 @@ def _fused_retrieve_attend_int8(
         unit_inner_stride(codes.detach()),
         scales.detach().contiguous(),
         None if exclude is None else exclude.contiguous(),
+        allow_bytes(allow),
         candidates,
         rows,
         coarse,
         torch.get_num_threads(),
     )
-    r = reference.rerank_attend(query, keys, values, rows, rows < 0, k, attn_query, temperature)
+    r = reference.rerank_attend(
+        query, keys, values, rows, rows < 0, k, attn_query, temperature, exclude, allow
+    )
     return owned(r)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
+    allow_bytes,
     empty_outputs,
     empty_search_outputs,
     out_dtype,
@@ -79,8 +80,8 @@ def plan(mod, query: Tensor, rows: int, k: int, terms: int):
 
 
 def launch(
-    mod, q, terms, codes, scales, keys, values, attn_query, exclude, k, candidates, temperature,
-    outputs, plan,
+    mod, q, terms, codes, scales, keys, values, attn_query, exclude, allow, k, candidates,
+    temperature, outputs, plan,
 ) -> None:  # fmt: skip
     """mod.retrieve_attend_cuda (reco._C, or reco._C_emu on CPU tensors) on the current stream,
     writing `outputs` (output, weights, indices, scores; output and weights None without values):
@@ -102,6 +103,7 @@ def launch(
         None if values is None else unit_inner_stride(values.detach()),
         None if attn_query is None else attn_query.detach().float().contiguous(),
         None if exclude is None else exclude.contiguous(),
+        allow_bytes(allow),
         k,
         candidates,
         float(temperature),
@@ -136,7 +138,7 @@ def _search_inputs(mod, query: Tensor, keys: Tensor, k: int):
     return p, q, terms
 
 
-def retrieve_attend(mod, query, keys, values, k, attn_query, temperature, exclude):
+def retrieve_attend(mod, query, keys, values, k, attn_query, temperature, exclude, allow):
     """fused_retrieve_attend through mod (reco._C on CUDA tensors, reco._C_emu on CPU ones), or
     None where its kernels cannot take the call (the caller falls back)."""
     if out_dtype(query, keys, values, attn_query) != torch.float32:
@@ -149,12 +151,12 @@ def retrieve_attend(mod, query, keys, values, k, attn_query, temperature, exclud
         if found is None:
             return None
         p, q, terms = found
-        launch(mod, q, terms, None, None, keys, values, attn_query, exclude, k, k, temperature,
-               outputs, p)  # fmt: skip
+        launch(mod, q, terms, None, None, keys, values, attn_query, exclude, allow, k, k,
+               temperature, outputs, p)  # fmt: skip
     return outputs
 
 
-def search(mod, query, keys, k, exclude):
+def search(mod, query, keys, k, exclude, allow):
     """search through mod (see retrieve_attend): the same kernels without values or attention."""
     if out_dtype(query, keys) != torch.float32:
         return None
@@ -166,13 +168,13 @@ def search(mod, query, keys, k, exclude):
         if found is None:
             return None
         p, q, terms = found
-        launch(mod, q, terms, None, None, keys, None, None, exclude, k, k, 1.0,
+        launch(mod, q, terms, None, None, keys, None, None, exclude, allow, k, k, 1.0,
                (None, None, indices, scores), p)  # fmt: skip
     return indices, scores
 
 
 def retrieve_attend_int8(
-    mod, query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
+    mod, query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude, allow
 ):  # fmt: skip
     """fused_retrieve_attend_int8 through mod (see retrieve_attend), or None where its kernels
     cannot take the call."""
@@ -195,28 +197,29 @@ def retrieve_attend_int8(
         q = query.detach().float().contiguous()
         codes, scales = codes.detach(), scales.detach().contiguous()
         q_codes = reference.quantize_rows(q)[0][None]
-        launch(mod, q, q_codes, codes, scales, keys, values, attn_query, exclude, k, candidates,
-               temperature, outputs, p)  # fmt: skip
+        launch(mod, q, q_codes, codes, scales, keys, values, attn_query, exclude, allow, k,
+               candidates, temperature, outputs, p)  # fmt: skip
     return outputs
 
 
-def _fused_retrieve_attend(query, keys, values, k, attn_query, temperature, exclude):
-    args = (query, keys, values, k, attn_query, temperature, exclude)
+def _fused_retrieve_attend(query, keys, values, k, attn_query, temperature, exclude, allow):
+    args = (query, keys, values, k, attn_query, temperature, exclude, allow)
     out = retrieve_attend(_C, *args) if cuda_kernel_enabled() else None
     return reference_retrieve_attend(*args) if out is None else out
 
 
 def _fused_retrieve_attend_int8(
-    query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude
+    query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude, allow
 ):  # fmt: skip
-    args = (query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude)
+    args = (query, codes, scales, keys, values, k, candidates, attn_query, temperature, exclude,
+            allow)  # fmt: skip
     out = retrieve_attend_int8(_C, *args) if cuda_kernel_enabled() else None
     return reference_int8(*args) if out is None else out
 
 
-def _search(query, keys, k, exclude):
-    out = search(_C, query, keys, k, exclude) if cuda_kernel_enabled() else None
-    return reference_search(query, keys, k, exclude) if out is None else out
+def _search(query, keys, k, exclude, allow):
+    out = search(_C, query, keys, k, exclude, allow) if cuda_kernel_enabled() else None
+    return reference_search(query, keys, k, exclude, allow) if out is None else out
 
 
 KERNELS: dict = {}

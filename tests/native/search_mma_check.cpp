@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> part_rows(size_t(B * S * k), -7);
   reco::cuda::SearchArgs a{query.data(), terms,   B,       d,         keys.data(),       N,
                            d,            s8,      s8 ? scales.data() : nullptr, exclude.data(),
-                           E,            k,       rows_per_split,     part_scores.data(),
+                           nullptr,      E,            k,       rows_per_split,     part_scores.data(),
                            part_rows.data(),      int(S),  nullptr};
   try {
     reco::cuda::search_mma(a, bf16);

@@ -11,7 +11,7 @@
 
 namespace reco {
 
-enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3, i64 = 4, i8 = 5 };
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3, i64 = 4, i8 = 5, u8 = 6 };
 
 inline const char* dtype_name(DType t) {
   switch (t) {
@@ -21,13 +21,15 @@ inline const char* dtype_name(DType t) {
     case DType::f64: return "float64";
     case DType::i64: return "int64";
     case DType::i8: return "int8";
+    case DType::u8: return "uint8";
   }
   return "?";
 }
 
 inline int dtype_size(DType t) {
   switch (t) {
-    case DType::i8: return 1;
+    case DType::i8:
+    case DType::u8: return 1;
     case DType::f16:
     case DType::bf16: return 2;
     case DType::f32: return 4;
