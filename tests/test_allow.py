@@ -85,6 +85,28 @@ def test_search_is_exact_at_every_level(cpu_level, frac, dtype, B, d):
     assert bool(allow[got.indices].all())
 
 
+@pytest.mark.parametrize("path", ["0", "1"])  # every row scanned, mask tested / rows gathered
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("B, d", [(3, 32), (13, 24)])
+def test_both_kernel_paths_are_exact(cpu_level, monkeypatch, path, dtype, B, d):
+    monkeypatch.setenv("RECO_GATHER_BELOW", path)
+    N, k, E = 40_000, 16, 5
+    q, keys = integer_data(B, N, d, seed=B * d, dtype=dtype)
+    allow = mask(N, 0.4, k, seed=12)
+    ex = excluded(B, N, allow, E, seed=13)
+    want_i, want_s = oracle(q, keys, k, allow, ex)
+    got = reco.search(q, keys, k, allow=allow, exclude=ex)
+    assert torch.equal(got.indices, want_i)
+    torch.testing.assert_close(got.scores.double(), want_s, rtol=0, atol=0)
+
+
+def test_a_bad_gather_fraction_is_refused(monkeypatch):
+    monkeypatch.setenv("RECO_GATHER_BELOW", "half")
+    q, keys = torch.randn(2, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match=r"RECO_GATHER_BELOW=half must be a fraction in \[0, 1\]"):
+        reco.search(q, keys, 3, allow=torch.arange(10) % 2 == 0)
+
+
 @pytest.mark.parametrize("frac", [0.6, 0.05, 0.002])
 def test_allow_combines_with_exclude(cpu_level, frac):
     B, N, d, k, E = 6, 20_000, 16, 8, 12

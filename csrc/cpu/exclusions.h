@@ -3,6 +3,8 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -55,11 +57,28 @@ struct Allowed {
 };
 
 // Below this fraction of allowed rows the searches visit a gathered list of the allowed rows
-// (copied block by block, as the compute-bound path copies every block); above it they scan
-// every row and test the mask where a score would enter a heap (benchmarks/bench_filter.py).
-constexpr double kGatherBelow = 0.5;
+// (read in place through the list, or copied block by block as the compute-bound path copies
+// every block); above it they scan every row and test the mask where a score would enter a heap.
+// Measured crossovers (benchmarks/bench_filter.py --crossover): near 35% for a few queries
+// (memory-bound: gathered rows are fetched out of order), above 90% for many (compute-bound).
+// RECO_GATHER_BELOW (a fraction in [0, 1]) overrides both, for benchmarks of the crossover.
+constexpr double kGatherBelowFewQueries = 0.3;
+constexpr double kGatherBelowManyQueries = 0.8;
 
-inline Allowed make_allowed(const TensorView& allow, int64_t N) {
+inline double gather_below(bool few_queries) {
+  const char* env = std::getenv("RECO_GATHER_BELOW");
+  if (env == nullptr || *env == '\0')
+    return few_queries ? kGatherBelowFewQueries : kGatherBelowManyQueries;
+  char* end = nullptr;
+  const double v = std::strtod(env, &end);
+  if (end == env || *end != '\0' || !(v >= 0.0 && v <= 1.0))
+    throw std::invalid_argument(std::string("RECO_GATHER_BELOW=") + env +
+                                " must be a fraction in [0, 1] (or unset)");
+  return v;
+}
+
+// few_queries: the batch is scored in the memory-bound regime (rows read in place).
+inline Allowed make_allowed(const TensorView& allow, int64_t N, bool few_queries) {
   Allowed a;
   a.count = N;
   if (!allow.present()) return a;
@@ -69,7 +88,7 @@ inline Allowed make_allowed(const TensorView& allow, int64_t N) {
   a.count = count;
   if (count == N) return a;
   a.mask = m;
-  if (static_cast<double>(count) < kGatherBelow * static_cast<double>(N)) {
+  if (static_cast<double>(count) < gather_below(few_queries) * static_cast<double>(N)) {
     a.gathered = true;
     a.rows.reserve(count);
     for (int64_t n = 0; n < N; ++n)

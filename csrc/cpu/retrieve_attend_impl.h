@@ -373,6 +373,9 @@ inline uint8_t row_exponent(const DotBlock& db, __m512i fold) {
 }
 #endif
 
+// How many rows ahead a gathered block read in place prefetches.
+constexpr int64_t kPrefetchRows = 4;
+
 // Fix: a vdpbf16ps pass's block where some (query, row) pair may not be dot_is_exact (db says
 // which), re-scored in float32; false everywhere else, the plain tile loop.
 template <int QR, int KR, bool Fix, typename QT, typename KT>
@@ -381,29 +384,37 @@ void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int6
                       HeapSet<float>& hs, int t, const Exclusions& ex,
                       [[maybe_unused]] const DotBlock* db) {
   // slot0: the tile's first query's heap slot; gid[qi]: its row in the batch. Block row r is key
-  // row row0 + r, or ids[r] in a gathered block.
+  // row row0 + r, or ids[r] in a gathered block. Blocks of KR = 1 are read in place: a gathered
+  // one is addressed through ids too (kp is then the keys' first row); KR = 4 blocks are copies.
   const auto key_row = [&](int64_t r) { return ids != nullptr ? ids[r] : row0 + r; };
+  const bool addressed = KR == 1 && ids != nullptr;
   TopKHeap<float> heaps[QR];
   for (int qi = 0; qi < QR; ++qi) heaps[qi] = hs.heap(t, slot0 + qi);
   float s[QR * KR];
   int64_t r = 0;
   for (; r + KR <= rows; r += KR) {
+    const KT* kr = kp + (addressed ? ids[r] : r) * ldk;  // the tile's first key row
+    if (addressed && slot0 == 0 && r + kPrefetchRows < rows) {
+      // Gathered rows do not follow one another: fetch a later one ahead of its use.
+      const char* next = reinterpret_cast<const char*>(kp + ids[r + kPrefetchRows] * ldk);
+      for (int64_t c = 0; c < dpad * int64_t(sizeof(KT)); c += 64) __builtin_prefetch(next + c);
+    }
 #if defined(RECO_BF16_DOT)
     if constexpr (Fix && KR == 1) {
       if (db->in_place && slot0 == 0)  // the first tile of queries measures the rows it streams
-        db->ek[r] = row_exponent(*db, score_tile_folding<QR>(q, dpad, kp + r * ldk, dpad, s));
+        db->ek[r] = row_exponent(*db, score_tile_folding<QR>(q, dpad, kr, dpad, s));
       else
-        score_tile<QR, KR>(q, dpad, kp + r * ldk, ldk, dpad, s);
+        score_tile<QR, KR>(q, dpad, kr, ldk, dpad, s);
     } else {
-      score_tile<QR, KR>(q, dpad, kp + r * ldk, ldk, dpad, s);
+      score_tile<QR, KR>(q, dpad, kr, ldk, dpad, s);
     }
     if constexpr (Fix) {
       bool inexact = false;
       for (int j = 0; j < KR; ++j) inexact |= !dot_is_exact(db->pass->eq_min, db->ek[r + j]);
-      if (inexact) rescore_inexact<QR, KR>(*db, slot0, kp, ldk, r, db->ek + r, s);
+      if (inexact) rescore_inexact<QR, KR>(*db, slot0, kr, ldk, 0, db->ek + r, s);
     }
 #else
-    score_tile<QR, KR>(q, dpad, kp + r * ldk, ldk, dpad, s);
+    score_tile<QR, KR>(q, dpad, kr, ldk, dpad, s);
 #endif
     for (int qi = 0; qi < QR; ++qi)
       for (int j = 0; j < KR; ++j) offer(heaps[qi], ex, gid[qi], s[qi * KR + j], key_row(r + j));
@@ -470,16 +481,18 @@ void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, 
   // sequential stream that runs at memory bandwidth (16-bit keys widened in registers); each
   // tile holds one key row. Many queries (compute-bound): 4 x 4 tiles reuse each load 4 times,
   // but read 4 rows at once, which the hardware prefetcher serves badly, so each block is first
-  // copied (widened) sequentially into an L2-resident scratch. Gathered rows are always copied.
-  const bool direct = d == dpad && nq <= kStreamMaxQueries && ids == nullptr;
+  // copied (widened) sequentially into an L2-resident scratch. Gathered rows (ids) are read in
+  // place through ids, or copied from there.
+  const bool direct = d == dpad && nq <= kStreamMaxQueries;
   const int64_t block = block_rows(dpad);
   std::vector<float> scratch(direct ? 0 : block * dpad);
   for (int64_t r0 = n0; r0 < n1; r0 += block) {
     const int64_t rows = std::min(block, n1 - r0);
+    const int64_t* bid = ids != nullptr ? ids + r0 : nullptr;
     if (direct) {
-      score_block<1>(qpad, dpad, gid, nq, keys + r0 * ldk, ldk, rows, r0, nullptr, hs, t, ex);
+      score_block<1>(qpad, dpad, gid, nq, bid != nullptr ? keys : keys + r0 * ldk, ldk, rows, r0,
+                     bid, hs, t, ex);
     } else {
-      const int64_t* bid = ids != nullptr ? ids + r0 : nullptr;
       widen_rows(bid != nullptr ? keys : keys + r0 * ldk, ldk, bid, rows, d, scratch.data(), dpad);
       score_block<4>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, bid, hs, t, ex);
     }
@@ -497,7 +510,7 @@ void search_range_dot(const RetrieveAttendArgs& a, const bf16_t* qpad, int64_t d
   const int64_t d = a.keys.shape[1];
   const int64_t ldk = a.keys.strides[0];
   const KT* keys = a.keys.ptr<const KT>();
-  const bool direct = d == dpad && nq <= kStreamMaxQueries && ids == nullptr;
+  const bool direct = d == dpad && nq <= kStreamMaxQueries;
   const int64_t block = block_rows(dpad);
   std::vector<bf16_t> scratch(direct ? 0 : block * dpad);
   std::vector<uint8_t> ek(block);
@@ -507,12 +520,12 @@ void search_range_dot(const RetrieveAttendArgs& a, const bf16_t* qpad, int64_t d
   const DotBlock db{&dot, ek.data(), krow.data(), d, direct, suspect_below};
   for (int64_t r0 = n0; r0 < n1; r0 += block) {
     const int64_t rows = std::min(block, n1 - r0);
+    const int64_t* bid = ids != nullptr ? ids + r0 : nullptr;
     if (direct) {
-      score_block<1, true>(qpad, dpad, gid, nq, keys + r0 * ldk, ldk, rows, r0, nullptr, hs, t,
-                           ex, &db);
+      score_block<1, true>(qpad, dpad, gid, nq, bid != nullptr ? keys : keys + r0 * ldk, ldk, rows,
+                           r0, bid, hs, t, ex, &db);
       continue;
     }
-    const int64_t* bid = ids != nullptr ? ids + r0 : nullptr;
     const int least = copy_rows_measured(bid != nullptr ? keys : keys + r0 * ldk, ldk, bid, rows, d,
                                          scratch.data(), dpad);
     if (dot_is_exact(dot.eq_min, least)) {
@@ -797,7 +810,8 @@ void with_dtype(DType t, F&& f) {
 template <typename Acc>
 void run(const RetrieveAttendArgs& a) {
   Exclusions ex = make_exclusions(a.exclude, a.query.shape[0]);
-  const Allowed al = make_allowed(a.allow, a.keys.shape[0]);
+  const Allowed al =
+      make_allowed(a.allow, a.keys.shape[0], a.query.shape[0] <= kStreamMaxQueries);
   if (al.count < a.k) {  // every query is short: say so before any search
     throw std::invalid_argument(short_query_message(a.k, 0, ex, al, a.keys.shape[0]));
   }
