@@ -10,6 +10,11 @@
 
 Every backend returns the same types. A memory of several shards is searched shard by shard (each
 memory-mapped shard streams from disk) and the per-shard top-k lists are merged exactly.
+
+Filters: `allow` [N] bool masks (rows with False are never returned) and, for an index over a
+memory, SQL `where` clauses over its metadata (reco.memory.where), combined with the memory's
+deletions (Memory.live). Results carry each row's stable id (Memory.ids; the row itself for
+plain tensors).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from . import reference
 from .memory import EmbeddingTable, Memory
 from .ops import (
     RetrieveAttend,
+    check_allow,
     fused_retrieve_attend,
     fused_retrieve_attend_int8,
     quantize_keys,
@@ -34,10 +40,12 @@ BACKENDS = ("fused", "torch", "faiss", "int8")
 
 
 class SearchResult(NamedTuple):
-    """indices [B, k] int64 (rows of the memory, best first); scores [B, k] float32."""
+    """indices [B, k] int64 (rows of the memory, best first); scores [B, k] float32; ids [B, k]
+    int64, the rows' stable ids (Memory.ids; the rows themselves for an index over tensors)."""
 
     indices: Tensor
     scores: Tensor
+    ids: Tensor | None = None
 
 
 def _as_table(x: Tensor | EmbeddingTable, name: str) -> EmbeddingTable:
@@ -98,6 +106,10 @@ class Index:
     or "efSearch=128" (HNSW); the defaults of faiss favour speed over recall.
     int8_candidates: rows re-ranked exactly per query and shard by the int8 backend (default
     max(4k, k + 16)).
+    allow: [N] bool, rows any search may return (False: never), combined with each search's own.
+    ids: [N] int64 stable ids reported with the results (default: the rows).
+    An index made by from_memory also skips the memory's deleted rows, accepts where= clauses and
+    holds the memory's version until refresh().
     """
 
     def __init__(
@@ -111,6 +123,8 @@ class Index:
         faiss_train_rows: int = 100_000,
         int8_candidates: int | None = None,
         device: str | torch.device | None = None,
+        allow: Tensor | None = None,
+        ids: Tensor | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -123,6 +137,20 @@ class Index:
         if device is not None:
             self.keys = self.keys.to(device)
             self.values = self.keys if values is None else self.values.to(device)
+        if isinstance(allow, Tensor):
+            allow = allow.to(self.keys.device)
+        check_allow(allow, self.rows, torch.empty(0, device=self.keys.device))
+        if ids is not None and (
+            not isinstance(ids, Tensor) or ids.dtype != torch.int64 or ids.shape != (self.rows,)
+        ):
+            raise ValueError(f"ids must be an int64 tensor [N] = [{self.rows}]")
+        self.allow = None if allow is None or bool(allow.all()) else allow
+        self.ids = ids
+        self.memory: Memory | None = None
+        self._options = dict(
+            backend=backend, faiss_factory=faiss_factory, faiss_params=faiss_params,
+            faiss_train_rows=faiss_train_rows, int8_candidates=int8_candidates, device=device,
+        )  # fmt: skip
         self.backend = backend
         self._faiss = None
         if backend == "faiss":
@@ -141,8 +169,31 @@ class Index:
     def from_memory(
         cls, memory: Memory, key_modality: str = "image", value_modality: str = "text", **kwargs
     ) -> Index:
-        """Searches memory.keys(key_modality) and retrieves memory.values(value_modality)."""
-        return cls(memory.keys(key_modality), memory.values(value_modality), **kwargs)
+        """Searches memory.keys(key_modality) and retrieves memory.values(value_modality) of the
+        memory's version held now, skipping its deleted rows; results carry memory.ids."""
+        if "allow" in kwargs or "ids" in kwargs:
+            raise TypeError(
+                "from_memory takes allow and ids from the memory (pass allow= to search)"
+            )
+        index = cls(
+            memory.keys(key_modality),
+            memory.values(value_modality),
+            allow=memory.live,
+            ids=memory.ids,
+            **kwargs,
+        )
+        index.memory = memory
+        index._modalities = (key_modality, value_modality)
+        return index
+
+    def refresh(self) -> bool:
+        """An index over a memory moves to its latest committed version (Memory.refresh) and
+        rebuilds itself; returns whether the version changed. A no-op False for tensors."""
+        if self.memory is None or not self.memory.refresh():
+            return False
+        fresh = Index.from_memory(self.memory, *self._modalities, **self._options)
+        self.__dict__.update(fresh.__dict__)
+        return True
 
     @property
     def rows(self) -> int:
@@ -181,14 +232,39 @@ class Index:
                 raise ValueError(f"faiss_params={params!r} do not apply to {factory!r}") from e
         return index
 
-    def _search_faiss(self, query: Tensor, k: int, exclude: Tensor | None) -> SearchResult:
+    def _faiss_params(self, allow: Tensor):
+        """faiss search parameters restricting the search to the allowed rows (IDSelectorBitmap),
+        of the index's kind so that its own settings (nprobe, efSearch) still apply."""
+        import faiss
+
+        bitmap = np.packbits(allow.cpu().numpy(), bitorder="little")
+        sel = faiss.IDSelectorBitmap(self.rows, faiss.swig_ptr(bitmap))
+        ivf = faiss.try_extract_index_ivf(self._faiss)
+        if ivf is not None:
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
+        elif hasattr(self._faiss, "hnsw"):
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=self._faiss.hnsw.efSearch)
+        else:
+            params = faiss.SearchParameters(sel=sel)
+        return params, (bitmap, sel)  # faiss keeps raw pointers: the caller holds both
+
+    def _search_faiss(
+        self, query: Tensor, k: int, exclude: Tensor | None, allow: Tensor | None = None
+    ) -> SearchResult:
         extra = 0 if exclude is None else exclude.shape[1]
         fetch = min(self.rows, k + extra)
-        _, found = self._faiss.search(np.ascontiguousarray(query.float().cpu().numpy()), fetch)
+        x = np.ascontiguousarray(query.float().cpu().numpy())
+        if allow is None:
+            _, found = self._faiss.search(x, fetch)
+        else:
+            params, _keep = self._faiss_params(allow)
+            _, found = self._faiss.search(x, fetch, params=params)
         found = torch.from_numpy(found).to(query.device)
         valid = found >= 0
         if exclude is not None:
             valid &= ~(found.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
+        if allow is not None:
+            valid &= allow[found.clamp(min=0)]
         if bool((valid.sum(1) < k).any()):
             raise ValueError(
                 f"the faiss index returned fewer than k={k} selectable rows for some query "
@@ -220,17 +296,63 @@ class Index:
             raise ValueError("exclude must be an int64 tensor [B, E] (-1 = padding)")
         check_exclude_rows(exclude, self.rows)
 
-    def search(self, query: Tensor, k: int, *, exclude: Tensor | None = None) -> SearchResult:
-        """The k keys of largest inner product with each query [B, d], best first."""
+    def allowed(self, allow: Tensor | None = None, where: str | None = None) -> Tensor | None:
+        """The rows a search may return: this index's allow (a memory's live rows), and allow
+        [N] bool, and the rows satisfying the SQL clause `where` over the memory's metadata
+        (reco.memory.where); None when every row is allowed."""
+        if allow is not None:
+            check_allow(allow, self.rows, allow if isinstance(allow, Tensor) else torch.empty(0))
+        parts = [m for m in (self.allow, allow) if m is not None]
+        if where is not None:
+            if self.memory is None:
+                raise ValueError("where= needs an index over a memory (Index.from_memory)")
+            from .memory.where import where_mask
+
+            parts.append(where_mask(self.memory, where))
+        if not parts:
+            return None
+        mask = parts[0].to(self.keys.device)
+        for m in parts[1:]:
+            mask = mask & m.to(self.keys.device)
+        return mask
+
+    def _with_ids(self, indices: Tensor, scores: Tensor) -> SearchResult:
+        ids = indices if self.ids is None else self.ids.to(indices.device)[indices]
+        return SearchResult(indices, scores, ids)
+
+    def _check_selectable(self, k: int, exclude: Tensor | None, allow: Tensor | None) -> None:
+        """ValueError naming k and the count where a query has fewer selectable rows than k
+        (every backend, before any search: CUDA kernels cannot raise, shards see parts)."""
+        if allow is None and (exclude is None or k <= self.rows - exclude.shape[1]):
+            return
+        counts = reference.selectable_rows(self.rows, exclude, allow)
+        if bool((counts < k).any()):
+            raise reference.short_k_error(k, self.rows, exclude, allow)
+
+    def search(
+        self,
+        query: Tensor,
+        k: int,
+        *,
+        exclude: Tensor | None = None,
+        allow: Tensor | None = None,
+        where: str | None = None,
+    ) -> SearchResult:
+        """The k keys of largest inner product with each query [B, d], best first, among the
+        allowed rows (see allowed) not in exclude [B, E]."""
         self._check_query(query, k, exclude)
+        mask = self.allowed(allow, where)
         query = query.to(self.keys.device)
         exclude = None if exclude is None else exclude.to(self.keys.device)
+        self._check_selectable(k, exclude, mask)
         if self.backend == "faiss":
-            return self._search_faiss(query, k, exclude)
+            r = self._search_faiss(query, k, exclude, mask)
+            return self._with_ids(r.indices, r.scores)
         if len(self.keys.shards) == 1:
-            idx, sc = self._search_shard(0, query, k, exclude)
-            return SearchResult(idx, sc.float())
-        return merge_candidates(*self._shard_candidates(query, k, exclude), k)
+            idx, sc = self._search_shard(0, query, k, exclude, mask)
+            return self._with_ids(idx, sc.float())
+        r = merge_candidates(*self._shard_candidates(query, k, exclude, mask), k)
+        return self._with_ids(r.indices, r.scores)
 
     def _fused(self, s: int, query: Tensor, values: Tensor, k: int, **kwargs) -> RetrieveAttend:
         """The fused op (exact, or int8 with exact re-rank) on shard s of the keys."""
@@ -244,44 +366,74 @@ class Index:
             )
         return fused_retrieve_attend(query, keys, values, k, **kwargs)
 
+    def _shard_allow(self, s: int, allow: Tensor | None) -> Tensor | None:
+        if allow is None:
+            return None
+        return allow[self.keys.offsets[s] : self.keys.offsets[s + 1]]
+
     def _search_shard(
-        self, s: int, query: Tensor, k: int, exclude: Tensor | None = None
+        self,
+        s: int,
+        query: Tensor,
+        k: int,
+        exclude: Tensor | None = None,
+        allow: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(indices, scores) of the top-k of shard s (shard-local rows)."""
+        """(indices, scores) of the top-k of shard s (shard-local rows; allow: the shard's)."""
         keys = self.keys.shards[s]
         if self.backend == "fused":
-            return tuple(_search_op(query, keys, k, exclude=exclude))
+            return tuple(_search_op(query, keys, k, exclude=exclude, allow=allow))
         if self.backend == "int8":
             # The int8 op has no values-free form yet: the rows' scales stand in as one column of
             # values (the cheapest tensor at hand); its attention output is not used.
-            r = self._fused(s, query, self._int8[s][1].unsqueeze(1), k, exclude=exclude)
+            r = self._fused(
+                s, query, self._int8[s][1].unsqueeze(1), k, exclude=exclude, allow=allow
+            )
             return r.indices, r.scores
-        return reference.search(query, keys, k, exclude)
+        return reference.search(query, keys, k, exclude, allow=allow)
 
     def _shard_candidates(
-        self, query: Tensor, k: int, exclude: Tensor | None
+        self, query: Tensor, k: int, exclude: Tensor | None, allow: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Every shard's top-(k + E) (E = exclude's width, so that k remain after excluding,
-        whatever rows a query excludes where), excluded rows turned into padding."""
+        whatever rows a query excludes where) among its allowed rows, excluded rows turned into
+        padding (NaN, PAD_ROW)."""
         extra = 0 if exclude is None else exclude.shape[1]
         rows_parts, score_parts = [], []
         for s, shard in enumerate(self.keys.shards):
-            ks = min(k + extra, shard.shape[0])
-            idx, sc = self._search_shard(s, query, ks)
+            part = self._shard_allow(s, allow)
+            have = shard.shape[0] if part is None else int(part.sum())
+            ks = min(k + extra, have)
+            if ks == 0:
+                continue
+            idx, sc = self._search_shard(s, query, ks, allow=part)
             rows_parts.append(idx + self.keys.offsets[s])
             score_parts.append(sc.float())
+        if not rows_parts:  # nothing allowed anywhere: padding only
+            B = query.shape[0]
+            return (
+                torch.full((B, 1), torch.nan, device=query.device),
+                torch.full((B, 1), PAD_ROW, dtype=torch.int64, device=query.device),
+            )
         rows, scores = torch.cat(rows_parts, 1), torch.cat(score_parts, 1)
         return mask_excluded(scores, rows, exclude)
 
     def search_candidates(
-        self, query: Tensor, k: int, *, exclude: Tensor | None = None
+        self,
+        query: Tensor,
+        k: int,
+        *,
+        exclude: Tensor | None = None,
+        allow: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(scores, rows) [B, M >= k]: a superset of every query's top-k not excluded, excluded
-        rows and padding as (NaN, PAD_ROW). For merging with other shards' candidates."""
+        """(scores, rows) [B, M >= 1]: a superset of every query's top-k allowed, not excluded
+        rows, excluded rows and padding as (NaN, PAD_ROW). For merging with other shards'
+        candidates (allow: [N] bool of this index's rows, combined with its own)."""
         self._check_query(query, min(k, self.rows), exclude)
+        mask = self.allowed(allow)
         query = query.to(self.keys.device)
         exclude = None if exclude is None else exclude.to(self.keys.device)
-        return self._shard_candidates(query, k, exclude)
+        return self._shard_candidates(query, k, exclude, mask)
 
     def retrieve_attend(
         self,
@@ -291,10 +443,16 @@ class Index:
         attn_query: Tensor | None = None,
         temperature: float = 1.0,
         exclude: Tensor | None = None,
+        allow: Tensor | None = None,
+        where: str | None = None,
     ) -> RetrieveAttend:
         """Search, then attention over the retrieved values (see reco.fused_retrieve_attend)."""
         single = len(self.keys.shards) == 1 and len(self.values.shards) == 1
         if self.backend in ("fused", "int8") and single:
+            mask = self.allowed(allow, where)
+            if mask is not None:
+                self._check_query(query, k, exclude)
+                self._check_selectable(k, None if exclude is None else exclude.cpu(), mask.cpu())
             return self._fused(
                 0,
                 query,
@@ -303,8 +461,9 @@ class Index:
                 attn_query=attn_query,
                 temperature=temperature,
                 exclude=exclude,
+                allow=mask,
             )
-        indices = self.search(query, k, exclude=exclude).indices
+        indices = self.search(query, k, exclude=exclude, allow=allow, where=where).indices
         return reference.attend(
             query.to(self.keys.device), self.keys, self.values, indices, attn_query, temperature
         )

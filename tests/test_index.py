@@ -73,7 +73,7 @@ def test_exclusions_concentrated_in_one_shard(tmp_path):
         )
         want, _ = reference.search(q.double(), keys.double(), 20, exclude)
         assert_topk_match(q, keys, got.indices, got.scores, want, 1e-5, exclude)
-    with pytest.raises(ValueError, match="k=51 exceeds the selectable rows of query 0"):
+    with pytest.raises(ValueError, match="k=51 exceeds the 50 selectable rows of query 0"):
         Index.from_memory(mem, "image", "image").search(q, 51, exclude=exclude)
 
 
