@@ -38,7 +38,7 @@ from torch import Tensor
 from . import reference
 from .index import PAD_ROW, Index, check_exclude_rows, mask_excluded, merge_candidates
 from .memory import EmbeddingTable, Memory, MemoryFormatError
-from .ops import RetrieveAttend
+from .ops import RetrieveAttend, check_allow
 
 if dist.is_available():
     # Imported before any group exists, so that its defaults hold none (see
@@ -136,8 +136,9 @@ class ShardedIndex:
     """Exact retrieval over a memory split across the ranks of a process group.
 
     memory: a memory folder (or an open Memory). Rank r keeps rows row_range(N, world, r) of the
-    key and value modalities, memory-mapped (or copied to `device`). Call every method on every
-    rank of the group, in the same order (they are collectives).
+    key and value modalities, memory-mapped (or copied to `device`), and skips the memory's
+    deleted rows. Call every method on every rank of the group, in the same order (they are
+    collectives).
     """
 
     def __init__(
@@ -171,7 +172,10 @@ class ShardedIndex:
             self.values = _rows_table(mem.values(value_modality), self.start, self.stop)
             if self.keys is not None and self.device.type != "cpu":
                 self.keys, self.values = self.keys.to(self.device), self.values.to(self.device)
-            self._index = None if self.keys is None else Index(self.keys, self.values)
+            live = mem.live[self.start : self.stop]
+            self._index = None
+            if self.keys is not None:
+                self._index = Index(self.keys, self.values, allow=live.to(self.keys.device))
             self._dtypes = (mem.keys(key_modality).dtype, mem.values(value_modality).dtype)
             self.dim, self.value_dim = mem.keys(key_modality).dim, mem.values(value_modality).dim
         except (MemoryFormatError, KeyError, OSError, ValueError) as e:
@@ -231,6 +235,7 @@ class ShardedIndex:
         attn_query: Tensor | None = None,
         temperature: float = 1.0,
         exclude: Tensor | None = None,
+        allow: Tensor | None = None,
         mode: Literal["each", "root"] = "each",
     ) -> RetrieveAttend | None:
         """The fused op's result for this rank's queries, over the whole memory.
@@ -238,6 +243,8 @@ class ShardedIndex:
         mode "each" (training): every rank brings its own batch (sizes may differ, even 0) and
         gets its own result. mode "root" (serving): rank 0 brings the batch, the other ranks pass
         None and get None. Gradients reach query and attn_query; the memory stays frozen.
+        allow: [N] bool over the whole memory, rows every query may select: the same on every
+        rank (each searches its slice of it).
         """
         if mode not in ("each", "root"):
             raise ValueError(f"mode must be 'each' or 'root', got {mode!r}")
@@ -252,6 +259,10 @@ class ShardedIndex:
                 check_exclude_rows(exclude, self.rows)
             except ValueError as e:
                 bad_exclude = e
+        try:  # every rank passes allow: a bad one is flagged like a bad exclude
+            check_allow(allow, self.rows, allow if isinstance(allow, Tensor) else torch.empty(0))
+        except (TypeError, ValueError) as e:
+            bad_exclude = e
         E = exclude.shape[1] if (local and exclude is not None and bad_exclude is None) else 0
         grad = int(local and query.requires_grad and torch.is_grad_enabled())
         # Sizes first (batches may differ by rank), with a flag for a bad exclude: every rank
@@ -266,8 +277,8 @@ class ShardedIndex:
             bad = [str(r) for r in range(self.world) if meta[r, 4]]
             who = f"rank {bad[0]}" if len(bad) == 1 else f"ranks {', '.join(bad)}"
             raise ShardedIndexError(
-                f"rank {self.rank}: the exclude of {who} holds rows outside the memory "
-                f"(N={self.rows}); its ValueError names them"
+                f"rank {self.rank}: the exclude or allow of {who} is invalid (N={self.rows}); "
+                "its error names the problem"
             )
         counts = meta[:, 0].tolist()
         heads = {h for h in meta[:, 1].tolist() if h} or {0}
@@ -286,13 +297,15 @@ class ShardedIndex:
                 ex_pad[:B, :E] = exclude.to(self.device)
         all_q = torch.cat(self._all_gather(q_pad))  # [world * B_max, d]
         all_ex = torch.cat(self._all_gather(ex_pad)) if E_max else None
-        cand = self._local_candidates(all_q, all_ex, k, send_keys)
+        part = None if allow is None else allow[self.start : self.stop].to(self.device)
+        cand = self._local_candidates(all_q, all_ex, k, send_keys, part)
         # Each rank receives every shard's candidates for its own queries only: [B_max, world*k].
         s, rows, vals, keys = (None if c is None else self._all_to_all(c) for c in cand)
         if not local:
             return None
         s, rows, vals = s[:B], rows[:B], vals[:B].float()
-        top_rows, top_s = merge_candidates(s, rows, k)
+        top = merge_candidates(s, rows, k)
+        top_rows, top_s = top.indices, top.scores
         pos = (rows.unsqueeze(1) == top_rows.unsqueeze(2)).float().argmax(2)  # [B, k]
         v_sel = vals.gather(1, pos.unsqueeze(-1).expand(-1, -1, vals.shape[2]))
         if send_keys:
@@ -301,7 +314,14 @@ class ShardedIndex:
             top_s = torch.einsum("bd,bkd->bk", query.to(self.device, torch.float32), k_sel)
         return reference.attend_rows(top_s, v_sel, top_rows, attn_query, temperature)
 
-    def _local_candidates(self, q: Tensor, exclude: Tensor | None, k: int, with_keys: bool):
+    def _local_candidates(
+        self,
+        q: Tensor,
+        exclude: Tensor | None,
+        k: int,
+        with_keys: bool,
+        allow: Tensor | None = None,
+    ):
         """This rank's candidates for every gathered query: its top-(k + E) rows (E = exclude's
         width, so that at least k survive wherever a query's excluded rows lie), excluded rows
         and missing ones as padding (NaN, PAD_ROW), with their values (and keys) in storage
@@ -311,7 +331,9 @@ class ShardedIndex:
         scores = torch.full((Bt, width), torch.nan, device=self.device)
         rows = torch.full((Bt, width), PAD_ROW, dtype=torch.int64, device=self.device)
         if self._index is not None:
-            sc, idx = self._index.search_candidates(q, min(width, self.stop - self.start))
+            sc, idx = self._index.search_candidates(
+                q, min(width, self.stop - self.start), allow=allow
+            )
             sc, idx = mask_excluded(sc, idx + self.start, exclude)
             m = min(width, idx.shape[1])
             top, top_s = reference.merge_topk(sc, idx, m)

@@ -59,14 +59,25 @@ def _equal(rank, world, args, result):
         elif case["exclude"]:
             g = torch.Generator().manual_seed(55 + rank + 10 * c)
             ex = torch.randint(-1, index.rows, (B, case["exclude"]), generator=g)
+        allow = None
+        if case.get("allow"):  # the same mask on every rank
+            g = torch.Generator().manual_seed(99 + c)
+            allow = torch.rand(index.rows, generator=g) < case["allow"]
         before = index.bytes_exchanged
         r = index.retrieve_attend(
-            q, case["k"], attn_query=aq, temperature=case["T"], exclude=ex, mode=case["mode"]
+            q,
+            case["k"],
+            attn_query=aq,
+            temperature=case["T"],
+            exclude=ex,
+            allow=allow,
+            mode=case["mode"],
         )
         result[c] = {
             "query": q,
             "attn_query": aq,
             "exclude": ex,
+            "allow": allow,
             "result": None if r is None else tuple(t.detach() for t in r),
             "bytes": index.bytes_exchanged - before,
         }

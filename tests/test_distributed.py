@@ -65,6 +65,9 @@ CASES = [
     {"mode": "each", "B": [2, 0, 6, 1], "k": 25, "heads": 2, "exclude": 5, "T": 0.1},
     {"mode": "root", "B": [8], "k": 1, "heads": 0, "exclude": 2, "T": 2.0},
     {"mode": "each", "B": [1, 1, 1, 1], "k": 300, "heads": 1, "exclude": 0, "T": 0.5},
+    # 5% of the rows allowed (about 26 a rank), with exclusions
+    {"mode": "each", "B": [2, 3, 1, 2], "k": 9, "heads": 1, "exclude": 3, "T": 1.0, "allow": 0.05},
+    {"mode": "root", "B": [4], "k": 40, "heads": 0, "exclude": 0, "T": 1.0, "allow": 0.3},
 ]
 
 
@@ -82,10 +85,12 @@ def test_sharded_equals_single_process(tmp_path, world):
                 assert got is None
                 continue
             q, aq, ex = res[c]["query"], res[c]["attn_query"], res[c]["exclude"]
+            allow = res[c]["allow"]
             assert torch.equal(q, query_batch(r, c, q.shape[0], 16))
             want = reco.fused_retrieve_attend(
-                q, keys, values, case["k"], attn_query=aq, temperature=case["T"], exclude=ex
-            )
+                q, keys, values, case["k"], attn_query=aq, temperature=case["T"], exclude=ex,
+                allow=allow,
+            )  # fmt: skip
             assert torch.equal(got[2], want.indices), (r, c)
             for a, b in zip(got[:2], want[:2]):  # output, weights
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
