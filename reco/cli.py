@@ -308,16 +308,23 @@ def _search(args: argparse.Namespace) -> int:
     else:
         q = enc.encode_texts([args.text])
     search_modality = args.search_modality or query_modality
-    index = Index(
-        mem.keys(search_modality),
+    index = Index.from_memory(
+        mem,
+        search_modality,
+        search_modality,
         backend=args.backend,
         faiss_factory=args.faiss_factory,
         faiss_params=args.faiss_params,
     )
-    res = index.search(q.to(torch.float32), min(args.k, mem.rows))
+    allow = index.allowed(where=args.where)  # the memory's live rows and the where clause
+    left = mem.rows if allow is None else int(allow.sum())
+    res = index.search(q.to(torch.float32), min(args.k, left), allow=allow)
     rows = res.indices[0].tolist()
-    for rank, (r, s, meta) in enumerate(zip(rows, res.scores[0].tolist(), mem.metadata(rows)), 1):
-        print(f"{rank:3d}  {s:+.4f}  row {r}  {meta.get('caption')!r}  {meta.get('source')}")
+    found = zip(rows, res.ids[0].tolist(), res.scores[0].tolist(), mem.metadata(rows))
+    for rank, (r, i, s, meta) in enumerate(found, 1):
+        print(
+            f"{rank:3d}  {s:+.4f}  id {i}  row {r}  {meta.get('caption')!r}  {meta.get('source')}"
+        )
     return 0
 
 
@@ -468,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--backend", default="fused", choices=["fused", "torch", "faiss", "int8"])
     s.add_argument("--faiss-factory", default="Flat")
     s.add_argument("--faiss-params", help='e.g. "nprobe=32" or "efSearch=128"')
+    s.add_argument(
+        "--where",
+        help="SQL WHERE clause over the memory's metadata (columns, id, label, shard, row), e.g. "
+        "\"license = 'cc0' AND id > 100\" (needs pip install 'reco[sql]')",
+    )
     s.add_argument(
         "--search-modality",
         choices=["image", "text"],

@@ -34,6 +34,14 @@ def test_build_info_search(tmp_path, image_tree, tiny_clip, capsys):
     first = capsys.readouterr().out.strip().splitlines()[0]
     # It finds itself (cosine 1 up to the float16 storage of the memory).
     assert float(first.split()[1]) > 0.999 and first.endswith("ant/2.png")
+    # A where clause: only other classes' images, each line with its stable id.
+    where = ["--where", "source NOT LIKE '%/ant/%'"]
+    assert main(["search", str(out), "--image", str(query), "-k", "20", *where, *cfg]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 6 and all("/ant/" not in line for line in lines), lines
+    assert all(line.split()[2] == "id" and line.split()[3].isdigit() for line in lines)
+    assert main(["search", str(out), "--image", str(query), "--where", "nope(", *cfg]) == 2
+    assert "where" in capsys.readouterr().err
 
 
 def test_refuses_random_weights_and_bad_sources(tmp_path, image_tree, tiny_clip, capsys):
