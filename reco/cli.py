@@ -1,5 +1,5 @@
 """The `reco` command line: info, build-memory, memory (info, add, delete, compact, gc), search,
-train, eval, explain."""
+serve, train, eval, explain."""
 
 from __future__ import annotations
 
@@ -328,6 +328,30 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from reco.serve.server import serve
+
+    return serve(
+        args.path,
+        host=args.host,
+        port=args.port,
+        token=args.token or os.environ.get("RECO_SERVE_TOKEN") or None,
+        backend=args.backend,
+        device=args.device,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        refresh_s=args.refresh_s,
+        checkpoint=args.checkpoint,
+        config=args.config,
+        model=args.model,
+        pretrained=args.pretrained,
+        model_configs=args.model_config,
+        allow_random_weights=args.allow_random_weights,
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from reco.train.config import load_experiment
     from reco.train.run import train
@@ -491,6 +515,35 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--allow-random-weights", action="store_true")
     s.add_argument("--device")
     s.set_defaults(func=_search)
+
+    v = sub.add_parser("serve", help="serve a memory over HTTP (search, images, metrics, a page)")
+    v.add_argument("path", help="memory folder")
+    v.add_argument("--host", default="127.0.0.1", help="a non-loopback host needs --token")
+    v.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    v.add_argument(
+        "--token",
+        help="require 'Authorization: Bearer TOKEN' (default: $RECO_SERVE_TOKEN, which keeps it "
+        "out of the process list)",
+    )
+    v.add_argument("--backend", default="fused", choices=["fused", "int8", "faiss", "torch"])
+    v.add_argument("--device", help="device of the keys searched (default: where they are, CPU)")
+    v.add_argument("--max-batch", type=int, default=64, help="queries per search call; 1: off")
+    v.add_argument(
+        "--max-wait-ms", type=float, default=2.0, help="wait for more queries after the first"
+    )
+    v.add_argument(
+        "--refresh-s",
+        type=float,
+        default=5.0,
+        help="look for a newer committed version of the memory this often (0: never)",
+    )
+    v.add_argument("--checkpoint", help="fusion checkpoint for POST /explain (needs --config)")
+    v.add_argument("--config", help="the experiment config of --checkpoint")
+    v.add_argument("--model", help="query encoder (default: the memory's encoder)")
+    v.add_argument("--pretrained", help="default: the memory's encoder checkpoint")
+    v.add_argument("--model-config", action="append", default=[])
+    v.add_argument("--allow-random-weights", action="store_true")
+    v.set_defaults(func=_serve)
 
     t = sub.add_parser("train", help="train a model from an experiment config (YAML/TOML)")
     t.add_argument("config")
