@@ -13,6 +13,12 @@ LEVELS = reco.ops._C.cpu_levels() if reco.ops._C is not None else []
 DATA = pathlib.Path(__file__).parent / "data"
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "browser: the web page of `reco serve` in headless Chromium (selenium)"
+    )
+
+
 @pytest.fixture(autouse=True)
 def _gradual_underflow():
     """Each test starts with subnormals honoured. torch.compile on CPU in torch 2.4 turns on
