@@ -163,6 +163,9 @@ def browser():
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
     try:
+        # A 1000 x 700 viewport (the window's size includes its frame).
+        frame = driver.execute_script("return [outerWidth - innerWidth, outerHeight - innerHeight]")
+        driver.set_window_size(1000 + frame[0], 700 + frame[1])
         yield driver
     finally:
         driver.quit()
@@ -280,7 +283,9 @@ def test_search_page_in_a_browser(server, browser, image_tree, tmp_path):
     assert error.text.startswith("Error 4") and _hits(d) == []
     where.clear()
 
-    # An image upload: bee/3.png finds itself first.
+    # An image upload: bee/3.png finds itself first (the token box folded away, kept).
+    d.find_element(By.CSS_SELECTOR, "#token-box summary").click()
+    assert not token.is_displayed()
     d.find_element(By.CSS_SELECTOR, 'input[name="mode"][value="image"]').click()
     assert not box.is_displayed()
     d.find_element(By.ID, "query-image").send_keys(str(image_tree / "bee" / "3.png"))

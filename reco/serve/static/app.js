@@ -129,7 +129,9 @@
     const dt = document.createElement("dt");
     dt.textContent = name;
     const dd = document.createElement("dd");
+    dd.className = name;
     dd.textContent = value;
+    if (name === "source") dd.title = value;
     list.append(dt, dd);
   }
 
