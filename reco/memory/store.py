@@ -700,15 +700,8 @@ class MemoryWriter:
             self._inflight = None
             self._write_journal([])
         except OSError as e:
-            try:
-                self._settle()
-            except OSError:
-                pass
-            what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EFBIG) else str(e)
-            raise MemoryWriteError(
-                e.errno,
-                f"writing shard {name} of {self.root} failed ({what}); the memory stays at its "
-                f"last commit ({self.rows} rows) and a new writer resumes from there",
+            raise self._failed(
+                e, f"writing shard {name}", f"{self.rows} rows; a new writer resumes from there"
             ) from e
 
     def _check_open(self) -> None:
@@ -826,16 +819,18 @@ class MemoryWriter:
             raise self._failed(e, f"deleting {len(want)} rows") from e
         return len(want)
 
-    def _failed(self, e: OSError, what: str) -> MemoryWriteError:
+    def _failed(self, e: OSError, what: str, state: str | None = None) -> MemoryWriteError:
+        """The error of a failed write, after the uncommitted files are cleared away; state
+        describes the last commit (default: its version)."""
         try:
             self._settle()
         except OSError:
             pass
         why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EFBIG) else str(e)
+        state = state or f"version {self.manifest.commit}"
         return MemoryWriteError(
             e.errno,
-            f"{what} in {self.root} failed ({why}); the memory stays at its last commit "
-            f"(version {self.manifest.commit})",
+            f"{what} in {self.root} failed ({why}); the memory stays at its last commit ({state})",
         )
 
     def _compacted_files(self, shard: ShardInfo, ids: np.ndarray, keep: np.ndarray) -> dict:
