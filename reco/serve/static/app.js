@@ -74,9 +74,10 @@
     statusLine.textContent = text;
   }
 
+  // The alert stays in the accessibility tree (hiding it would keep its news from being
+  // announced); empty, it takes no room.
   function setError(text) {
     errorLine.textContent = text;
-    errorLine.hidden = !text;
   }
 
   // The server's message ({"error": "..."}) or the HTTP status line.
