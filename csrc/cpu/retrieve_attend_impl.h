@@ -395,9 +395,11 @@ void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int6
   for (; r + KR <= rows; r += KR) {
     const KT* kr = kp + (addressed ? ids[r] : r) * ldk;  // the tile's first key row
     if (addressed && slot0 == 0 && r + kPrefetchRows < rows) {
-      // Gathered rows do not follow one another: fetch a later one ahead of its use.
+      // Gathered rows do not follow one another: fetch a later one ahead of its use, into the
+      // outer caches (locality 1 measured faster than into L1 on dev-cpu, with less pollution).
       const char* next = reinterpret_cast<const char*>(kp + ids[r + kPrefetchRows] * ldk);
-      for (int64_t c = 0; c < dpad * int64_t(sizeof(KT)); c += 64) __builtin_prefetch(next + c);
+      for (int64_t c = 0; c < dpad * int64_t(sizeof(KT)); c += 64)
+        __builtin_prefetch(next + c, 0, 1);
     }
 #if defined(RECO_BF16_DOT)
     if constexpr (Fix && KR == 1) {
