@@ -230,17 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    ratios = {}
-    if "batched" in results and "unbatched" in results:
-        ratios["batched_over_unbatched_qps"] = results["batched"]["qps"] / max(
-            results["unbatched"]["qps"], 1e-9
-        )
-    if "batched" in results and "faiss" in results:
-        ratios["batched_over_faiss_qps"] = results["batched"]["qps"] / max(
-            results["faiss"]["qps"], 1e-9
-        )
+    ratios: dict[str, float | None] = {}
+    for other in ("unbatched", "faiss"):
+        if "batched" in results and other in results:
+            # None: the other server finished no query inside the window (all took longer).
+            qps = results[other]["qps"]
+            ratios[f"batched_over_{other}_qps"] = results["batched"]["qps"] / qps if qps else None
     for key, value in ratios.items():
-        print(f"{key}: {value:.2f}x")
+        print(
+            f"{key}: "
+            + ("n/a (no query answered in the window)" if value is None else f"{value:.2f}x")
+        )
     out = common.write_json(
         args.json or common.RESULTS / "bench_serve.json",
         {
