@@ -537,8 +537,10 @@ def main(argv: list[str] | None = None) -> int:
         default=5.0,
         help="look for a newer committed version of the memory this often (0: never)",
     )
-    v.add_argument("--checkpoint", help="fusion checkpoint for POST /explain (needs --config)")
-    v.add_argument("--config", help="the experiment config of --checkpoint")
+    v.add_argument(
+        "--checkpoint", help="fusion checkpoint for POST /explain (default: --config's latest)"
+    )
+    v.add_argument("--config", help="experiment config of the model POST /explain runs")
     v.add_argument("--model", help="query encoder (default: the memory's encoder)")
     v.add_argument("--pretrained", help="default: the memory's encoder checkpoint")
     v.add_argument("--model-config", action="append", default=[])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -435,6 +436,118 @@ def test_text_and_image_queries_with_the_memorys_encoder(tiny_memory, image_tree
     assert mem.rows == 12
 
 
+# -- POST /explain --------------------------------------------------------------------------
+def _trained(tmp_path: Path, memory: Path) -> Path:
+    """The cheapest checkpoint: a long-tail attention classifier (2 heads, k = 4), 5 steps."""
+    from reco.train.config import load_experiment
+    from reco.train.run import train
+
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(
+        f"""
+method: longtail
+data: {{train: {memory}, memory: {memory}, train_in_memory: true}}
+longtail: {{k: 4, heads: 2}}
+train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, progress: false}}
+"""
+    )
+    train(load_experiment(cfg))
+    return cfg
+
+
+def test_explain_is_the_models_explanation(tmp_path, tiny_memory, image_tree):
+    """/explain (an uploaded image, its embedding, a smaller k) against explain_query called
+    directly with the model's own retriever over the same memory."""
+    from PIL import Image
+
+    from reco.eval.encoders import add_model_configs, open_clip_encoder
+    from reco.eval.explain import explain_query
+    from reco.eval.trained import load_trained
+    from reco.serve.explain import Explainer
+
+    cfg_path = _trained(tmp_path, tiny_memory)
+    cfg, built, _ = load_trained(cfg_path)
+    info = built.memory.manifest.modalities["image"].encoder
+    add_model_configs([str(DATA / "reco-tiny-clip.json")])
+    enc = open_clip_encoder(info.name.removeprefix("open_clip:"), info.checkpoint, "--pretrained")
+    query = image_tree / "bee" / "3.png"
+    z = enc.encode_images([Image.open(query).convert("RGB")]).float()
+    want = explain_query(cfg, built, z, "image")
+    names = built.train_memory.manifest.label_names
+    options = EncoderOptions(model_configs=[str(DATA / "reco-tiny-clip.json")])
+    service = Service.open(tiny_memory, encoders=options, explainer=Explainer.load(cfg_path, None))
+    mem = Memory.open(tiny_memory)
+    with TestClient(create_app(service)) as c:
+        files = {"image": ("3.png", query.read_bytes(), "image/png")}
+        by_image = c.post("/explain", files=files)
+        by_embedding = c.post("/explain", json={"embedding": z[0].tolist()})
+        for r in (by_image, by_embedding):
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert got["k"] == 4 and got["heads"] == 2 and got["modality"] == "image"
+            hits = got["results"]
+            assert [h["row"] for h in hits] == want.indices[0].tolist()
+            assert [h["id"] for h in hits] == mem.ids[want.indices[0]].tolist()
+            assert [h["metadata"] for h in hits] == mem.metadata(want.indices[0].tolist())
+            assert np.allclose([h["score"] for h in hits], want.scores[0], atol=1e-5)
+            per_head = torch.tensor([h["weights"] for h in hits]).T  # [H, k]
+            assert torch.allclose(per_head, want.weights[0], atol=1e-5)
+            assert torch.allclose(per_head.sum(1), torch.ones(2), atol=1e-5)
+            assert np.allclose([h["weight"] for h in hits], want.weights[0].mean(0), atol=1e-5)
+            p = torch.softmax(want.logits[0], 0)
+            c_want = int(p.argmax())
+            assert got["prediction"]["class"] == c_want
+            assert got["prediction"]["label"] == names[c_want]
+            assert abs(got["prediction"]["probability"] - float(p[c_want])) < 1e-5
+        two = c.post("/explain", json={"embedding": z[0].tolist(), "k": 2}).json()["results"]
+        assert [h["row"] for h in two] == want.indices[0, :2].tolist()
+        for body, message in (
+            ({"text": "a bee"}, "explains image queries"),
+            ({"embedding": z[0].tolist(), "where": "x"}, "unknown fields"),
+            ({"embedding": z[0].tolist()[:3]}, "embedding must be a list of"),
+            ({"embedding": z[0].tolist(), "k": 0}, "k=0"),
+            ({}, "exactly one query"),
+        ):
+            r = c.post("/explain", json=body)
+            assert r.status_code == 400 and message in r.json()["error"], (body, r.text)
+    # A served memory of other dims than the checkpoint's: refused before serving.
+    with pytest.raises(ValueError, match="trained with a memory of"):
+        Service(_write(tmp_path / "other"), explainer=Explainer.load(cfg_path, None))
+
+
+def test_explain_without_a_checkpoint_is_404(client):
+    r = client.post("/explain", json={"embedding": EMB})
+    assert r.status_code == 404 and "--checkpoint" in r.json()["error"]
+
+
+def test_security_headers(mem_path):
+    from reco.serve.app import PAGE_CSP, STATIC
+
+    meta = re.search(
+        r'Content-Security-Policy"\s+content="([^"]+)"', (STATIC / "index.html").read_text()
+    )
+    assert meta and PAGE_CSP == meta.group(1) + "; frame-ancestors 'none'"
+    service = Service.open(mem_path)
+    with TestClient(create_app(service, token="t")) as c:
+        for path in ("/", "/static/app.js", "/static/style.css"):
+            r = c.get(path)
+            assert r.status_code == 200, path
+            assert r.headers["content-security-policy"] == PAGE_CSP, path
+            assert r.headers["x-content-type-options"] == "nosniff", path
+        auth = {"Authorization": "Bearer t"}
+        for r in (
+            c.get("/healthz"),
+            c.get("/metrics", headers=auth),
+            c.get("/metrics"),  # a 401
+            c.post("/search", json={"embedding": EMB, "k": 2}, headers=auth),
+            c.post("/search", json={"k": 2}, headers=auth),  # a 400
+            c.get("/nothing", headers=auth),  # a 404
+            c.get("/items/0/image", headers=auth),
+        ):
+            assert r.headers.get_list("x-content-type-options") == ["nosniff"], r.url
+            assert "content-security-policy" not in r.headers, r.url
+
+
 # -- a real uvicorn --------------------------------------------------------------------------
 def _start(mem: Path, cwd: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     """`reco serve MEM --port 0` in a subprocess (cwd outside the checkout); (process, url)."""
@@ -532,3 +645,24 @@ def test_load_many_concurrent_clients(mem_path, tmp_path):
     assert len(codes) > 100 and set(codes) == {200}, sorted(set(codes))
     assert not wrong
     assert _metric(text, "reco_serve_batch_size_count") < len(codes)
+
+
+def test_uvicorn_serves_explain_with_config(tmp_path, tiny_memory):
+    from reco.eval.explain import explain_query
+    from reco.eval.trained import load_trained
+
+    cfg_path = _trained(tmp_path, tiny_memory)
+    cmd = [sys.executable, "-m", "reco.cli", "serve", str(tiny_memory), "--checkpoint", "x.pt"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--checkpoint needs --config" in r.stderr
+    p, url = _start(tiny_memory, tmp_path, "--config", str(cfg_path))
+    try:
+        cfg, built, _ = load_trained(cfg_path)
+        z = Memory.open(tiny_memory).keys("image")[[5]].float()
+        want = explain_query(cfg, built, z, "image")
+        r = httpx.post(url + "/explain", json={"embedding": z[0].tolist()}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert [h["row"] for h in r.json()["results"]] == want.indices[0].tolist()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0

@@ -50,6 +50,12 @@ MAX_EXCLUDE = 10_000
 MAX_WHERE = 4096  # characters of a where clause
 OPEN_PATHS = ("/healthz", "/", "/favicon.ico")  # and /static/*: no token needed
 SEARCH_KEYS = {"embedding", "text", "modality", "k", "where", "exclude"}
+# The page's policy (its meta tag's, which cannot say frame-ancestors) sent as a header on the
+# page and its static files; every response carries nosniff.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 class ClientError(HTTPException):
@@ -267,12 +273,20 @@ class Gate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route, status, start = _route(scope.get("path", "")), 500, time.perf_counter()
+        path = scope.get("path", "")
+        route, status, start = _route(path), 500, time.perf_counter()
+        page = path == "/" or path.startswith("/static/")
 
         async def send_status(message: dict) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if k.lower() != b"x-content-type-options"]  # fmt: skip
+                headers.append((b"x-content-type-options", b"nosniff"))
+                if page:
+                    headers.append((b"content-security-policy", PAGE_CSP.encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -357,6 +371,8 @@ class Service:
         explainer: Any = None,
         metrics: Metrics | None = None,
     ) -> None:
+        if explainer is not None:
+            explainer.check(memory)  # before the indices are built: a start-up error
         self.memory = memory
         self.metrics = metrics or Metrics()
         options: dict[str, Any] = {"backend": backend}
@@ -572,7 +588,7 @@ def create_app(
         if path is None:
             raise ClientError(404, f"no image for item {item}")
         ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=ctype, headers={"X-Content-Type-Options": "nosniff"})
+        return FileResponse(path, media_type=ctype)  # nosniff: the Gate's, on every response
 
     async def explain(request: Request) -> Response:
         if service.explainer is None:

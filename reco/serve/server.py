@@ -72,9 +72,12 @@ def serve(
     if not 0 <= port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {port}")
     explainer: Any = None
-    if checkpoint is not None or config is not None:
-        # POST /explain answers 404 {"error": ...} without an explainer; loading one is to come.
-        raise ValueError("--checkpoint/--config: POST /explain is not implemented yet")
+    if checkpoint is not None and config is None:
+        raise ValueError("--checkpoint needs --config (the experiment config it was trained with)")
+    if config is not None:  # POST /explain; without it, a 404 {"error": ...}
+        from .explain import Explainer
+
+        explainer = Explainer.load(config, checkpoint)  # no checkpoint: the latest of out_dir
     encoders = EncoderOptions(model, pretrained, list(model_configs or []), device,
                               allow_random_weights)  # fmt: skip
     service = Service.open(
