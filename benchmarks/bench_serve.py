@@ -69,11 +69,17 @@ def build_memory(path: Path, n: int, d: int, seed: int = 0) -> None:
 
 # -- the faiss server (a subprocess of this script) ----------------------------------------------
 def faiss_server(mem_path: str) -> None:
-    """Per-request faiss.IndexFlatIP search behind the same JSON contract, in Starlette."""
+    """Per-request faiss.IndexFlatIP search behind the same JSON contract, in Starlette.
+
+    Made fair for concurrent requests: each search is single-threaded (omp_set_num_threads(1))
+    and at most os.cpu_count() run at once (anyio threads under a CapacityLimiter), so the
+    cores are used one search each. Left as faiss's default (each of 64 concurrent searches
+    spawning OpenMP threads on every core) the server oversubscribed the 2 cores so badly that
+    it answered nothing inside a 20 s window."""
+    import anyio
     import faiss
     import uvicorn
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
@@ -86,12 +92,14 @@ def faiss_server(mem_path: str) -> None:
     for t in keys.shards:
         index.add(np.ascontiguousarray(t.float().numpy()))
     ids = mem.ids.numpy()
+    faiss.omp_set_num_threads(1)
+    limiter = anyio.CapacityLimiter(os.cpu_count() or 1)
 
     async def search(request: Request) -> JSONResponse:
         body = json.loads(await request.body())
         q = np.asarray(body["embedding"], dtype=np.float32)[None]
         k = int(body.get("k", 10))
-        scores, rows = await run_in_threadpool(index.search, q, k)
+        scores, rows = await anyio.to_thread.run_sync(index.search, q, k, limiter=limiter)
         rows, scores = rows[0].tolist(), scores[0].tolist()
         meta = mem.metadata(rows)
         results = [
@@ -180,9 +188,6 @@ def load(url: str, bodies: list[bytes], clients: int, warmup: float, duration: f
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.faiss_server:
-        import faiss
-
-        faiss.omp_set_num_threads(os.cpu_count() or 1)
         faiss_server(args.faiss_server)
         return 0
     tmp = None
