@@ -666,3 +666,29 @@ def test_uvicorn_serves_explain_with_config(tmp_path, tiny_memory):
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 0
+
+
+def test_accepted_connections_have_tcp_nodelay():
+    """bind()'s socket says TCP, so asyncio sets TCP_NODELAY on each connection (else Nagle
+    holds every response body ~40 ms for the client's delayed ACK)."""
+    import socket
+
+    from reco.serve.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    got: list[int] = []
+
+    async def main() -> None:
+        def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            s = writer.get_extra_info("socket")
+            got.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handler, sock=sock)
+        async with server:
+            reader, writer = await asyncio.open_connection(*sock.getsockname())
+            await reader.read()
+            writer.close()
+
+    asyncio.run(main())
+    assert got and got[0] != 0
