@@ -71,11 +71,13 @@ def build_memory(path: Path, n: int, d: int, seed: int = 0) -> None:
 def faiss_server(mem_path: str) -> None:
     """Per-request faiss.IndexFlatIP search behind the same JSON contract, in Starlette.
 
-    Made fair for concurrent requests: each search is single-threaded (omp_set_num_threads(1))
-    and at most os.cpu_count() run at once (anyio threads under a CapacityLimiter), so the
-    cores are used one search each. Left as faiss's default (each of 64 concurrent searches
-    spawning OpenMP threads on every core) the server oversubscribed the 2 cores so badly that
-    it answered nothing inside a 20 s window."""
+    Made fair for concurrent requests: each search is single-threaded and at most
+    os.cpu_count() run at once (anyio threads under a CapacityLimiter), so the cores are used
+    one search each. Single-threaded through OMP_NUM_THREADS=1 in the process's environment
+    (main() starts it so): omp_set_num_threads(1) sets the calling thread's count only, and
+    the worker threads would each still fork an OpenMP team of every core. Left as faiss's
+    default (64 concurrent searches, each with OpenMP threads on every core) the server
+    oversubscribed the 2 cores so badly that it answered nothing inside a 20 s window."""
     import anyio
     import faiss
     import uvicorn
@@ -120,8 +122,9 @@ def faiss_server(mem_path: str) -> None:
 
 
 # -- clients ---------------------------------------------------------------------------------
-def start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
-    p = subprocess.Popen(cmd, cwd=tempfile.gettempdir(), stdout=subprocess.PIPE, text=True)
+def start(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, **(env or {})}
+    p = subprocess.Popen(cmd, cwd=tempfile.gettempdir(), stdout=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()
     if "listening on" not in line:
         p.kill()
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table.header())
     try:
         for name in args.servers.split(","):
-            p, url = start(commands[name])
+            p, url = start(commands[name], {"OMP_NUM_THREADS": "1"} if name == "faiss" else None)
             try:
                 r = load(url, bodies, args.clients, args.warmup, args.duration)
             finally:

@@ -510,6 +510,21 @@ def test_explain_is_the_models_explanation(tmp_path, tiny_memory, image_tree):
         ):
             r = c.post("/explain", json=body)
             assert r.status_code == 400 and message in r.json()["error"], (body, r.text)
+    # The served memory's version now: a deleted neighbour is not explained, the next one is.
+    from reco.memory import MemoryWriter as Writer
+
+    top = int(mem.ids[want.indices[0, 0]])
+    with Writer.open(tiny_memory) as w:
+        w.delete([top])
+    service = Service.open(tiny_memory, explainer=Explainer.load(cfg_path, None))
+    own = built.task.retriever
+    fewer = explain_query(cfg, built, z, "image", own(z, want.indices[:, :1]))
+    with TestClient(create_app(service)) as c:
+        hits = c.post("/explain", json={"embedding": z[0].tolist()}).json()["results"]
+        assert top not in [h["id"] for h in hits]
+        assert [h["row"] for h in hits] == fewer.indices[0].tolist()
+        per_head = torch.tensor([h["weights"] for h in hits]).T
+        assert torch.allclose(per_head, fewer.weights[0], atol=1e-5)
     # A served memory of other dims than the checkpoint's: refused before serving.
     with pytest.raises(ValueError, match="trained with a memory of"):
         Service(_write(tmp_path / "other"), explainer=Explainer.load(cfg_path, None))

@@ -113,14 +113,14 @@ class Explainer:
         key = (modality, memory.manifest.commit)
         if key not in self._retrievers:
             own = retriever_of(self.cfg, self.built, modality)
-            self._retrievers = {
-                key: Retriever(
-                    memory.keys(searched),
-                    memory.values(fused),
-                    own.k if own.k <= memory.rows else 1,
-                    near_duplicate=own.near_duplicate,
-                )
-            }
+            commit = memory.manifest.commit  # the retrievers of older versions are dropped
+            self._retrievers = {k: r for k, r in self._retrievers.items() if k[1] == commit}
+            self._retrievers[key] = Retriever(
+                memory.keys(searched),
+                memory.values(fused),
+                own.k if own.k <= memory.rows else 1,
+                near_duplicate=own.near_duplicate,
+            )
         r = self._retrievers[key]
         r.k = k
         return r
