@@ -673,7 +673,10 @@ def test_random_sigints_during_a_build_never_lose_a_commit(tmp_path):
     assert main([*argv(tmp_path / "ref"), "--no-progress"]) == 0
     ref = tmp_path / "ref"
     want = _contents(ref)
+    # Ctrl-C as a terminal delivers it, also where the tests run as a background job (which
+    # starts with SIGINT ignored, and Python then keeps it ignored).
     child = (
+        "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import sys\nimport reco.ingest\nfrom reco.cli import main\n"
         "print('ready', flush=True)\n"
         "sys.exit(main(sys.argv[1:] + ['--no-progress']))\n"
