@@ -1,8 +1,8 @@
 """Filtered search: reco.search with an `allow` mask against faiss-cpu IndexFlatIP with an
 IDSelectorBitmap (SearchParameters(sel=...)), in the same run, on the same keys.
 
-For each keys dtype and batch, the unfiltered search is timed first, then each allowed fraction
-(a random mask): reco's time, its ratio to reco's unfiltered time, faiss's time with the selector
+For each keys dtype and batch, each allowed fraction (a random mask): reco's time, its ratio to
+reco's unfiltered time (the two timed alternately), faiss's time with the selector
 and faiss's own unfiltered time. faiss stores float32 (it has no bfloat16/float16 CPU flat index),
 so its figures are the same for both key dtypes and measured once per batch. Medians of
 --repeats runs in one process.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 from functools import partial
 from typing import Any
 
@@ -70,6 +71,17 @@ def faiss_search(index, query: np.ndarray, k: int, bitmap: np.ndarray | None):
     return index.search(query, k, params=params)
 
 
+def paired(a, b, repeats: int) -> tuple[float, float]:
+    """Median ms of a and of b, timed alternately (a, b, a, b, ...) after one warm-up each."""
+    a()
+    b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(common.time_runs(a, 1, warmup=0).median_ms)
+        tb.append(common.time_runs(b, 1, warmup=0).median_ms)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def with_gather(value: str | None):
     """Sets RECO_GATHER_BELOW (None: unset) for the kernel's next calls."""
     if value is None:
@@ -105,11 +117,13 @@ def main(argv: list[str] | None = None) -> None:
         for B in args.batch:
             q = queries[:B].contiguous()
             qn = q.numpy()
-            base = time(partial(reco.search, q, keys, args.k))
+            plain = partial(reco.search, q, keys, args.k)
             if index is not None and (B, None) not in faiss_ms:
                 faiss_ms[(B, None)] = time(partial(faiss_search, index, qn, args.k, None))
             for f, allow in masks.items():
-                got = time(partial(reco.search, q, keys, args.k, allow=allow))
+                # Filtered and unfiltered runs alternate, so that drift hits both alike.
+                got, base_f = paired(partial(reco.search, q, keys, args.k, allow=allow), plain,
+                                     args.repeats)  # fmt: skip
                 fm = None
                 if index is not None:
                     if (B, f) not in faiss_ms:
@@ -117,11 +131,11 @@ def main(argv: list[str] | None = None) -> None:
                         faiss_ms[(B, f)] = time(partial(faiss_search, index, qn, args.k, bitmap))
                     fm = faiss_ms[(B, f)]
                 fu = faiss_ms.get((B, None))
-                row = dict(keys=name, batch=B, allowed=f, reco_ms=got, reco_unfiltered_ms=base,
+                row = dict(keys=name, batch=B, allowed=f, reco_ms=got, reco_unfiltered_ms=base_f,
                            faiss_ms=fm, faiss_unfiltered_ms=fu)  # fmt: skip
                 rows.append(row)
                 print(table.row(
-                    name, B, f"{f:.1%}", got, got / base,
+                    name, B, f"{f:.1%}", got, got / base_f,
                     "-" if fm is None else fm, "-" if fm is None else fm / fu,
                     "-" if fm is None else fm / got,
                 ))  # fmt: skip
