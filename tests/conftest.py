@@ -89,6 +89,22 @@ def tiny_memory(tmp_path, image_tree, tiny_clip):
     return out
 
 
+def tiny_longtail_config(tmp_path, memory) -> pathlib.Path:
+    """The cheapest experiment with a checkpoint: a long-tail attention classifier (2 heads,
+    k = 4) over `memory` (train and memory alike), 5 steps into tmp_path / "run". Returns the
+    config file (tmp_path / "x.yaml"); nothing is trained yet."""
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(
+        f"""
+method: longtail
+data: {{train: {memory}, memory: {memory}, train_in_memory: true}}
+longtail: {{k: 4, heads: 2}}
+train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, progress: false}}
+"""
+    )
+    return cfg
+
+
 @pytest.fixture
 def deadline():
     """deadline(seconds): a context manager that fails a test that blocks (on a FIFO, a device, a

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, tiny_longtail_config
 from synthetic import C, long_tail_task
 from torch.nn import functional as F
 
@@ -148,15 +148,7 @@ def test_config_errors_are_clear(tmp_path, capsys):
 
 def test_explain_writes_a_grid(tmp_path, image_tree, tiny_memory, capsys):
     PIL = pytest.importorskip("PIL.Image")
-    cfg = tmp_path / "x.yaml"
-    cfg.write_text(
-        f"""
-method: longtail
-data: {{train: {tiny_memory}, memory: {tiny_memory}, train_in_memory: true}}
-longtail: {{k: 4, heads: 2}}
-train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, progress: false}}
-"""
-    )
+    cfg = tiny_longtail_config(tmp_path, tiny_memory)
     assert main(["train", str(cfg)]) == 0
     out = tmp_path / "grid.png"
     code = main(
@@ -237,15 +229,7 @@ def test_explain_as_a_library_function(tmp_path, image_tree, tiny_memory):
     from reco.train.config import load_experiment
     from reco.train.run import train
 
-    cfg = tmp_path / "x.yaml"
-    cfg.write_text(
-        f"""
-method: longtail
-data: {{train: {tiny_memory}, memory: {tiny_memory}, train_in_memory: true}}
-longtail: {{k: 4, heads: 2}}
-train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, progress: false}}
-"""
-    )
+    cfg = tiny_longtail_config(tmp_path, tiny_memory)
     train(load_experiment(cfg))
     out = tmp_path / "grid.png"
     k = explain(

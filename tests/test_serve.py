@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, tiny_longtail_config
 
 from reco.index import Index
 from reco.memory import EncoderInfo, Memory, MemoryWriter, ModalityInfo
@@ -102,6 +102,19 @@ CASES = [  # modality, k, where, exclude ids
 ]
 
 
+def _case_bodies(seed: int, n: int) -> list[dict]:
+    """n /search bodies cycling through CASES, each with a random embedding."""
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for i in range(n):
+        modality, k, where, exclude = CASES[i % len(CASES)]
+        q = _query(rng, MODS[modality].dim)
+        bodies.append(
+            {"embedding": q, "modality": modality, "k": k, "where": where, "exclude": list(exclude)}
+        )
+    return bodies
+
+
 @pytest.mark.parametrize("modality, k, where, exclude", CASES)
 def test_search_is_index_search(client, mem_path, modality, k, where, exclude):
     rng = np.random.default_rng(k)
@@ -138,14 +151,7 @@ def test_concurrent_queries_share_a_batch_and_keep_their_answers(mem_path):
     answer still that of Index.search alone."""
     service = Service.open(mem_path, max_batch=64, max_wait_ms=300)
     app = create_app(service)
-    rng = np.random.default_rng(7)
-    bodies = []
-    for i in range(24):
-        modality, k, where, exclude = CASES[i % len(CASES)]
-        q = _query(rng, MODS[modality].dim)
-        bodies.append(
-            {"embedding": q, "modality": modality, "k": k, "where": where, "exclude": list(exclude)}
-        )
+    bodies = _case_bodies(7, 24)
 
     async def run() -> list:
         transport = httpx.ASGITransport(app=app)
@@ -442,15 +448,7 @@ def _trained(tmp_path: Path, memory: Path) -> Path:
     from reco.train.config import load_experiment
     from reco.train.run import train
 
-    cfg = tmp_path / "x.yaml"
-    cfg.write_text(
-        f"""
-method: longtail
-data: {{train: {memory}, memory: {memory}, train_in_memory: true}}
-longtail: {{k: 4, heads: 2}}
-train: {{steps: 5, batch_size: 4, warmup_steps: 1, out_dir: {tmp_path / "run"}, progress: false}}
-"""
-    )
+    cfg = tiny_longtail_config(tmp_path, memory)
     train(load_experiment(cfg))
     return cfg
 
@@ -621,14 +619,7 @@ def test_uvicorn_serves_and_sigterm_finishes_the_request_in_flight(mem_path, tmp
 def test_load_many_concurrent_clients(mem_path, tmp_path):
     """48 clients for ~15 s against a real uvicorn: no 5xx, every answer Index.search's."""
     p, url = _start(mem_path, tmp_path)
-    rng = np.random.default_rng(11)
-    bodies = []
-    for i in range(256):
-        modality, k, where, exclude = CASES[i % len(CASES)]
-        q = _query(rng, MODS[modality].dim)
-        bodies.append(
-            {"embedding": q, "modality": modality, "k": k, "where": where, "exclude": list(exclude)}
-        )
+    bodies = _case_bodies(11, 256)
     want = [
         _expected(mem_path, b["modality"], b["embedding"], b["k"], b["where"], b["exclude"])
         for b in bodies
