@@ -150,6 +150,19 @@ def inside(root: Path, path: Path, what: str) -> Path:
     return files.inside(root, path, f"corrupt manifest: {what}", MemoryFormatError, "memory folder")
 
 
+def _remove_entry(root: Path, path: Path, what: str) -> str | None:
+    """Removes a file or link, or a folder once it is checked to lie inside root; returns "file",
+    "folder", or None where nothing was there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return "file"
+    if path.is_dir():
+        inside(root, path, what)
+        shutil.rmtree(path)
+        return "folder"
+    return None
+
+
 def open_regular(path: Path, what: str, size: int | None = None, limit: int | None = None) -> int:
     return files.open_regular(path, what, size=size, limit=limit, error=MemoryFormatError)
 
@@ -546,12 +559,7 @@ class MemoryWriter:
             for name in listed:
                 if name in kept:
                     continue
-                p = self.root / folder / name
-                if p.is_symlink() or p.is_file():
-                    p.unlink()
-                elif p.is_dir():
-                    inside(self.root, p, f"journal entry {name!r}")
-                    shutil.rmtree(p)
+                _remove_entry(self.root, self.root / folder / name, f"journal entry {name!r}")
         for tmp in (MANIFEST_TMP, JOURNAL_TMP):
             p = self.root / tmp
             if p.is_symlink() or p.is_file():
@@ -962,15 +970,12 @@ class MemoryWriter:
             for r in free:
                 for folder, names in ((SHARDS_DIR, r.shards), (TOMBSTONES_DIR, r.tombstones)):
                     for name in names:
-                        p = self.root / folder / name
-                        if p.is_symlink() or p.is_file():
-                            p.unlink()
-                        elif p.is_dir():
-                            inside(self.root, p, f"retired {folder} entry {name!r}")
-                            shutil.rmtree(p)
-                            _fault("gc:removed-shard")
-                        else:
+                        what = f"retired {folder} entry {name!r}"
+                        kind = _remove_entry(self.root, self.root / folder / name, what)
+                        if kind is None:
                             continue  # removed by an earlier, interrupted gc
+                        if kind == "folder":
+                            _fault("gc:removed-shard")
                         report.removed.append(f"{folder}/{name}")
             for folder in (SHARDS_DIR, TOMBSTONES_DIR):
                 if (self.root / folder).is_dir():
