@@ -260,7 +260,7 @@ class ShardedIndex:
             except ValueError as e:
                 bad_exclude = e
         try:  # every rank passes allow: a bad one is flagged like a bad exclude
-            check_allow(allow, self.rows, allow if isinstance(allow, Tensor) else torch.empty(0))
+            check_allow(allow, self.rows)
         except (TypeError, ValueError) as e:
             bad_exclude = e
         E = exclude.shape[1] if (local and exclude is not None and bad_exclude is None) else 0

@@ -139,7 +139,7 @@ class Index:
             self.values = self.keys if values is None else self.values.to(device)
         if isinstance(allow, Tensor):
             allow = allow.to(self.keys.device)
-        check_allow(allow, self.rows, torch.empty(0, device=self.keys.device))
+        check_allow(allow, self.rows)
         if ids is not None and (
             not isinstance(ids, Tensor) or ids.dtype != torch.int64 or ids.shape != (self.rows,)
         ):
@@ -263,7 +263,7 @@ class Index:
         valid = found >= 0
         if exclude is not None:
             valid &= ~(found.unsqueeze(-1) == exclude.unsqueeze(1)).any(-1)
-        if allow is not None:
+        if allow is not None:  # some faiss index kinds ignore a selector (faiss #3114)
             valid &= allow[found.clamp(min=0)]
         if bool((valid.sum(1) < k).any()):
             raise ValueError(
@@ -300,8 +300,7 @@ class Index:
         """The rows a search may return: this index's allow (a memory's live rows), and allow
         [N] bool, and the rows satisfying the SQL clause `where` over the memory's metadata
         (reco.memory.where); None when every row is allowed."""
-        if allow is not None:
-            check_allow(allow, self.rows, allow if isinstance(allow, Tensor) else torch.empty(0))
+        check_allow(allow, self.rows)
         parts = [m for m in (self.allow, allow) if m is not None]
         if where is not None:
             if self.memory is None:
@@ -452,7 +451,8 @@ class Index:
             mask = self.allowed(allow, where)
             if mask is not None:
                 self._check_query(query, k, exclude)
-                self._check_selectable(k, None if exclude is None else exclude.cpu(), mask.cpu())
+                ex = None if exclude is None else exclude.to(mask.device)
+                self._check_selectable(k, ex, mask)
             return self._fused(
                 0,
                 query,

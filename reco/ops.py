@@ -88,8 +88,9 @@ def check_temperature(temperature: object, *, value: bool = True) -> None:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
-def check_allow(allow: object, N: int, query: Tensor) -> None:
-    """TypeError/ValueError unless allow is None or a bool tensor [N] on the query's device."""
+def check_allow(allow: object, N: int, query: Optional[Tensor] = None) -> None:
+    """TypeError/ValueError unless allow is None or a bool tensor [N] (on the query's device,
+    where a query is given)."""
     if allow is None:
         return
     if not isinstance(allow, Tensor):
@@ -100,7 +101,7 @@ def check_allow(allow: object, N: int, query: Tensor) -> None:
         raise ValueError(
             f"allow must be [N] with N={N} (one flag per row of keys), got {_shape(allow)}"
         )
-    if allow.device != query.device:
+    if query is not None and allow.device != query.device:
         raise ValueError(f"allow is on {allow.device} but query is on {query.device}")
 
 
