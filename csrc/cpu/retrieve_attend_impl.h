@@ -419,7 +419,9 @@ void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int6
     score_tile<QR, KR>(q, dpad, kr, ldk, dpad, s);
 #endif
     for (int qi = 0; qi < QR; ++qi)
-      for (int j = 0; j < KR; ++j) offer(heaps[qi], ex, gid[qi], s[qi * KR + j], key_row(r + j));
+      for (int j = 0; j < KR; ++j)
+        if (!(s[qi * KR + j] < heaps[qi].worst_score()))  // the row is looked up only past this
+          offer(heaps[qi], ex, gid[qi], s[qi * KR + j], key_row(r + j));
   }
   for (; r < rows; ++r) {  // only copied blocks (KR = 4) have tails: ek is filled
     score_tile<QR, 1>(q, dpad, kp + r * ldk, ldk, dpad, s);
