@@ -39,12 +39,19 @@ def _normalize(x: Tensor | np.ndarray, what: str, dim: int) -> Tensor:
 
 
 class Encoder(ABC):
-    """A frozen encoder of images and/or texts into one embedding space of `dim` dimensions."""
+    """A frozen encoder of images and/or texts into one embedding space of `dim` dimensions.
+
+    image_transform, when not None, is the encoder's per-image preprocessing (an RGB PIL image
+    -> a tensor of one fixed shape): a picklable callable that a builder runs in DataLoader
+    worker processes; encode_image_batch then encodes the stacked results.
+    encode_images(ims) equals encode_image_batch(stack([image_transform(im) for im in ims])).
+    """
 
     name: str
     dim: int
     checkpoint: str | None = None
     sha256: str | None = None
+    image_transform: Callable[[Any], Tensor] | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -57,6 +64,12 @@ class Encoder(ABC):
     @abstractmethod
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """Strings -> [n, dim] float32, L2-normalised."""
+
+    def encode_image_batch(self, batch: Tensor) -> Tensor:
+        """[n, ...] stacked image_transform outputs -> [n, dim] float32, L2-normalised."""
+        raise TypeError(
+            f"{self.name} has no image_transform: give encode_images PIL images instead"
+        )
 
     def info(self) -> EncoderInfo:
         return EncoderInfo(name=self.name, checkpoint=self.checkpoint, sha256=self.sha256)
@@ -112,6 +125,7 @@ class OpenCLIPEncoder(Encoder):
         )
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess
+        self.image_transform = preprocess
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.name = f"open_clip:{model_name}"
         self.dim = int(open_clip.get_model_config(model_name)["embed_dim"])
@@ -124,13 +138,19 @@ class OpenCLIPEncoder(Encoder):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
-    @torch.inference_mode()
     def encode_images(self, images: Sequence[Any]) -> Tensor:
+        if not len(images):
+            return torch.empty(0, self.dim)
+        return self.encode_image_batch(torch.stack([self.preprocess(im) for im in images]))
+
+    @torch.inference_mode()
+    def encode_image_batch(self, batch: Tensor) -> Tensor:
         out = []
-        for i in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess(im) for im in images[i : i + self.batch_size]])
+        for i in range(0, len(batch), self.batch_size):
+            # From pinned memory (a builder's DataLoader on GPU) the copy is asynchronous.
+            x = batch[i : i + self.batch_size].to(self.device, non_blocking=True)
             with self._autocast():
-                out.append(self.model.encode_image(batch.to(self.device)).float().cpu())
+                out.append(self.model.encode_image(x).float().cpu())
         return _normalize(torch.cat(out) if out else torch.empty(0, self.dim), self.name, self.dim)
 
     @torch.inference_mode()
@@ -151,6 +171,9 @@ class FunctionEncoder(Encoder):
 
     The functions get a list of PIL images / strings and return [n, dim] (tensor or array); the
     adapter batches the calls, runs them under inference_mode and L2-normalises the results.
+    With image_transform (a picklable callable: PIL image -> tensor of one fixed shape, e.g. a
+    resize), image_fn gets the stacked transformed images [n, ...] instead, and builders run
+    the transform in DataLoader workers.
     """
 
     def __init__(
@@ -162,13 +185,21 @@ class FunctionEncoder(Encoder):
         text_fn: Callable[[list[str]], Tensor | np.ndarray] | None = None,
         batch_size: int = 64,
         checkpoint: str | os.PathLike | None = None,
+        image_transform: Callable[[Any], Tensor] | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         if image_fn is None and text_fn is None:
             raise ValueError("give image_fn, text_fn or both")
+        if image_transform is not None and image_fn is None:
+            raise ValueError("image_transform needs image_fn (it prepares image_fn's input)")
+        if image_transform is not None and not callable(image_transform):
+            raise TypeError(f"image_transform must be callable, got {image_transform!r:.60}")
         if dim < 1 or batch_size < 1:
             raise ValueError(f"dim and batch_size must be >= 1, got {dim}, {batch_size}")
         self.name, self.dim, self.batch_size = name, dim, batch_size
         self._image_fn, self._text_fn = image_fn, text_fn
+        self.image_transform = image_transform
+        self.device = None if device is None else torch.device(device)  # where the model runs
         self.checkpoint = str(checkpoint) if checkpoint else None
         self.sha256 = file_sha256(checkpoint) if checkpoint else None
 
@@ -182,17 +213,44 @@ class FunctionEncoder(Encoder):
     def _run(self, fn, items: Sequence[Any], what: str) -> Tensor:
         if fn is None:
             raise TypeError(f"{self.name} encodes no {what}s (it was given no {what}_fn)")
-        parts = [
-            _normalize(fn(list(items[i : i + self.batch_size])), f"{self.name} {what}_fn", self.dim)
-            for i in range(0, len(items), self.batch_size)
-        ]
+        parts = []
+        for i in range(0, len(items), self.batch_size):
+            chunk = items[i : i + self.batch_size]
+            got = fn(chunk if isinstance(chunk, Tensor) else list(chunk))
+            parts.append(_normalize(got, f"{self.name} {what}_fn", self.dim))
         return torch.cat(parts) if parts else torch.empty(0, self.dim)
 
     def encode_images(self, images: Sequence[Any]) -> Tensor:
-        return self._run(self._image_fn, images, "image")
+        if self.image_transform is None or self._image_fn is None:
+            return self._run(self._image_fn, images, "image")
+        if not len(images):
+            return torch.empty(0, self.dim)
+        return self.encode_image_batch(torch.stack([self.image_transform(im) for im in images]))
+
+    def encode_image_batch(self, batch: Tensor) -> Tensor:
+        if self.image_transform is None:
+            return super().encode_image_batch(batch)
+        return self._run(self._image_fn, batch, "image")
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         return self._run(self._text_fn, texts, "text")
+
+
+class ResizeRGB:
+    """An image -> uint8 [3, size, size]: converted to RGB (grey replicated) and resized
+    (bicubic, PIL's default). Picklable, for DataLoader workers."""
+
+    def __init__(self, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be an integer >= 1, got {size!r}")
+        self.size = size
+
+    def __call__(self, image: Any) -> Tensor:
+        rgb = np.asarray(image.convert("RGB").resize((self.size, self.size)), np.uint8)
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+    def __repr__(self) -> str:
+        return f"ResizeRGB({self.size})"
 
 
 def efficientnet_lite0(
@@ -218,18 +276,10 @@ def efficientnet_lite0(
     net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
     net = net.eval().requires_grad_(False).to(dev)
 
-    def image_fn(images: list[Any]) -> Tensor:
-        x = torch.stack(
-            [
-                torch.from_numpy(
-                    np.asarray(im.convert("RGB").resize((resolution, resolution)), np.float32)
-                )
-                for im in images
-            ]
-        )
-        # EfficientNet-Lite's input normalisation: (x - 127.5) / 127.5, channels first.
-        x = ((x - 127.5) / 127.5).permute(0, 3, 1, 2).to(dev)
-        return net.extract_features(x).mean((2, 3))
+    def image_fn(x: Tensor) -> Tensor:
+        # EfficientNet-Lite's input normalisation: (x - 127.5) / 127.5.
+        x = x.to(dev, non_blocking=True).float()
+        return net.extract_features((x - 127.5) / 127.5).mean((2, 3))
 
     return FunctionEncoder(
         f"efficientnet-lite0@{resolution}",
@@ -237,6 +287,8 @@ def efficientnet_lite0(
         image_fn=image_fn,
         batch_size=batch_size,
         checkpoint=weights,
+        image_transform=ResizeRGB(resolution),
+        device=dev,
     )
 
 

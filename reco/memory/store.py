@@ -90,6 +90,24 @@ class MemoryWriteError(OSError):
 _fault_hook: Callable[[str], None] | None = None
 
 
+# The lock fds this process holds. A forked child (a DataLoader worker) closes its copies: the
+# flock stays the parent's and ends with the parent's descriptor, not with the child's life.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 def _fault(point: str) -> None:
     if _fault_hook is not None:
         _fault_hook(point)
@@ -453,6 +471,7 @@ class MemoryWriter:
                 "wait for it to finish or stop it, then resume"
             ) from None
         self._lock_fd = fd
+        _HELD_LOCKS.add(fd)
 
     def _switch_source(self, source: dict[str, Any], append: bool) -> None:
         have = self.manifest
@@ -993,6 +1012,7 @@ class MemoryWriter:
     def _release(self) -> None:
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None
         if fd is not None:
+            _HELD_LOCKS.discard(fd)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
@@ -1367,33 +1387,35 @@ class Memory:
 
     def metadata(self, rows: Sequence[int] | Tensor | np.ndarray) -> list[dict[str, Any]]:
         """The metadata rows (caption, source, ...) of the given row ids."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         ids = as_rows(rows, self.rows).reshape(-1).tolist()
         offsets = self._tables[self.modalities[0]].offsets
         out = []
         for r in ids:
             s = bisect.bisect_right(offsets, r) - 1
             if s not in self._meta_cache:
-                shard = self.manifest.shards[s]
-                path = self.root / SHARDS_DIR / shard.name / METADATA_FILE
-                inside(self.root, path, f"shard {shard.name!r} file {METADATA_FILE!r}")
-                data = read_regular(path, "shard file", size=shard.files[METADATA_FILE].bytes)
-                try:
-                    table = pq.read_table(pa.BufferReader(data))
-                except (pa.ArrowException, OSError, ValueError) as e:
-                    raise MemoryFormatError(
-                        f"shard file {path} is not readable Parquet ({e})"
-                    ) from None
-                if table.num_rows != shard.rows:
-                    raise MemoryFormatError(
-                        f"shard file {path} has {table.num_rows} rows, the manifest says "
-                        f"{shard.rows}"
-                    )
-                self._meta_cache[s] = table.to_pylist()
+                self._meta_cache[s] = self.shard_metadata(s).to_pylist()
             out.append(self._meta_cache[s][r - offsets[s]])
         return out
+
+    def shard_metadata(self, shard: int):
+        """The metadata of shard `shard` (an index into manifest.shards), as a pyarrow Table
+        with one row per row of the shard; read from disk at each call."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        info = self.manifest.shards[shard]
+        path = self.root / SHARDS_DIR / info.name / METADATA_FILE
+        inside(self.root, path, f"shard {info.name!r} file {METADATA_FILE!r}")
+        data = read_regular(path, "shard file", size=info.files[METADATA_FILE].bytes)
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise MemoryFormatError(f"shard file {path} is not readable Parquet ({e})") from None
+        if table.num_rows != info.rows:
+            raise MemoryFormatError(
+                f"shard file {path} has {table.num_rows} rows, the manifest says {info.rows}"
+            )
+        return table
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Memory:
         """A copy with every modality's embeddings in one tensor on device (e.g. "cuda")."""
