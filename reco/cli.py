@@ -1,11 +1,12 @@
-"""The `reco` command line: info, build-memory, memory (info, add, delete, compact, gc), search,
-serve, train, eval, explain."""
+"""The `reco` command line: info, build-memory, memory (info, add, delete, compact, gc, merge),
+search, serve, train, eval, explain."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -114,7 +115,25 @@ def _check_build_args(args: argparse.Namespace) -> str:
 
 
 def _build_memory(args: argparse.Namespace) -> int:
-    print(_build(args, args.out, append=args.append).summary())
+    if args.distributed:
+        if args.append:
+            raise ValueError("--distributed builds a new memory: it cannot --append")
+        if args.clip_retrieval is not None:
+            raise ValueError(
+                "--distributed decodes and encodes images; --clip-retrieval imports "
+                "embeddings (run it in one process)"
+            )
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ValueError(
+                "--distributed runs under torchrun (RANK and WORLD_SIZE are not set): "
+                "torchrun --nproc-per-node=K -m reco build-memory ... --distributed"
+            )
+        from reco.distributed import init_from_env
+
+        init_from_env(timeout_s=args.dist_timeout)
+    report = _build(args, args.out, append=args.append)
+    if not args.distributed or int(os.environ["RANK"]) == 0:
+        print(report.summary())
     return 0
 
 
@@ -160,13 +179,20 @@ def _build(args: argparse.Namespace, out: str, append: bool):
             if args.label_names is not None:
                 label_names = builders.read_label_names(args.label_names, "--label-names")
         image_enc, text_enc = _encoders(args)
-        return builders.build_from_items(
+        build = builders.build_from_items
+        if getattr(args, "distributed", False):
+            build = builders.build_distributed
+            common["keep_parts"] = args.keep_parts
+            del common["append"]
+        workers = builders.default_workers() if args.workers is None else args.workers
+        return build(
             out,
             items,
             image_encoder=image_enc,
             text_encoder=text_enc,
             label_names=label_names,
             batch_size=args.batch_size,
+            workers=workers,
             **common,
         )
 
@@ -209,6 +235,20 @@ def _memory_add(args: argparse.Namespace) -> int:
     now = read_manifest(Path(args.path))
     added = f"ids {have.next_id}..{now.next_id - 1}" if now.next_id > have.next_id else "no ids"
     print(f"{report.summary()}; {added} added; version {now.commit}")
+    return 0
+
+
+def _memory_merge(args: argparse.Namespace) -> int:
+    from reco.ingest import merge_memories
+
+    report = merge_memories(
+        args.out,
+        args.parts,
+        dedup=args.dedup,
+        shard_rows=args.shard_rows,
+        progress_bar=not args.no_progress,
+    )
+    print(report.summary())
     return 0
 
 
@@ -433,7 +473,13 @@ def _add_source_args(b: argparse.ArgumentParser, dtype: str | None) -> None:
         choices=["float16", "float32"],
         help=f"dtype of the stored embeddings (default {dtype or 'that of the memory'})",
     )
-    b.add_argument("--batch-size", type=int, default=256, help="items encoded per commit batch")
+    b.add_argument("--batch-size", type=int, default=256, help="source items per encoder batch")
+    b.add_argument(
+        "--workers",
+        type=int,
+        help="processes that read, decode and resize images (0: in this one; default: the "
+        "cores, at most 8); the memory does not depend on it",
+    )
     b.add_argument("--shard-rows", type=int, default=1 << 16)
     b.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
     b.add_argument("--near-dup-eval", help=".npy [M, d] image embeddings of an evaluation set")
@@ -462,6 +508,22 @@ def main(argv: list[str] | None = None) -> int:
         "read from its start; images already in the memory are dropped as duplicates unless "
         "--no-dedup). Without it, an existing memory resumes only the source it was built from",
     )
+    b.add_argument(
+        "--distributed",
+        action="store_true",
+        help="under torchrun: each rank builds a part (OUT.parts/), then rank 0 merges them "
+        "into OUT; restarted ranks resume their parts",
+    )
+    b.add_argument(
+        "--keep-parts", action="store_true", help="--distributed: keep OUT.parts/ after the merge"
+    )
+    b.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=24 * 3600.0,
+        help="--distributed: seconds a rank waits for the others (default a day: the fastest "
+        "rank waits for the slowest part)",
+    )
     b.set_defaults(func=_build_memory)
 
     m = sub.add_parser("memory", help="inspect and edit a memory")
@@ -478,6 +540,18 @@ def main(argv: list[str] | None = None) -> int:
     ma.add_argument("path", help="an existing memory folder")
     _add_source_args(ma, dtype=None)
     ma.set_defaults(func=_memory_add)
+    mm = msub.add_parser(
+        "merge",
+        help="merge memories built with the same encoders into a new one (the parts of a "
+        "--distributed build in source order, others concatenated); the same command again "
+        "resumes an interrupted merge",
+    )
+    mm.add_argument("out", help="the new memory folder")
+    mm.add_argument("parts", nargs="+", help="memory folders to merge")
+    mm.add_argument("--dedup", action="store_true", help="drop rows whose image is already in")
+    mm.add_argument("--shard-rows", type=int, default=1 << 16)
+    mm.add_argument("--no-progress", action="store_true")
+    mm.set_defaults(func=_memory_merge)
     md = msub.add_parser("delete", help="delete rows by id (tombstones until compact)")
     md.add_argument("path")
     md.add_argument("--ids", help="comma-separated ids, e.g. 3,5,9")

@@ -18,6 +18,7 @@ PACKAGE = pathlib.Path(reco.__file__).parent
 # the public API: it imports ops and backends, so it stands between ops and memory. Rooms on one
 # floor may import each other (no cycles, below).
 FLOORS = {
+    "__main__": 11,  # `python -m reco`: runs cli
     "cli": 10,
     "serve": 9,
     "demo": 9,

@@ -12,14 +12,18 @@ with a count and a log line, never aborting the build; malformed sources are err
 file and row.
 
 Modules: sources (RawItem, ItemSource, bounded reads, label names), captions, folders, webdataset,
-clip_retrieval (the sources), dedup (exact and near-duplicates), build (build_from_items).
+clip_retrieval (the sources), dedup (exact and near-duplicates), build (build_from_items, with
+parallel decoding), merge (merge_memories), distributed (build_distributed: a part per rank,
+then a merge).
 """
 
-from .build import BuildReport, build_from_items
+from .build import BuildReport, Partition, build_from_items, default_workers
 from .captions import MAX_CSV_FIELD, iter_caption_table
 from .clip_retrieval import clip_retrieval_source, import_clip_retrieval
 from .dedup import NearDuplicateFilter
+from .distributed import DistributedBuildError, build_distributed, part_folder, parts_folder
 from .folders import iter_image_folder
+from .merge import MergeReport, merge_memories
 from .sources import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_BYTES,
@@ -36,14 +40,22 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_LABEL_NAMES_BYTES",
     "BuildReport",
+    "DistributedBuildError",
     "ItemSource",
+    "MergeReport",
     "NearDuplicateFilter",
+    "Partition",
     "RawItem",
+    "build_distributed",
     "build_from_items",
     "clip_retrieval_source",
+    "default_workers",
     "import_clip_retrieval",
     "iter_caption_table",
     "iter_image_folder",
     "iter_webdataset",
+    "merge_memories",
+    "part_folder",
+    "parts_folder",
     "read_label_names",
 ]
