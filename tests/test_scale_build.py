@@ -378,3 +378,34 @@ def test_distributed_needs_torchrun(tmp_path, source, tiny_clip):
     table, _ = source
     res = _cli_build(tiny_clip_args(tiny_clip), tmp_path / "m", table, ["--distributed"])
     assert res.returncode == 2 and "torchrun" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_webdataset_shards_build_the_same_with_workers(tmp_path, source, encoder, mode):
+    """Uncompressed shards are read by offset in each worker, compressed ones in full: either
+    way the memory is the one built in process."""
+    import io
+    import tarfile
+
+    table, rows = source
+    shards = []
+    for n in range(2):
+        path = tmp_path / f"shard{n}.tar" if mode == "w" else tmp_path / f"shard{n}.tar.gz"
+        with tarfile.open(path, mode) as tar:
+            for i, r in enumerate(rows[n * 25 : (n + 1) * 25]):
+                for ext, data in (
+                    ("png", (table.parent / r["path"]).read_bytes()),
+                    ("txt", r["caption"].encode()),
+                ):
+                    info = tarfile.TarInfo(f"{n:02d}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        shards.append(path)
+    kw = {"image_encoder": encoder, "batch_size": 4, "shard_rows": 10, "progress_bar": False}
+    a = ingest.build_from_items(tmp_path / "w0", ingest.iter_webdataset(shards), workers=0, **kw)
+    b = ingest.build_from_items(tmp_path / "w2", ingest.iter_webdataset(shards), workers=2, **kw)
+    assert a.rows == b.rows == N_IMAGES and a.unreadable == b.unreadable == 1
+    got, want = _contents(tmp_path / "w2"), _contents(tmp_path / "w0")
+    _assert_same(got, want)
+    captions = [rows[i]["caption"] for i in _expected_items(rows)]
+    assert [m["caption"] for m in got["meta"]] == captions

@@ -7,7 +7,7 @@ import logging
 import os
 import tarfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ..memory.files import flat as _flat
@@ -73,11 +73,33 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _member_reader(shard: Path, offset: int, size: int) -> Callable[[], bytes]:
+    """Reads one member's bytes from an uncompressed tar when called (decoding workers read only
+    their own items' images)."""
+
+    def read() -> bytes:
+        fd = _open_regular(shard, "WebDataset shard")
+        try:
+            data = os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise ValueError(f"{shard} is shorter than its member at {offset} ({size} bytes)")
+        return data
+
+    return read
+
+
 def _shard_items(shard: Path, limit: int) -> Iterator[RawItem]:
-    groups: dict[str, dict[str, bytes | int]] = {}  # key -> ext -> bytes, or the size not read
+    # key -> ext -> bytes, a reader (an image of an uncompressed tar), or the size not read
+    groups: dict[str, dict[str, bytes | int | Callable[[], bytes]]] = {}
     fd = _open_regular(shard, "WebDataset shard")
     try:
         with os.fdopen(fd, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+            plain = tar.fileobj is f  # not compressed: members can be read later, by offset
             for member in tar:
                 if not member.isfile():
                     continue
@@ -88,6 +110,9 @@ def _shard_items(shard: Path, limit: int) -> Iterator[RawItem]:
                 if member.size > limit:
                     log.warning("%s#%s.%s: %d bytes, not read", shard, key, ext, member.size)
                     files[ext] = member.size
+                    continue
+                if plain and ext in IMAGE_EXTS:
+                    files[ext] = _member_reader(shard, member.offset_data, member.size)
                     continue
                 r = tar.extractfile(member)
                 if r is not None:
@@ -128,12 +153,14 @@ def _shard_items(shard: Path, limit: int) -> Iterator[RawItem]:
             value = meta.get("label") if isinstance(meta, dict) else None
             if isinstance(value, (str, int)) and not isinstance(value, bool):
                 label = str(value)
-        image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+        image_ext = next((e for e in IMAGE_EXTS if e in files), None)
         data = files.get(image_ext) if image_ext else None
         if data is None:
             read = _fails(f"{where}: no image (.jpg, .jpeg, .png or .webp)")
         elif isinstance(data, int):
             read = _fails(f"{where}.{image_ext}: {data} bytes, over the limit of {limit}")
+        elif callable(data):
+            read = data
         else:
             read = lambda d=data: d  # noqa: E731
         yield RawItem(source=where, caption=caption, read_image=read, label_name=label)
