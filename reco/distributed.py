@@ -373,10 +373,26 @@ def _rows_table(table: EmbeddingTable, start: int, stop: int) -> EmbeddingTable 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 120.0) -> None:
     """init_process_group from torchrun's environment, with a bounded collective timeout, and a
-    clean shutdown of the group at exit (install_clean_shutdown)."""
+    clean shutdown of the group at exit (install_clean_shutdown).
+
+    Under torchrun the group's keys go under a prefix of their own per restart attempt: torchrun's
+    static rendezvous keeps one store across restarts of the group, so without it a restarted
+    group reads the previous attempt's addresses, connects to dead peers and hangs (until the
+    timeout) in init_process_group.
+    """
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout
+        )
+        store = dist.PrefixStore(f"reco/attempt-{attempt}/", agent)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     install_clean_shutdown()

@@ -358,7 +358,7 @@ def test_a_three_rank_distributed_build_equals_one_process(tmp_path, source, tin
         args,
         tmp_path / "dist",
         table,
-        ["--workers", "1", "--distributed"],
+        ["--workers", "1", "--distributed", "--dist-timeout", "300"],
         env={"RECO_TEST_DIE_RANK": "1"},
         nproc=3,
     )

@@ -331,6 +331,7 @@ def build_from_items(
                 label_index,
                 report,
                 _progress_state(consumed, report),
+                pin,
             )
         writer.set_progress({**_progress_state(consumed, report), "done": True})
         bar.close()
@@ -350,6 +351,7 @@ def _encode_and_add(
     label_index: dict[str, int] | None,
     report: BuildReport,
     progress: dict[str, Any],
+    pin: bool,
 ) -> None:
     """Encodes a piece's kept items and adds them (with the progress after the piece)."""
     if not kept:
@@ -357,7 +359,10 @@ def _encode_and_add(
         return
     pick = [rec.image for rec in kept]
     if isinstance(images, Tensor):
-        img = image_encoder.encode_image_batch(images[torch.tensor(pick)])
+        if pick != list(range(len(images))):  # a copy: pinned again for the encoder's copy
+            images = images[torch.tensor(pick)]
+            images = images.pin_memory() if pin else images
+        img = image_encoder.encode_image_batch(images)
     else:
         img = image_encoder.encode_images([images[i] for i in pick])
     txt = text_encoder.encode_texts([rec.caption or "" for rec in kept])

@@ -54,6 +54,24 @@ def _finished(out: Path, source: dict[str, Any]) -> bool:
     return m.source == source and bool(m.progress.get("done"))
 
 
+def _remove_parts(out: Path, world: int, source: dict[str, Any]) -> None:
+    """Removes the part folders of this build of out (each checked to be a part memory of this
+    source and partition first), then OUT.parts if nothing else is left in it."""
+    for r in range(world):
+        folder = part_folder(out, r, world)
+        if not os.path.lexists(folder / MANIFEST_FILE):
+            continue
+        m = read_manifest(folder)
+        mark = m.source.get("partition", {})
+        base = {k: v for k, v in m.source.items() if k != "partition"}
+        if base == source and mark.get("part") == r and mark.get("parts") == world:
+            shutil.rmtree(folder)
+    try:
+        parts_folder(out).rmdir()
+    except OSError:  # something else is there: it stays
+        pass
+
+
 def _share_errors(error: str | None, what: str) -> None:
     """Raises on every rank if any rank's step failed (error: its message, or None)."""
     errors: list[str | None] = [None] * dist.get_world_size()
@@ -102,6 +120,8 @@ def build_distributed(
     dist.broadcast_object_list(state, src=0)
     if state[0]:
         log.info("%s is already built from this source: nothing to do", root)
+        if rank == 0 and not keep_parts:  # a restart after the merge, before the parts went
+            _remove_parts(root, world, source)
         return BuildReport(rows=read_manifest(root).rows)
 
     part = part_folder(root, rank, world)
@@ -132,12 +152,7 @@ def build_distributed(
                 root, parts, dedup=dedup, shard_rows=shard_rows, progress_bar=progress_bar
             )
             if not keep_parts:
-                for p in parts:
-                    shutil.rmtree(p)
-                try:
-                    parts_folder(root).rmdir()
-                except OSError:  # something else is there: it stays
-                    pass
+                _remove_parts(root, world, source)
         except Exception as e:
             error = f"{type(e).__name__}: {flat(e)}"
             log.error("rank 0: merging into %s failed: %s", root, error)
