@@ -409,3 +409,51 @@ def test_webdataset_shards_build_the_same_with_workers(tmp_path, source, encoder
     _assert_same(got, want)
     captions = [rows[i]["caption"] for i in _expected_items(rows)]
     assert [m["caption"] for m in got["meta"]] == captions
+
+
+def test_ctrl_c_of_a_build_with_workers_loses_no_commit(tmp_path, source, tiny_clip):
+    """SIGINT to the whole process group (as a terminal sends it: the build and its decoding
+    workers) at random points: the memory loads, and resuming gives the uninterrupted memory."""
+    import random
+    import signal
+    import time
+
+    table, _ = source
+    args = [*tiny_clip_args(tiny_clip), "--shard-rows", "4", "--workers", "2"]
+    assert _cli_build(args, tmp_path / "ref", table).returncode == 0
+    want = _contents(tmp_path / "ref")
+    child = (
+        "import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from reco.cli import main\nprint('ready', flush=True)\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    rng = random.Random(0)
+    interrupted = 0
+    for t in range(2):
+        out = tmp_path / f"try{t}"
+        cmd = [sys.executable, "-c", child, "build-memory", str(out), "--captions", str(table)]
+        cmd += ["--batch-size", "4", "--no-progress", *args]
+        p = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+            start_new_session=True,
+        )  # fmt: skip
+        assert p.stdout.readline().strip() == "ready"
+        target = rng.randrange(4, N_IMAGES - 8)
+        while p.poll() is None:
+            try:
+                if json.loads((out / "manifest.json").read_text())["rows"] >= target:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGINT)
+            interrupted += 1
+        _, err = p.communicate(timeout=120)
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        assert last == "" or "interrupted" in last or last.startswith("KeyboardInterrupt"), err
+        with Memory.open(out, verify="full") as mem:
+            assert mem.rows <= N_IMAGES
+        assert _cli_build(args, out, table).returncode == 0
+        _assert_same(_contents(out), want)
+    assert interrupted >= 1
