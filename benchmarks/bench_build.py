@@ -9,10 +9,13 @@
    of a forward pass does not depend on the weights), and of decoding one JPEG.
 3. `distributed`: runs a K-rank gloo `reco build-memory --distributed` under torchrun R times on
    a small generated set and counts the runs in which every rank exited 0.
+4. `model`: the scale model (build and search of 1e8 and 2e9 rows) from 1-2's JSON and the
+   published figures in PUBLISHED.
 
     python benchmarks/bench_build.py workers --images 384 --workers 0,1,2 --resolutions 224,96
     python benchmarks/bench_build.py costs --models RN50,ViT-B-32,ViT-B-16,ViT-L-14
     python benchmarks/bench_build.py distributed --runs 20 --ranks 3
+    python benchmarks/bench_build.py model    # the scale model, from the JSON of the others
 
 Prints tables and writes JSON (machine, config, results).
 """
@@ -125,6 +128,14 @@ def run_workers(args: argparse.Namespace) -> dict:
                         progress_bar=False,
                     )
                     rates[w].append(report.rows / (time.perf_counter() - t0))
+            if "bytes_per_row" not in out:  # the memory's files, per row (by file name)
+                folder = tmp / f"mem-{res}-{min(rates)}"
+                sizes: dict[str, int] = {}
+                for f in folder.rglob("*"):
+                    if f.is_file() and "shards" in f.parts:
+                        sizes[f.name] = sizes.get(f.name, 0) + f.stat().st_size
+                out["bytes_per_row"] = {k: v / report.rows for k, v in sorted(sizes.items())}
+                out["caption_chars"] = float(np.mean([len(it.caption or "") for it in items]))
             print(bounds.header())
             print(bounds.row(name, dec, enc))
             print(table.header())
@@ -171,25 +182,25 @@ def run_costs(args: argparse.Namespace) -> dict:
         }
         rows.append(r)
         print(table.row(model, r["ms_per_image"], r["ms_per_caption"], str(enc.dim)))
-    tmp = Path(tempfile.mkdtemp(prefix="bench_decode_"))
-    try:
-        width, height = (int(v) for v in args.size.split("x"))
-        make_jpegs(tmp, 64, width, height, seed=1)
-        files = sorted(tmp.rglob("*.jpg"))
-        data = [f.read_bytes() for f in files]
+    decode = []
+    for size in args.sizes.split(","):
+        tmp = Path(tempfile.mkdtemp(prefix="bench_decode_"))
+        try:
+            width, height = (int(v) for v in size.split("x"))
+            make_jpegs(tmp, 64, width, height, seed=1)
+            data = [f.read_bytes() for f in sorted(tmp.rglob("*.jpg"))]
 
-        def decode() -> None:
-            for d in data:
-                im = ingest.build._load_image(d)
-                im.resize((224, 224))
+            def run(data=data) -> None:
+                for d in data:
+                    ingest.build._load_image(d).resize((224, 224))
 
-        dec = common.time_runs(decode, args.repeats, warmup=1)
-        per = dec.median_ms / len(data)
-        kb = float(np.mean([len(d) for d in data])) / 1024
-        print(f"decode + resize to 224 of a {args.size} JPEG ({kb:.0f} KB): {per:.2f} ms")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"encode": rows, "decode_ms_per_image": per, "jpeg_kb": kb, "jpeg_size": args.size}
+            per = common.time_runs(run, args.repeats, warmup=1).median_ms / len(data)
+            kb = float(np.mean([len(d) for d in data])) / 1024
+            print(f"decode + resize to 224 of a {size} JPEG ({kb:.0f} KB), 1 core: {per:.2f} ms")
+            decode.append({"size": size, "jpeg_kb": kb, "ms_per_image": per})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"encode": rows, "decode": decode, "threads": torch.get_num_threads()}
 
 
 TINY_CLIP = {
@@ -243,6 +254,74 @@ def run_distributed(args: argparse.Namespace) -> dict:
             "seconds": times}  # fmt: skip
 
 
+# Figures from elsewhere, for the scale model (each with its source).
+PUBLISHED = {
+    # open_clip docs/model_profile.csv: GFLOP per image + text (image, text), 224 px, 77 tokens.
+    "gflop": {"ViT-B-32": (8.82, 5.96), "ViT-B-16": (35.13, 5.96), "ViT-L-14": (162.03, 13.3)},
+    "dim": {"ViT-B-32": 512, "ViT-B-16": 512, "ViT-L-14": 768},
+    # clip-retrieval README: clip inference of ViT-B/32 (image + text) at 1400 samples/s on
+    # one RTX 3080, whose dense fp16 tensor peak with fp32 accumulation is 59.5 TFLOP/s (NVIDIA
+    # GA102 whitepaper).
+    "rtx3080_pairs_s": 1400,
+    "rtx3080_tflops": 59.5,
+    # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, 80 GB.
+    "h100_tflops": 989.0,
+    "h100_tb_s": 3.35,
+    "h100_gb": 80,
+}
+
+
+def run_model(args: argparse.Namespace) -> dict:
+    """The scale model: build and search of 1e8 and 2e9 rows, from the JSON that `costs` and
+    `workers` wrote (measured here) and PUBLISHED (measured elsewhere)."""
+    costs = json.loads(Path(args.costs).read_text())["results"]
+    workers = json.loads(Path(args.workers_json).read_text())["results"]
+    pub = PUBLISHED
+    # The fraction of its peak the published 3080 run reached, assumed on an H100 as well.
+    eff = pub["rtx3080_pairs_s"] * sum(pub["gflop"]["ViT-B-32"]) / 1e3 / pub["rtx3080_tflops"]
+    decode = {d["size"]: d["ms_per_image"] for d in costs["decode"]}
+    cpu = {e["model"]: e["ms_per_image"] + e["ms_per_caption"] for e in costs["encode"]}
+    meta = sum(v for k, v in workers["bytes_per_row"].items() if k.endswith(".parquet"))
+    out: dict = {"efficiency": eff, "build": [], "store": []}
+    print(f"assumed H100 efficiency (the published 3080 run's): {eff:.1%} of peak")
+    build = common.Table(
+        [("rows", 5), ("model", 9), ("H100 pairs/s", 12, ".0f"), ("GPU-hours", 9, ".0f"),
+         ("GPUs, 24 h", 10, ".0f"), ("decode cores/GPU", 16, ".1f"),
+         ("CPU core-years", 14, ".1f")], left=True)  # fmt: skip
+    print(build.header())
+    for rows in (1e8, 2e9):
+        for model in ("ViT-B-32", "ViT-L-14"):
+            rate = eff * pub["h100_tflops"] * 1e3 / sum(pub["gflop"][model])
+            hours = rows / rate / 3600
+            cores = rate * decode["256x256"] / 1e3  # img2dataset's 256 px JPEGs
+            core_years = rows * cpu[model] * costs["threads"] / 1e3 / 3600 / 24 / 365
+            r = {"rows": rows, "model": model, "h100_pairs_s": rate, "gpu_hours": hours,
+                 "gpus_24h": hours / 24, "decode_cores_per_gpu": cores,
+                 "cpu_core_years": core_years}  # fmt: skip
+            out["build"].append(r)
+            print(build.row(f"{rows:.0e}", model, rate, hours, max(1.0, hours / 24), cores,
+                            core_years))  # fmt: skip
+    store = common.Table(
+        [("rows", 5), ("d", 4), ("disk fp16 GB", 12, ".0f"), ("keys fp16 GB", 12, ".0f"),
+         ("keys int8 GB", 12, ".0f"), ("H100s fp16", 10, ".0f"), ("scan ms", 8, ".0f"),
+         ("VM scan s", 9, ".0f")], left=True)  # fmt: skip
+    print(store.header())
+    for rows in (1e8, 2e9):
+        for d in (512, 768):
+            keys16, keys8 = rows * d * 2 / 1e9, rows * (d + 4) / 1e9
+            disk = rows * (4 * d + 8 + meta) / 1e9  # image + text fp16, ids, metadata
+            gpus = np.ceil(keys16 / (0.8 * pub["h100_gb"]))  # a fifth of HBM left for the rest
+            scan_ms = keys16 / gpus / pub["h100_tb_s"]  # GB / (TB/s) = ms, shards in parallel
+            vm_s = keys16 / args.read_gb_s
+            r = {"rows": rows, "d": d, "disk_fp16_gb": disk, "keys_fp16_gb": keys16,
+                 "keys_int8_gb": keys8, "h100s_fp16": gpus, "scan_ms": scan_ms,
+                 "vm_scan_s": vm_s}  # fmt: skip
+            out["store"].append(r)
+            print(store.row(f"{rows:.0e}", str(d), disk, keys16, keys8, gpus, scan_ms, vm_s))
+    out["metadata_bytes_per_row"] = meta
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -257,15 +336,22 @@ def main() -> None:
     c.add_argument("--models", default="RN50,ViT-B-32,ViT-B-16,ViT-L-14")
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--repeats", type=int, default=3)
-    c.add_argument("--size", default="512x384")
+    c.add_argument("--sizes", default="256x256,512x384", help="JPEG sizes to decode")
     d = sub.add_parser("distributed")
     d.add_argument("--runs", type=int, default=20)
     d.add_argument("--ranks", type=int, default=3)
     d.add_argument("--images", type=int, default=30)
-    for s in (w, c, d):
+    m = sub.add_parser("model")
+    m.add_argument("--costs", default=str(common.RESULTS / "build_costs.json"))
+    m.add_argument("--workers-json", default=str(common.RESULTS / "build_workers.json"))
+    m.add_argument(
+        "--read-gb-s", type=float, default=31.0, help="key read rate here (bench_retrieve B=1)"
+    )
+    for s in (w, c, d, m):
         s.add_argument("--out", help="JSON path (default benchmarks/results/build_<what>.json)")
     args = p.parse_args()
-    fn = {"workers": run_workers, "costs": run_costs, "distributed": run_distributed}[args.what]
+    fn = {"workers": run_workers, "costs": run_costs, "distributed": run_distributed,
+          "model": run_model}[args.what]  # fmt: skip
     t0 = time.time()
     results = fn(args)
     doc = {

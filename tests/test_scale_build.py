@@ -457,3 +457,21 @@ def test_ctrl_c_of_a_build_with_workers_loses_no_commit(tmp_path, source, tiny_c
         assert _cli_build(args, out, table).returncode == 0
         _assert_same(_contents(out), want)
     assert interrupted >= 1
+
+
+def test_an_image_transform_of_varying_shapes_is_a_clear_error(tmp_path, source):
+    table, _ = source
+
+    def image_fn(x):
+        return x.float().flatten(1)[:, :8]
+
+    enc = FunctionEncoder(
+        "sizes", 8, image_fn=image_fn, text_fn=_pil_encoder()._text_fn,
+        image_transform=lambda im: torch.zeros(3, im.size[1], im.size[0]),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="image_transform must return tensors of one shape"):
+        _build(tmp_path / "m", table, enc)
+    with pytest.raises(ValueError, match="image_transform needs image_fn"):
+        FunctionEncoder("t", 8, text_fn=image_fn, image_transform=lambda im: im)
+    with pytest.raises(TypeError, match="has no image_transform"):
+        _pil_encoder().encode_image_batch(torch.zeros(2, 3, 4, 4))
