@@ -285,9 +285,9 @@ def run_model(args: argparse.Namespace) -> dict:
     out: dict = {"efficiency": eff, "build": [], "store": []}
     print(f"assumed H100 efficiency (the published 3080 run's): {eff:.1%} of peak")
     build = common.Table(
-        [("rows", 5), ("model", 9), ("H100 pairs/s", 12, ".0f"), ("GPU-hours", 9, ".0f"),
-         ("GPUs, 24 h", 10, ".0f"), ("decode cores/GPU", 16, ".1f"),
-         ("CPU core-years", 14, ".1f")], left=True)  # fmt: skip
+        [("rows", 5), ("model", 9), ("H100 pairs/s", 12, ".0f"), ("GPU-hours", 9, ".1f"),
+         ("h on 8 GPUs", 11, ".1f"), ("h on 64 GPUs", 12, ".2f"),
+         ("decode cores/GPU", 16, ".1f"), ("CPU core-years", 14, ".1f")], left=True)  # fmt: skip
     print(build.header())
     for rows in (1e8, 2e9):
         for model in ("ViT-B-32", "ViT-L-14"):
@@ -296,10 +296,9 @@ def run_model(args: argparse.Namespace) -> dict:
             cores = rate * decode["256x256"] / 1e3  # img2dataset's 256 px JPEGs
             core_years = rows * cpu[model] * costs["threads"] / 1e3 / 3600 / 24 / 365
             r = {"rows": rows, "model": model, "h100_pairs_s": rate, "gpu_hours": hours,
-                 "gpus_24h": hours / 24, "decode_cores_per_gpu": cores,
-                 "cpu_core_years": core_years}  # fmt: skip
+                 "decode_cores_per_gpu": cores, "cpu_core_years": core_years}  # fmt: skip
             out["build"].append(r)
-            print(build.row(f"{rows:.0e}", model, rate, hours, max(1.0, hours / 24), cores,
+            print(build.row(f"{rows:.0e}", model, rate, hours, hours / 8, hours / 64, cores,
                             core_years))  # fmt: skip
     store = common.Table(
         [("rows", 5), ("d", 4), ("disk fp16 GB", 12, ".0f"), ("keys fp16 GB", 12, ".0f"),
