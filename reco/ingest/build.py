@@ -6,6 +6,7 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -168,10 +169,20 @@ class _DecodedPieces(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
-        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for j, piece in enumerate(_pieces(self.items, self.start, self.partition)):
-            if j % workers == w:
+        if info is None:  # in process: errors raise here
+            for piece in _pieces(self.items, self.start, self.partition):
                 yield _decode_piece(piece, self.transform)
+            return
+        try:
+            for j, piece in enumerate(_pieces(self.items, self.start, self.partition)):
+                if j % info.num_workers == info.id:
+                    yield _decode_piece(piece, self.transform)
+        except Exception as e:  # a bad source: raised by the builder as it is, in order
+            try:
+                pickle.dumps(e)
+            except Exception:
+                e = ValueError(_flat(e))
+            yield {"error": e}
 
 
 def _as_is(x: Any) -> Any:
@@ -293,6 +304,8 @@ def build_from_items(
         bar = _progress(progress_bar, initial=consumed)
         pieces = _decoded(_DecodedPieces(items, consumed, partition, transform), workers, pin)
         for piece in pieces:
+            if "error" in piece:
+                raise piece["error"]
             kept: list[_Decoded] = []
             for rec in piece["records"]:
                 if rec.skip in ("missing_caption", "empty_caption"):
