@@ -34,7 +34,7 @@ from ..memory.manifest import (
     MemoryFormatError,
     MemorySourceError,
 )
-from ..memory.store import Memory, MemoryWriter, inside, read_manifest, same_encoder
+from ..memory.store import Memory, MemoryWriter, inside, layout_differences, read_manifest
 from .build import _progress
 from .dedup import _committed_column
 from .sources import _check_count
@@ -65,20 +65,9 @@ def _check_compatible(parts: list[tuple[Path, Manifest]]) -> None:
     """Refuses parts whose modalities, dims, dtypes, encoders or labels differ from the first's."""
     (root0, m0), problems = parts[0], []
     for root, m in parts[1:]:
-        why = []
-        if set(m.modalities) != set(m0.modalities):
-            why.append(f"modalities {sorted(m.modalities)} != {sorted(m0.modalities)}")
-        for mod in sorted(set(m.modalities) & set(m0.modalities)):
-            a, b = m0.modalities[mod], m.modalities[mod]
-            if (a.dim, a.dtype) != (b.dim, b.dtype):
-                why.append(f"{mod}: {b.dim}-d {b.dtype} != {a.dim}-d {a.dtype}")
-            if not same_encoder(a.encoder, b.encoder):
-                why.append(
-                    f"{mod} encoder {b.encoder.name!r} (sha256 {b.encoder.sha256}) != "
-                    f"{a.encoder.name!r} (sha256 {a.encoder.sha256})"
-                )
-        if m.has_labels != m0.has_labels or m.label_names != m0.label_names:
-            why.append("the labels (or label names) differ")
+        why = layout_differences(m0, m, ("the first part's", "this part's"))
+        if m.label_names != m0.label_names and "label names differ" not in why:
+            why.append("label names differ")
         if why:
             problems.append(f"{root}: {'; '.join(why)}")
     if problems:

@@ -279,6 +279,30 @@ def _encoder_text(e: EncoderInfo) -> str:
     return f"{parts[0]} ({', '.join(parts[1:])})"
 
 
+def layout_differences(
+    have: Manifest, other: Manifest, names: tuple[str, str] = ("the memory's", "the new rows'")
+) -> list[str]:
+    """What keeps rows laid out as `other` says out of the memory `have`: modalities, dims,
+    dtypes, encoders, labels and (when other names them) label names; [] when none."""
+    problems = []
+    if set(have.modalities) != set(other.modalities):
+        problems.append(f"modalities {sorted(have.modalities)} != {sorted(other.modalities)}")
+    for m in sorted(set(have.modalities) & set(other.modalities)):
+        a, b = have.modalities[m], other.modalities[m]
+        if (a.dim, a.dtype) != (b.dim, b.dtype):
+            problems.append(f"{m}: {a.dim}-d {a.dtype} != {b.dim}-d {b.dtype}")
+        if not same_encoder(a.encoder, b.encoder):
+            problems.append(
+                f"{m} encoder: {names[0]} is {_encoder_text(a.encoder)}, {names[1]} is "
+                f"{_encoder_text(b.encoder)}"
+            )
+    if have.has_labels != other.has_labels:
+        problems.append(f"has_labels {have.has_labels} != {other.has_labels}")
+    if other.label_names is not None and have.label_names != other.label_names:
+        problems.append("label names differ")
+    return problems
+
+
 def same_encoder(a: EncoderInfo, b: EncoderInfo) -> bool:
     """Whether two encoders are the same: the same name and checkpoint sha256 where both have
     one (the file may have moved), else equal in every field."""
@@ -508,23 +532,7 @@ class MemoryWriter:
         return self.manifest.next_id
 
     def _check_compatible(self, wanted: Manifest) -> None:
-        have = self.manifest
-        problems = []
-        if set(have.modalities) != set(wanted.modalities):
-            problems.append(f"modalities {sorted(have.modalities)} != {sorted(wanted.modalities)}")
-        for m in sorted(set(have.modalities) & set(wanted.modalities)):
-            a, b = have.modalities[m], wanted.modalities[m]
-            if (a.dim, a.dtype) != (b.dim, b.dtype):
-                problems.append(f"{m}: {a.dim}-d {a.dtype} != {b.dim}-d {b.dtype}")
-            if not same_encoder(a.encoder, b.encoder):
-                problems.append(
-                    f"{m} encoder: the memory's is {_encoder_text(a.encoder)}, the new rows' "
-                    f"is {_encoder_text(b.encoder)}"
-                )
-        if have.has_labels != wanted.has_labels:
-            problems.append(f"has_labels {have.has_labels} != {wanted.has_labels}")
-        if wanted.label_names is not None and have.label_names != wanted.label_names:
-            problems.append("label names differ")
+        problems = layout_differences(self.manifest, wanted)
         if problems:
             raise MemoryFormatError(
                 f"{self.root} already holds a memory built differently ({'; '.join(problems)}); "
