@@ -122,8 +122,8 @@ void import_op_arrays(Args& a, Imported* owners, py::handle query, py::handle ke
 
 reco::cpu::Level parse_level(const std::optional<std::string>& level) {
   if (!level) return reco::cpu::default_level();
-  reco::cpu::Level levels[4];
-  const int n = reco::cpu::available_levels(levels, 4);
+  reco::cpu::Level levels[reco::cpu::kMaxLevels];
+  const int n = reco::cpu::available_levels(levels, reco::cpu::kMaxLevels);
   std::string known;
   for (int i = 0; i < n; ++i) {
     if (*level == reco::cpu::level_name(levels[i])) return levels[i];
@@ -328,8 +328,8 @@ PYBIND11_MODULE(RECO_MODULE, m) {
   m.def(
       "cpu_levels",
       [] {
-        reco::cpu::Level levels[4];
-        const int n = reco::cpu::available_levels(levels, 4);
+        reco::cpu::Level levels[reco::cpu::kMaxLevels];
+        const int n = reco::cpu::available_levels(levels, reco::cpu::kMaxLevels);
         std::vector<std::string> out;
         for (int i = 0; i < n; ++i) out.emplace_back(reco::cpu::level_name(levels[i]));
         return out;

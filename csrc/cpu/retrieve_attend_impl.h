@@ -25,6 +25,12 @@
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+#if defined(RECO_NEON)
+#if !defined(__ARM_NEON) || RECO_VW != 4
+#error "the neon level is built for AArch64 with RECO_VW 4"
+#endif
+#include <arm_neon.h>
+#endif
 
 #include "exclusions.h"
 #include "fp_mode.h"
@@ -48,12 +54,22 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline vf load_keys(const float* p) { return vload(p); }
 
 inline vf load_keys(const bf16_t* p) {
+#if defined(RECO_NEON)
+  const uint32x4_t w = vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16);
+  return reinterpret_cast<const vf&>(w);
+#else
   const vu32 w = __builtin_convertvector(*reinterpret_cast<const vu16*>(p), vu32) << 16;
   return reinterpret_cast<const vf&>(w);
+#endif
 }
 
 inline vf load_keys(const half_t* p) {
-#if RECO_VW == 16 && defined(__AVX512F__)
+#if defined(RECO_NEON)
+  // fcvtl: exact, subnormal halves included (they widen to normal floats).
+  const float32x4_t x =
+      vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p))));
+  return reinterpret_cast<const vf&>(x);
+#elif RECO_VW == 16 && defined(__AVX512F__)
   const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return reinterpret_cast<const vf&>(x);
 #elif RECO_VW == 8 && defined(__F16C__)
