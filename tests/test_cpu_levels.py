@@ -145,3 +145,24 @@ def test_arm64_levels_pass_the_reference_cases_under_qemu(arm64_build, tmp_path)
     r = _run([cxx, "-fopenmp", check, *map(str, kernel), "-o", str(exe)])
     assert r.returncode == 0, r.stderr
     _expect_every_level_ok([qemu, "-L", str(ARM64_SYSROOT), str(exe)], ["generic", "neon"])
+
+
+@pytest.mark.skipif(reco.ops._C is None, reason="reco._C is not built")
+def test_machine_limit_loops_for_the_benchmarks():
+    """reco._C's loops behind benchmarks/common.machine_limits, at every level here."""
+    import torch
+
+    C = reco.ops._C
+    x = torch.arange(1 << 16, dtype=torch.float32)
+    for level in C.cpu_levels():
+        rate = C.bench_fma_rate(level, 1, 0.01)
+        assert 1e8 < rate < 1e13, (level, rate)  # multiply-adds per second on one thread
+        dot = C.bench_fma_rate(level, 1, 0.01, bf16_dot=True)
+        assert (dot > 1e8) == (level == "avx512bf16"), (level, dot)
+        assert 0 < C.bench_read_seconds(x, 2, level) < 1
+    with pytest.raises(ValueError, match="array must be contiguous"):
+        C.bench_read_seconds(x[::2], 1)
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        C.bench_fma_rate(None, 0)
+    with pytest.raises(ValueError, match="is not available here"):
+        C.bench_read_seconds(x, 1, "sse9")

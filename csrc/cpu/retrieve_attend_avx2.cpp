@@ -2,3 +2,4 @@
 #define RECO_LEVEL_NS avx2
 #define RECO_VW 8
 #include "retrieve_attend_impl.h"
+#include "machine_limits_impl.h"

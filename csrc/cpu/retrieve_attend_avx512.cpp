@@ -2,3 +2,4 @@
 #define RECO_LEVEL_NS avx512
 #define RECO_VW 16
 #include "retrieve_attend_impl.h"
+#include "machine_limits_impl.h"

@@ -4,3 +4,4 @@
 #define RECO_VW 16
 #define RECO_BF16_DOT 1
 #include "retrieve_attend_impl.h"
+#include "machine_limits_impl.h"

@@ -2,3 +2,4 @@
 #define RECO_LEVEL_NS generic
 #define RECO_VW 4
 #include "retrieve_attend_impl.h"
+#include "machine_limits_impl.h"

@@ -4,3 +4,4 @@
 #define RECO_VW 4
 #define RECO_NEON 1
 #include "retrieve_attend_impl.h"
+#include "machine_limits_impl.h"
