@@ -149,6 +149,14 @@ class CaseResult:
     """Mean fraction of reco's top-k indices found in the `recall_vs` method's top-k."""
     max_abs_diff_output: float | None = None
     """max |reco output - `recall_vs` output| over the whole [B, 1, dv] output."""
+    limit_ms: float | None = None
+    """The machine's limit for the search (CPU): the larger of B x N x d multiply-adds at the
+    level's FMA peak (vdpbf16ps's for bf16 queries on bf16 keys at avx512bf16) and one read of
+    the keys at the measured bandwidth."""
+    limit_bound: str | None = None
+    """Which of the two it is: "compute" or "read"."""
+    pct_of_limit: dict[str, float] = field(default_factory=dict)
+    """Per method: 100 x limit_ms / its median time."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -377,6 +385,8 @@ TABLE = common.Table(
         ("read ms", 8),
         ("gemm ms", 8),
         ("reco/floor", 10),
+        ("limit ms", 8),
+        ("reco %lim", 9),
     ],
     left=True,
     rule=True,
@@ -416,6 +426,8 @@ def table_row(r: CaseResult) -> str:
         ms("read keys"),
         ms("scores gemm"),
         "-" if reco_t is None or not floor else f"{reco_t.median_ms / max(floor):.2f}",
+        "-" if r.limit_ms is None else f"{r.limit_ms:.2f}",
+        "-" if "reco" not in r.pct_of_limit else f"{r.pct_of_limit['reco']:.0f}% {r.limit_bound}",
     )
 
 
@@ -440,6 +452,7 @@ def run_case(
     values: Tensor,
     index: Any,
     sync: Callable[[], None],
+    limits: common.MachineLimits | None = None,
 ) -> CaseResult:
     """Times every enabled method on one case and cross-checks reco's indices and output."""
     B, k = query.shape[0], cfg.k
@@ -480,6 +493,16 @@ def run_case(
             t.x_vs_reco = t.median_ms / reco_ms
     outputs.pop("read keys")
     outputs.pop("scores gemm", None)
+    if limits is not None:
+        # vdpbf16ps scores bfloat16 queries against bfloat16 keys (2 multiply-adds a lane).
+        dot = limits.level == "avx512bf16" and storage == query.dtype == torch.bfloat16
+        compute = limits.compute_ms(float(B) * cfg.N * cfg.d, bf16_dot=dot)
+        read = limits.read_ms(keys.numel() * keys.element_size())
+        result.limit_ms = max(compute, read)
+        result.limit_bound = "compute" if compute >= read else "read"
+        for method, t in result.timings.items():
+            if method != "read keys":
+                result.pct_of_limit[method] = 100 * result.limit_ms / t.median_ms
     ref = next((m for m in ("faiss+gather", "torch naive") if m in outputs), None)
     if ref is not None:
         result.recall_vs = ref
@@ -537,10 +560,14 @@ def main(argv: list[str] | None = None) -> int:
             keys = random_unit_rows(cfg.N, cfg.d, cfg.seed, storage, cfg.device)
             values = random_unit_rows(cfg.N, cfg.dv, cfg.seed + 1, storage, cfg.device)
             index = build_faiss_index(keys, cfg.device) if index_on else None
+            limits = common.machine_limits(keys, cfg.threads) if cfg.device == "cpu" else None
+            if limits is not None:
+                info.setdefault("limits", {})[name] = dataclasses.asdict(limits)
+                print(f"{name} keys: {limits.summary()}", flush=True)
             for qdtype in query_dtypes(storage):
                 for B in cfg.batches:
                     query = queries[:B].to(qdtype)
-                    r = run_case(cfg, storage, query, keys, values, index, sync)
+                    r = run_case(cfg, storage, query, keys, values, index, sync, limits)
                     results.append(r)
                     print(table_row(r), flush=True)
                     del query
@@ -553,7 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     ratios = (
         "faiss/reco, naive/reco = other time / reco time (> 1: reco faster); read = one pass "
         "summing the keys (torch), the memory-bound floor; gemm (CUDA only) = the score GEMM "
-        "alone, the compute-bound floor; reco/floor = reco time / the larger of the two"
+        "alone, the compute-bound floor; reco/floor = reco time / the larger of the two; "
+        "limit = the machine's measured limit (CPU: the larger of the B x N x d multiply-adds at "
+        "the level's FMA peak and one read of the keys at the measured bandwidth), reco %lim = "
+        "100 x limit / reco time, with the bound (compute or read)"
     )
     recall_note = "recall = reco's top-k vs faiss's (naive's without faiss)"
     print(f"{ratios}; {recall_note}")

@@ -118,6 +118,63 @@ def machine_info(
     return info
 
 
+@dataclass
+class MachineLimits:
+    """The machine's own limits, measured by reco._C's benchmark loops on the threads a benchmark
+    runs with: the multiply-add peak of each CPU level's vectors and the read bandwidth over an
+    array (a key matrix), so that a figure can be given as a % of what the machine allows."""
+
+    level: str
+    """The CPU level the op runs at (RECO_CPU_LEVEL, else the best)."""
+    threads: int
+    fma_gmacs: dict[str, float]
+    """Per level: float32 vector FMA chains (generic: multiply then add), 1e9 multiply-adds/s."""
+    bf16_dot_gmacs: float | None
+    """vdpbf16ps chains (2 multiply-adds a lane) where the CPU and build have them."""
+    read_gbs: float
+    """One pass reading the array with the level's vector loads, median of the repeats, GB/s."""
+    read_bytes: int
+
+    def compute_ms(self, macs: float, bf16_dot: bool = False) -> float:
+        """The time `macs` multiply-adds take at the level's peak (bf16_dot: vdpbf16ps's)."""
+        rate = self.bf16_dot_gmacs if bf16_dot and self.bf16_dot_gmacs else None
+        return macs / ((rate or self.fma_gmacs[self.level]) * 1e9) * 1e3
+
+    def read_ms(self, nbytes: float) -> float:
+        """The time reading `nbytes` takes at the measured bandwidth."""
+        return nbytes / (self.read_gbs * 1e9) * 1e3
+
+    def summary(self) -> str:
+        peaks = ", ".join(f"{name} {rate:.1f}" for name, rate in self.fma_gmacs.items())
+        dot = f" (vdpbf16ps {self.bf16_dot_gmacs:.1f})" if self.bf16_dot_gmacs else ""
+        return (
+            f"limits on {self.threads} threads: FMA peak {peaks}{dot} GMAC/s; read "
+            f"{self.read_gbs:.1f} GB/s over {self.read_bytes / 1e9:.2f} GB (level {self.level})"
+        )
+
+
+def machine_limits(array: torch.Tensor, threads: int, repeats: int = 5) -> MachineLimits | None:
+    """Measures MachineLimits on `threads` threads, the read over `array` (contiguous, CPU);
+    None without the compiled core."""
+    C = reco_ops._C
+    if C is None:
+        return None
+    level = C.default_cpu_level()
+    fma = {name: C.bench_fma_rate(name, threads) / 1e9 for name in C.cpu_levels()}
+    dot = C.bench_fma_rate(level, threads, bf16_dot=True) / 1e9
+    C.bench_read_seconds(array, threads, level)  # warm-up: pages mapped, caches as in a search
+    times = [C.bench_read_seconds(array, threads, level) for _ in range(repeats)]
+    nbytes = array.numel() * array.element_size()
+    return MachineLimits(
+        level=level,
+        threads=threads,
+        fma_gmacs=fma,
+        bf16_dot_gmacs=dot or None,
+        read_gbs=nbytes / statistics.median(times) / 1e9,
+        read_bytes=nbytes,
+    )
+
+
 def synchronizer(device: str) -> Callable[[], None]:
     """A function that waits for the device's queued work."""
     if device == "cuda":

@@ -13,6 +13,7 @@
 
 #include "reco/dlpack.h"
 #if !defined(RECO_EMULATION)
+#include "cpu/machine_limits.h"
 #include "cpu/retrieve_attend.h"
 #endif
 #if defined(RECO_WITH_CUDA)
@@ -122,8 +123,8 @@ void import_op_arrays(Args& a, Imported* owners, py::handle query, py::handle ke
 
 reco::cpu::Level parse_level(const std::optional<std::string>& level) {
   if (!level) return reco::cpu::default_level();
-  reco::cpu::Level levels[4];
-  const int n = reco::cpu::available_levels(levels, 4);
+  reco::cpu::Level levels[reco::cpu::kMaxLevels];
+  const int n = reco::cpu::available_levels(levels, reco::cpu::kMaxLevels);
   std::string known;
   for (int i = 0; i < n; ++i) {
     if (*level == reco::cpu::level_name(levels[i])) return levels[i];
@@ -328,8 +329,8 @@ PYBIND11_MODULE(RECO_MODULE, m) {
   m.def(
       "cpu_levels",
       [] {
-        reco::cpu::Level levels[4];
-        const int n = reco::cpu::available_levels(levels, 4);
+        reco::cpu::Level levels[reco::cpu::kMaxLevels];
+        const int n = reco::cpu::available_levels(levels, reco::cpu::kMaxLevels);
         std::vector<std::string> out;
         for (int i = 0; i < n; ++i) out.emplace_back(reco::cpu::level_name(levels[i]));
         return out;
@@ -346,6 +347,38 @@ PYBIND11_MODULE(RECO_MODULE, m) {
         "CPU coarse int8 search of fused_retrieve_attend_int8, writing rows and scores.");
   m.def("coarse_int8_uses_vnni", &reco::cpu::coarse_int8_uses_vnni,
         "Whether the CPU coarse int8 search uses AVX512-VNNI here.");
+  // The machine's limits, for benchmarks/ (not part of the op).
+  m.def(
+      "bench_fma_rate",
+      [](const std::optional<std::string>& level, int num_threads, double seconds, bool bf16_dot) {
+        const reco::cpu::Level lv = parse_level(level);
+        py::gil_scoped_release release;
+        return reco::cpu::fma_rate(lv, num_threads, seconds, bf16_dot);
+      },
+      py::arg("level"), py::arg("num_threads"), py::arg("seconds") = 0.3,
+      py::arg("bf16_dot") = false,
+      "Benchmarks only: multiply-adds per second of the level's float32 vector FMA chains on "
+      "num_threads threads (bf16_dot: vdpbf16ps, 0 where the level has none).");
+  m.def(
+      "bench_read_seconds",
+      [](py::handle array, int num_threads, const std::optional<std::string>& level) {
+        Imported owner;
+        const TensorView v = import_array(array, "array", owner);
+        if (v.device_type != 1) throw py::value_error("array must be on the CPU");
+        int64_t want = 1;
+        for (int i = v.ndim - 1; i >= 0; --i) {
+          if (v.shape[i] != 1 && v.strides[i] != want)
+            throw py::value_error("array must be contiguous");
+          want *= v.shape[i];
+        }
+        const reco::cpu::Level lv = parse_level(level);
+        const int64_t bytes = v.numel() * reco::dtype_size(v.dtype);
+        py::gil_scoped_release release;
+        return reco::cpu::read_seconds(lv, v.data, bytes, num_threads);
+      },
+      py::arg("array"), py::arg("num_threads"), py::arg("level") = py::none(),
+      "Benchmarks only: seconds of one pass reading every byte of a contiguous CPU array with "
+      "the level's vector loads, split over num_threads threads.");
 #endif
 #if defined(RECO_CXX_COMPILER)
   m.attr("cxx_compiler") = RECO_CXX_COMPILER;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import platform
 
 import pytest
 import torch
@@ -10,6 +11,13 @@ import torch
 import reco.ops
 
 LEVELS = reco.ops._C.cpu_levels() if reco.ops._C is not None else []
+# Every CPU level of this architecture: the ones this build or CPU lacks are skipped, saying why.
+ARCH_LEVELS = {
+    "x86_64": ["generic", "avx2", "avx512", "avx512bf16"],
+    "amd64": ["generic", "avx2", "avx512", "avx512bf16"],
+    "aarch64": ["generic", "neon"],
+    "arm64": ["generic", "neon"],
+}.get(platform.machine().lower(), LEVELS)
 DATA = pathlib.Path(__file__).parent / "data"
 
 
@@ -29,10 +37,14 @@ def _gradual_underflow():
     torch.set_flush_denormal(False)
 
 
-@pytest.fixture(params=LEVELS or ["reference"])
+@pytest.fixture(params=ARCH_LEVELS if LEVELS else ["reference"])
 def cpu_level(request, monkeypatch):
-    """Runs a test once per SIMD level compiled in and supported here (RECO_CPU_LEVEL)."""
+    """Runs a test once per SIMD level of this architecture (RECO_CPU_LEVEL); a level not compiled
+    in or not supported by this CPU is skipped."""
     if request.param != "reference":
+        if request.param not in LEVELS:
+            pytest.skip(f"the {request.param} level is not in this build or not supported by this "
+                        f"CPU (reco._C.cpu_levels() = {LEVELS})")  # fmt: skip
         monkeypatch.setenv("RECO_CPU_LEVEL", request.param)
     return request.param
 

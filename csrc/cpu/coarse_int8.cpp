@@ -247,7 +247,8 @@ void coarse_int8(const CoarseInt8Args& a) {
   Exclusions ex = make_exclusions(a.exclude, B);
   // Disallowed rows are skipped where a score would enter a heap (the scan itself is not cut).
   ex.allow = a.allow.present() ? a.allow.ptr<const uint8_t>() : nullptr;
-  const bool vnni = has_vnni(), avx2 = !vnni && has_avx2();
+  // (Both false where there is no x86 code: the integer loop alone.)
+  [[maybe_unused]] const bool vnni = has_vnni(), avx2 = !vnni && has_avx2();
   const int threads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N / 16384)));
   // Queries per pass: heaps (threads x queries x candidates) of about 64 MiB at most.
@@ -261,7 +262,7 @@ void coarse_int8(const CoarseInt8Args& a) {
     const int64_t nq = std::min(chunk, B - b0);
     // Enough queries to amortise laying each block out once for all of them (measured on
     // dev-cpu: 16 queries were faster row by row, 32 laid out; the times cross near 26).
-    const bool interleaved = vnni && nq >= 24 && d % 4 == 0;
+    [[maybe_unused]] const bool interleaved = vnni && nq >= 24 && d % 4 == 0;
     const int8_t* q0 = a.query_codes.ptr<const int8_t>() + b0 * a.query_codes.strides[0];
     if (vnni) {
       qu.resize(size_t(nq) * d);

@@ -21,8 +21,11 @@ bool cpu_has(Level level) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     case Level::avx512bf16: return cpu_has(Level::avx512) && __builtin_cpu_supports("avx512bf16");
+    default: return false;
   }
-  return false;
+#elif defined(__aarch64__) || defined(_M_ARM64)
+  // Advanced SIMD (NEON) is part of every AArch64 CPU that Linux, macOS or Windows run on.
+  return level == Level::generic || level == Level::neon;
 #else
   return level == Level::generic;
 #endif
@@ -39,6 +42,9 @@ bool compiled(Level level) {
 #endif
 #if defined(RECO_HAVE_AVX512BF16)
     case Level::avx512bf16: return true;
+#endif
+#if defined(RECO_HAVE_NEON)
+    case Level::neon: return true;
 #endif
     default: return false;
   }
@@ -81,20 +87,21 @@ const char* level_name(Level level) {
     case Level::avx2: return "avx2";
     case Level::avx512: return "avx512";
     case Level::avx512bf16: return "avx512bf16";
+    case Level::neon: return "neon";
   }
   return "?";
 }
 
 int available_levels(Level* out, int capacity) {
   int n = 0;
-  for (Level l : {Level::generic, Level::avx2, Level::avx512, Level::avx512bf16})
+  for (Level l : {Level::generic, Level::avx2, Level::avx512, Level::avx512bf16, Level::neon})
     if (compiled(l) && cpu_has(l) && n < capacity) out[n++] = l;
   return n;
 }
 
 Level default_level() {
-  Level levels[4];
-  const int n = available_levels(levels, 4);
+  Level levels[kMaxLevels];
+  const int n = available_levels(levels, kMaxLevels);
   const char* env = std::getenv("RECO_CPU_LEVEL");
   if (env != nullptr && *env != '\0') {
     for (int i = 0; i < n; ++i)
@@ -203,6 +210,9 @@ void retrieve_attend(const RetrieveAttendArgs& a, Level level) {
 #endif
 #if defined(RECO_HAVE_AVX2)
     case Level::avx2: avx2::retrieve_attend(a); return;
+#endif
+#if defined(RECO_HAVE_NEON)
+    case Level::neon: neon::retrieve_attend(a); return;
 #endif
     default: generic::retrieve_attend(a); return;
   }

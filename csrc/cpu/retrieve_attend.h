@@ -26,13 +26,16 @@ struct RetrieveAttendArgs {
   TensorView scores;   // [B, k] Acc, contiguous
 };
 
-enum class Level : int { generic = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
+// x86-64: generic, avx2, avx512, avx512bf16; arm64: generic, neon. Each level above generic
+// exists on one architecture only, so the order of the values is the order within it.
+enum class Level : int { generic = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3, neon = 4 };
+constexpr int kMaxLevels = 5;
 
 const char* level_name(Level level);
 // Levels compiled into this build and supported by this CPU, lowest first.
 int available_levels(Level* out, int capacity);
-// The level used when none is asked for: RECO_CPU_LEVEL if set (generic|avx2|avx512), else the
-// best.
+// The level used when none is asked for: RECO_CPU_LEVEL if set (one of available_levels), else
+// the best.
 Level default_level();
 
 void check_args(const RetrieveAttendArgs& a);
@@ -71,6 +74,9 @@ namespace avx512 {
 void retrieve_attend(const RetrieveAttendArgs& a);
 }
 namespace avx512bf16 {
+void retrieve_attend(const RetrieveAttendArgs& a);
+}
+namespace neon {
 void retrieve_attend(const RetrieveAttendArgs& a);
 }
 

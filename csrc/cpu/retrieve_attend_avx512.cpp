@@ -2,3 +2,6 @@
 #define RECO_LEVEL_NS avx512
 #define RECO_VW 16
 #include "retrieve_attend_impl.h"
+
+// After the kernel, whose vector types the machine-limit loops use.
+#include "machine_limits_impl.h"

@@ -4,3 +4,6 @@
 #define RECO_VW 16
 #define RECO_BF16_DOT 1
 #include "retrieve_attend_impl.h"
+
+// After the kernel, whose vector types the machine-limit loops use.
+#include "machine_limits_impl.h"

@@ -25,6 +25,12 @@
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+#if defined(RECO_NEON)
+#if !defined(__ARM_NEON) || RECO_VW != 4
+#error "the neon level is built for AArch64 with RECO_VW 4"
+#endif
+#include <arm_neon.h>
+#endif
 
 #include "exclusions.h"
 #include "fp_mode.h"
@@ -48,12 +54,22 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline vf load_keys(const float* p) { return vload(p); }
 
 inline vf load_keys(const bf16_t* p) {
+#if defined(RECO_NEON)
+  const uint32x4_t w = vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16);
+  return reinterpret_cast<const vf&>(w);
+#else
   const vu32 w = __builtin_convertvector(*reinterpret_cast<const vu16*>(p), vu32) << 16;
   return reinterpret_cast<const vf&>(w);
+#endif
 }
 
 inline vf load_keys(const half_t* p) {
-#if RECO_VW == 16 && defined(__AVX512F__)
+#if defined(RECO_NEON)
+  // fcvtl: exact, subnormal halves included (they widen to normal floats).
+  const float32x4_t x =
+      vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p))));
+  return reinterpret_cast<const vf&>(x);
+#elif RECO_VW == 16 && defined(__AVX512F__)
   const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return reinterpret_cast<const vf&>(x);
 #elif RECO_VW == 8 && defined(__F16C__)
@@ -385,7 +401,8 @@ void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int6
                       [[maybe_unused]] const DotBlock* db) {
   // slot0: the tile's first query's heap slot; gid[qi]: its row in the batch. Block row r is key
   // row row0 + r, or ids[r] in a gathered block. Blocks of KR = 1 are read in place: a gathered
-  // one is addressed through ids too (kp is then the keys' first row); KR = 4 blocks are copies.
+  // one is addressed through ids too (kp is then the keys' first row); blocks of KR > 1 (4, or
+  // kCopiedTileKeys) are copies.
   const auto key_row = [&](int64_t r) { return ids != nullptr ? ids[r] : row0 + r; };
   const bool addressed = KR == 1 && ids != nullptr;
   TopKHeap<float> heaps[QR];
@@ -423,7 +440,7 @@ void score_block_rows(const QT* q, int64_t dpad, const KT* kp, int64_t ldk, int6
         if (!(s[qi * KR + j] < heaps[qi].worst_score()))  // the row is looked up only past this
           offer(heaps[qi], ex, gid[qi], s[qi * KR + j], key_row(r + j));
   }
-  for (; r < rows; ++r) {  // only copied blocks (KR = 4) have tails: ek is filled
+  for (; r < rows; ++r) {  // only copied blocks (KR > 1) have tails: ek is filled
     score_tile<QR, 1>(q, dpad, kp + r * ldk, ldk, dpad, s);
 #if defined(RECO_BF16_DOT)
     if constexpr (Fix)
@@ -466,6 +483,17 @@ void score_block(const QT* qpad, int64_t dpad, const int64_t* gid, int64_t nq, c
 // Up to this many queries, keys are streamed in place row after row (memory-bound regime).
 constexpr int64_t kStreamMaxQueries = 8;
 
+// Key rows per float32 tile of a copied block, by the level's vector registers: 4 x KR
+// accumulators, KR key vectors and a query vector must fit. 4 x 4 needs 21, which AVX-512's 32
+// zmm (and AArch64's 32 q registers) hold but x86's 16 ymm/xmm do not: the avx2 build spilled two
+// accumulators in its inner loop and loaded every key 4 times, so 16 registers tile 4 x 3. Each
+// score still accumulates alone in the same order, so results do not change with the tile.
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kCopiedTileKeys = 4;
+#else
+constexpr int kCopiedTileKeys = 3;
+#endif
+
 // Key block rows: about 192 KiB as float, which stays in L2 while every query tile passes over it.
 inline int64_t block_rows(int64_t dpad) {
   return std::max<int64_t>(4, std::min<int64_t>(1024, (192 << 10) / (dpad * 4)) / 4 * 4);
@@ -483,10 +511,10 @@ void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, 
   const KT* keys = a.keys.ptr<const KT>();
   // Few queries (memory-bound): key rows are read in place, one after another, a single
   // sequential stream that runs at memory bandwidth (16-bit keys widened in registers); each
-  // tile holds one key row. Many queries (compute-bound): 4 x 4 tiles reuse each load 4 times,
-  // but read 4 rows at once, which the hardware prefetcher serves badly, so each block is first
-  // copied (widened) sequentially into an L2-resident scratch. Gathered rows (ids) are read in
-  // place through ids, or copied from there.
+  // tile holds one key row. Many queries (compute-bound): 4 x kCopiedTileKeys tiles reuse each
+  // load, but read several rows at once, which the hardware prefetcher serves badly, so each
+  // block is first copied (widened) sequentially into an L2-resident scratch. Gathered rows (ids)
+  // are read in place through ids, or copied from there.
   const bool direct = d == dpad && nq <= kStreamMaxQueries;
   const int64_t block = block_rows(dpad);
   std::vector<float> scratch(direct ? 0 : block * dpad);
@@ -498,7 +526,8 @@ void search_range(const RetrieveAttendArgs& a, const float* qpad, int64_t dpad, 
                      bid, hs, t, ex);
     } else {
       widen_rows(bid != nullptr ? keys : keys + r0 * ldk, ldk, bid, rows, d, scratch.data(), dpad);
-      score_block<4>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, bid, hs, t, ex);
+      score_block<kCopiedTileKeys>(qpad, dpad, gid, nq, scratch.data(), dpad, rows, r0, bid, hs, t,
+                                   ex);
     }
   }
 }
