@@ -293,3 +293,14 @@ def test_committed_study_report_and_the_readme_agree_with_the_claims_recomputed(
     readme = (ROOT / "README.md").read_text()
     quoted = re.search(r"the study.s verdict: \*\*(holds|fails)\*\*", readme)
     assert quoted is not None and quoted.group(1) == computed
+
+
+def test_study_cli_reports_bad_arguments(tmp_path, capsys):
+    from reco.cli import main
+
+    assert main(["study", "--seeds", "1", "--out", str(tmp_path / "s")]) == 2
+    assert "seeds must be >= 2" in capsys.readouterr().err
+    assert main(["study", "--imbalances", "0.5", "--out", str(tmp_path / "s")]) == 2
+    assert "imbalances must be >= 1" in capsys.readouterr().err
+    assert main(["study", "--trials", "0", "--out", str(tmp_path / "s")]) == 2
+    assert "trials must be >= 1" in capsys.readouterr().err
