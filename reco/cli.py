@@ -419,12 +419,24 @@ def _study(args: argparse.Namespace) -> int:
         cfg.demo.search.trials = args.trials
     if args.device:
         cfg.demo.device = args.device
-    report = Study(cfg).run()
+    study = Study(cfg)
+    if args.summarise:
+        from reco.demo.report import write_study_report
+
+        report = study.summarise()
+        write_study_report(report, cfg.out)
+    else:
+        report = study.run(only=args.only)
+    if report is None:
+        print(f"{len(study.missing())} runs left: run the same command (without --only) to finish")
+        return 0
     st = report["study"]
-    failed = [c for c in st["claims"] if not c["holds"]]
+    failed = [c for c in st["claims"] if c["holds"] is False]
+    tested = [c for c in st["claims"] if c["holds"] is not None]
     for c in failed:
         print(f"fails: {c['setting']}: {c['claim']}")
-    print(f"verdict: the claims {st['verdict']} ({len(failed)} of {len(st['claims'])} fail)")
+    partial = "" if st["complete"] else f"; partial: {len(st['missing'])} runs missing"
+    print(f"verdict: {st['verdict']} ({len(failed)} of {len(tested)} claims fail{partial})")
     print(f"report: {Path(cfg.out) / 'report.md'} ({report['timings_s']['total']:.0f} s)")
     return 0
 
@@ -637,6 +649,16 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--cache", help="encoder feature cache (default: <out>/cache)")
     st.add_argument("--device", help="default: cuda when available")
     st.add_argument("--quick", action="store_true", help="the demo's reduced settings")
+    st.add_argument(
+        "--only",
+        choices=["longtail", "zeroshot"],
+        help="run one experiment's runs (several processes may share one --out)",
+    )
+    st.add_argument(
+        "--summarise",
+        action="store_true",
+        help="write the report from the runs saved so far (partial where some are missing)",
+    )
     st.set_defaults(func=_study)
 
     args = parser.parse_args(argv)

@@ -16,6 +16,8 @@ BUCKETS = ("many", "medium", "few", "all")
 
 
 def _pm(s: dict[str, float]) -> str:
+    if s["mean"] is None or s["mean"] != s["mean"]:  # a bucket without classes
+        return "n/a"
     return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
 
 
@@ -274,7 +276,13 @@ def write_report(report: dict, out: str | os.PathLike, demo: Any = None) -> None
     (out / "report.md").write_text(markdown(report))
 
 
+def _holds(h: bool | None) -> str:
+    return "n/a" if h is None else ("holds" if h else "fails")
+
+
 def _iv(iv: dict) -> str:
+    if iv.get("mean") is None or iv["mean"] != iv["mean"]:
+        return "no such classes"
     if iv.get("lo") is None or iv["lo"] != iv["lo"]:  # one seed: no interval
         return f"{100 * iv['mean']:+.1f}"
     return f"{100 * iv['mean']:+.1f} [{100 * iv['lo']:+.1f}, {100 * iv['hi']:+.1f}]"
@@ -289,9 +297,22 @@ def study_markdown(report: dict) -> str:
     lines = [
         "# reco study report",
         "",
-        f"Verdict: the claims **{st['verdict']}** "
-        f"({sum(c['holds'] for c in st['claims'])} of {len(st['claims'])} hold).",
+        f"The study's verdict: **{st['verdict']}** ({sum(c['holds'] is True for c in st['claims'])}"
+        f" of {sum(c['holds'] is not None for c in st['claims'])} claims that apply hold; "
+        f"{sum(c['holds'] is None for c in st['claims'])} do not apply: no class of that setting "
+        "has fewer than 20 training images, or only one seed ran).",
         "",
+        *(
+            []
+            if st.get("complete", True)
+            else [
+                f"**Partial**: {len(st['missing'])} runs are missing (the study was cut short; "
+                "each setting is summarised over the seeds it has): "
+                + ", ".join(f"`{m}`" for m in st["missing"])
+                + ".",
+                "",
+            ]
+        ),
         f"Datasets {', '.join(cfg['datasets'])}; imbalance ratios "
         f"{', '.join(f'{r:g}' for r in cfg['imbalances'])}; seeds {seeds}; memory noise "
         f"{cfg['demo']['noise']:.0%}. Every choice (steps by early stopping, lr, weight decay, k; "
@@ -308,10 +329,7 @@ def study_markdown(report: dict) -> str:
         "## Claims",
         "",
     ]
-    rows = [
-        [c["setting"], c["claim"], _iv(c["value"]), "holds" if c["holds"] else "fails"]
-        for c in st["claims"]
-    ]
+    rows = [[c["setting"], c["claim"], _iv(c["value"]), _holds(c["holds"])] for c in st["claims"]]
     lines += [_table(["setting", "claim", "difference (points)", ""], rows), ""]
     for ds in cfg["datasets"]:
         lines += [f"## {ds}", "", f"Figure: `study-{ds}.png`.", ""]
@@ -335,7 +353,10 @@ def study_markdown(report: dict) -> str:
                 ),
                 "",
             ]
-        zs = st["zeroshot"][ds]
+        zs = st["zeroshot"].get(ds)
+        if zs is None:
+            lines += ["### RECO zero-shot", "", "(No run finished.)", ""]
+            continue
         gains = [
             [row, _iv(g["minus small CLIP"]), _iv(g["minus control"])]
             for row, g in zs["gains"].items()
@@ -366,6 +387,8 @@ def _study_figures(report: dict, out: Path) -> list[str]:
     st, cfg = report["study"], report["config"]
     for ds in cfg["datasets"]:
         sets = [s for s in st["settings"].values() if s["dataset"] == ds]
+        if not sets:
+            continue
         ratios = [s["imbalance"] for s in sets]
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
         for ax, b in zip(axes, ("few", "many", "all")):
