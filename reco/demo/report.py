@@ -288,6 +288,18 @@ def _iv(iv: dict) -> str:
     return f"{100 * iv['mean']:+.1f} [{100 * iv['lo']:+.1f}, {100 * iv['hi']:+.1f}]"
 
 
+def verdict_line(report: dict) -> str:
+    """The study's verdict in one sentence, as report.md and the README quote it."""
+    st = report["study"]
+    n = {v: sum(c["holds"] is v for c in st["claims"]) for v in (True, False, None)}
+    partial = "" if st.get("complete", True) else f" (partial: {len(st['missing'])} runs missing)"
+    return (
+        f"The study's verdict: **{st['verdict']}**{partial}: {n[True]} of {n[True] + n[False]} "
+        f"claims that apply hold, {n[False]} fail; {n[None]} do not apply (no class of that "
+        "setting has fewer than 20 training images, or only one seed ran)."
+    )
+
+
 def study_markdown(report: dict) -> str:
     """report.md of `reco study`: every setting's table, the paired intervals, the claims and
     the verdict, the machine and the wall time."""
@@ -297,10 +309,7 @@ def study_markdown(report: dict) -> str:
     lines = [
         "# reco study report",
         "",
-        f"The study's verdict: **{st['verdict']}** ({sum(c['holds'] is True for c in st['claims'])}"
-        f" of {sum(c['holds'] is not None for c in st['claims'])} claims that apply hold; "
-        f"{sum(c['holds'] is None for c in st['claims'])} do not apply: no class of that setting "
-        "has fewer than 20 training images, or only one seed ran).",
+        verdict_line(report),
         "",
         *(
             []
