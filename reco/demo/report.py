@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -425,10 +426,19 @@ def _study_figures(report: dict, out: Path) -> list[str]:
     return made
 
 
+def nan_to_none(x):
+    """JSON has no NaN: an accuracy of a bucket without classes becomes null."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [nan_to_none(v) for v in x]
+    return x
+
+
 def write_study_report(report: dict, out: str | os.PathLike) -> None:
     """report.json, report.md and one figure per dataset of `reco study` into `out`."""
-    from .study import nan_to_none
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -374,17 +374,6 @@ def _missing(x: float | None) -> bool:
     return x is None or math.isnan(x)
 
 
-def nan_to_none(x):
-    """JSON has no NaN: a one-seed interval's ends become null."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [nan_to_none(v) for v in x]
-    return x
-
-
 def load_report(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
 
