@@ -446,6 +446,41 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from reco.demo.study import Study, study_config
+
+    fields = {"seeds": args.seeds, "seed": args.seed, "out": args.out, "cache": args.cache}
+    if args.datasets:
+        fields["datasets"] = tuple(args.datasets)
+    if args.imbalances:
+        fields["imbalances"] = tuple(args.imbalances)
+    cfg = study_config(quick=args.quick, **fields)
+    if args.trials is not None:
+        cfg.demo.search.trials = args.trials
+    if args.device:
+        cfg.demo.device = args.device
+    study = Study(cfg)
+    if args.summarise:
+        from reco.demo.report import write_study_report
+
+        report = study.summarise()
+        write_study_report(report, cfg.out)
+    else:
+        report = study.run(only=args.only)
+    if report is None:
+        print(f"{len(study.missing())} runs left: run the same command (without --only) to finish")
+        return 0
+    st = report["study"]
+    failed = [c for c in st["claims"] if c["holds"] is False]
+    tested = [c for c in st["claims"] if c["holds"] is not None]
+    for c in failed:
+        print(f"fails: {c['setting']}: {c['claim']}")
+    partial = "" if st["complete"] else f"; partial: {len(st['missing'])} runs missing"
+    print(f"verdict: {st['verdict']} ({len(failed)} of {len(tested)} claims fail{partial})")
+    print(f"report: {Path(cfg.out) / 'report.md'} ({report['timings_s']['total']:.0f} s)")
+    return 0
+
+
 def _add_source_args(b: argparse.ArgumentParser, dtype: str | None) -> None:
     """The source options of build-memory and memory add: one parser for both."""
     src = b.add_argument_group("source (exactly one)")
@@ -673,6 +708,32 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--quick", action="store_true", help="a reduced demo (minutes)")
     d.add_argument("--keep-memories", action="store_true", help="keep every memory built")
     d.set_defaults(func=_demo)
+
+    st = sub.add_parser(
+        "study",
+        help="the demo's claims over datasets x imbalance ratios x seeds, with intervals; "
+        "resumes where an interrupted run stopped",
+    )
+    st.add_argument("--datasets", nargs="+", choices=["fashion-mnist", "mnist"])
+    st.add_argument("--imbalances", nargs="+", type=float, help="default: 10 50 200")
+    st.add_argument("--seed", type=int, default=0, help="first seed")
+    st.add_argument("--seeds", type=int, default=5)
+    st.add_argument("--trials", type=int, help="trials of each method's search (default 2)")
+    st.add_argument("--out", default="reco-study", help="report folder (resumed if it holds one)")
+    st.add_argument("--cache", help="encoder feature cache (default: <out>/cache)")
+    st.add_argument("--device", help="default: cuda when available")
+    st.add_argument("--quick", action="store_true", help="the demo's reduced settings")
+    st.add_argument(
+        "--only",
+        choices=["longtail", "zeroshot"],
+        help="run one experiment's runs (several processes may share one --out)",
+    )
+    st.add_argument(
+        "--summarise",
+        action="store_true",
+        help="write the report from the runs saved so far (partial where some are missing)",
+    )
+    st.set_defaults(func=_study)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

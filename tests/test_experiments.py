@@ -301,6 +301,7 @@ def test_mnist_demo_runs_without_fashion_mnist(monkeypatch, tmp_path):
     from reco.config import from_dict
     from reco.datasets import idx
     from reco.demo import Demo, LongTailParams, ZeroShotParams
+    from reco.demo.select import SearchSpace
 
     monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "no-fashion-mnist")
     cfg = DemoConfig(
@@ -313,15 +314,27 @@ def test_mnist_demo_runs_without_fashion_mnist(monkeypatch, tmp_path):
         resolution=32,
         train_limit=500,
         test_limit=100,
+        val_per_class=3,
+        search=SearchSpace(trials=2, eval_every=10),
         longtail=LongTailParams(steps=20),
         zeroshot=ZeroShotParams(
-            pretrain=100, fusion_train=100, clip_steps=20, reco_steps=20, ablations=False
+            pretrain=100,
+            fusion_train=100,
+            clip_steps=20,
+            reco_steps=20,
+            ablations=False,
+            val_per_class=3,
         ),
     )
     report = Demo(cfg).run()
     assert from_dict(DemoConfig, report["config"]) == cfg  # the report's config reloads
     assert report["data"]["distractors"].startswith("0 from none")
-    assert report["longtail"]["memory_size"] == 500 - sum(report["longtail"]["profile"])
+    lt = report["longtail"]
+    assert lt["val_size"] == 30  # 3 per class, outside the long-tailed set and the memory
+    assert lt["memory_size"] == 500 - sum(lt["profile"]) - 30
+    for sel in lt["selection"]["0"].values():
+        assert len(sel["trials"]) == 2 and sel["chosen"] in sel["trials"]
+    assert report["zeroshot"]["setup"]["val"] == 30
     assert (tmp_path / "demo" / "report.md").stat().st_size > 0
 
 

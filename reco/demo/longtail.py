@@ -6,6 +6,8 @@ attention classifiers compared by shot bucket."""
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,7 @@ from ..models import ClassifierConfig, RetrievalClassifier, Retriever, build_mod
 from ..train.data import EmbeddingDataset
 from ..train.tasks import LongTailTask
 from ..train.trainer import TrainConfig, Trainer
+from .select import SearchSpace, Selection
 
 METHODS = ("linear", "mlp", "mean_knn", "attention")
 METHOD_NAMES = {
@@ -37,6 +40,10 @@ class LongTailData:
     counts: Tensor  # [C] training images per class
     test_z: Tensor
     test_y: Tensor
+    # A balanced validation split carved from the training images (never from test): where
+    # given, every choice (steps, lr, weight decay, k) is made on it.
+    val_z: Tensor | None = None
+    val_y: Tensor | None = None
 
 
 @dataclass
@@ -48,6 +55,7 @@ class LongTailParams:
     attention_dim: int = 256  # not stated in the paper: the light-weight choice
     heads: int = 8
     mlp_hidden: int = 1024
+    weight_decay: float = 0.05
     # Memory values: caption embeddings ("text"), image features ("image"), or both side by side.
     fusion_modality: str = "text"
 
@@ -90,8 +98,9 @@ def make_model(method: str, qdim: int, vdim: int, classes: int, p: LongTailParam
 
 class LongTailRun:
     """Trains and evaluates the methods of one seed against one memory. The memory's keys are
-    searched once for every training and test query (exact top-k; the encoders and the memory
-    are frozen) and those neighbours are looked up while training."""
+    searched once for every training, validation and test query (exact top-kmax; the encoders
+    and the memory are frozen) and those neighbours are looked up while training; a smaller k
+    uses the first k of them (the exact top-k)."""
 
     def __init__(
         self,
@@ -101,21 +110,32 @@ class LongTailRun:
         seed: int,
         device: torch.device,
         neighbours: dict[str, tuple[Tensor, Tensor]] | None = None,
+        kmax: int | None = None,
     ) -> None:
         self.data, self.memory, self.p, self.seed, self.device = data, memory, params, seed, device
         self.values = memory_values(memory, params.fusion_modality)
-        self.retriever = Retriever(memory.keys("image"), self.values, params.k)
+        self.kmax = max(kmax or params.k, params.k)
+        self._retrievers: dict[int, Retriever] = {}
+        self.retriever = self.retriever_for(params.k)
         if neighbours is None:
-            neighbours = {
-                "train": self.retriever.precompute(data.train_z),
-                "test": self.retriever.precompute(data.test_z),
-            }
+            top = self.retriever_for(self.kmax)
+            splits = {"train": data.train_z, "test": data.test_z}
+            if data.val_z is not None:
+                splits["val"] = data.val_z
+            neighbours = {name: top.precompute(z) for name, z in splits.items()}
         self.neighbours = neighbours
         self.classes = int(data.counts.numel())
 
+    def retriever_for(self, k: int) -> Retriever:
+        if k not in self._retrievers:
+            self._retrievers[k] = Retriever(self.memory.keys("image"), self.values, k)
+        return self._retrievers[k]
+
     def with_memory(self, memory: Memory) -> LongTailRun:
         """The same split against another memory with the same keys (e.g. other captions)."""
-        return LongTailRun(self.data, memory, self.p, self.seed, self.device, self.neighbours)
+        return LongTailRun(
+            self.data, memory, self.p, self.seed, self.device, self.neighbours, self.kmax
+        )
 
     def _dataset(self) -> EmbeddingDataset:
         idx, sc = self.neighbours["train"]
@@ -128,34 +148,92 @@ class LongTailRun:
             }
         )
 
-    def train(self, method: str) -> RetrievalClassifier:
+    def train(
+        self,
+        method: str,
+        config: dict | None = None,
+        eval_every: int | None = None,
+        patience: int | None = None,
+    ) -> RetrievalClassifier:
+        """One model trained with `config` (lr, weight_decay, k; default: the params'). With
+        eval_every and a validation split, the checkpoint of best validation accuracy, read every
+        eval_every steps, is kept (early stopping; after `patience` reads without gain training
+        stops); model.best_step and model.val_accuracy say which. Otherwise all steps run."""
+        c = {"lr": self.p.lr, "weight_decay": self.p.weight_decay, "k": self.p.k, **(config or {})}
+        retriever = self.retriever_for(int(c["k"]))
         qdim = self.data.train_z.shape[1]
-        model = make_model(method, qdim, self.retriever.value_dim, self.classes, self.p)
+        # Seeded before the weights are drawn: a fixed seed gives the same model every time.
         torch.manual_seed(self.seed)
+        model = make_model(method, qdim, retriever.value_dim, self.classes, self.p)
         cfg = TrainConfig(
             steps=self.p.steps,
             batch_size=min(self.p.batch_size, len(self.data.train_y)),
-            lr=self.p.lr,
+            lr=float(c["lr"]),
+            weight_decay=float(c["weight_decay"]),
             warmup_steps=min(50, self.p.steps // 10),
             seed=self.seed,
             progress=False,
             resume=False,
         )
-        Trainer(model, LongTailTask(self.retriever), self._dataset(), cfg, device=self.device).fit()
+        trainer = Trainer(model, LongTailTask(retriever), self._dataset(), cfg, device=self.device)
+        model.k = int(c["k"])
+        model.best_step, model.val_accuracy = self.p.steps, math.nan
+        if eval_every is None or self.data.val_z is None:
+            trainer.fit()
+            return model.eval()
+        best, best_state, since = -1.0, None, 0
+        stops = [*range(eval_every, self.p.steps, eval_every), self.p.steps]
+        for stop in stops:
+            trainer.fit(stop)
+            acc = self.accuracy(model, "val")
+            if acc > best:
+                best, best_state, since = acc, copy.deepcopy(model.state_dict()), 0
+                model.best_step = stop
+            else:
+                since += 1
+                if patience is not None and since >= patience:
+                    break
+        model.load_state_dict(best_state)
+        model.val_accuracy = best
         return model.eval()
 
+    def select(
+        self, method: str, space: SearchSpace, seed: int | None = None
+    ) -> tuple[RetrievalClassifier, Selection]:
+        """The method's declared search on the validation split: space.trials configurations,
+        each early-stopped; the one of best validation accuracy is returned with the record."""
+        if self.data.val_z is None:
+            raise ValueError("select needs a validation split (LongTailData.val_z)")
+        retrieves = _ARCHITECTURES[method][0] != "none"
+        sel, best = Selection(), None
+        for config in space.draw(method, retrieves, self.seed if seed is None else seed):
+            if config.get("k", 0) > self.kmax:
+                raise ValueError(f"search k={config['k']} exceeds the neighbours' kmax={self.kmax}")
+            model = self.train(method, config, space.eval_every, space.patience)
+            sel.add(config, model.val_accuracy, model.best_step)
+            if sel.chosen == len(sel.trials) - 1:
+                best = model
+        return best, sel
+
     @torch.no_grad()
-    def logits(self, model: RetrievalClassifier) -> Tensor:
-        task = LongTailTask(self.retriever)
-        z, (idx, sc) = self.data.test_z, self.neighbours["test"]
+    def logits(self, model: RetrievalClassifier, split: str = "test") -> Tensor:
+        k = getattr(model, "k", self.p.k)
+        task = LongTailTask(self.retriever_for(k))
+        z = self.data.val_z if split == "val" else self.data.test_z
+        idx, sc = self.neighbours[split]
+        model.eval()
         out = []
         for i in range(0, len(z), 4096):
             batch = {"image": z[i : i + 4096].to(self.device)}
             if model.aggregator is not None:
-                batch["neighbours"] = idx[i : i + 4096]
-                batch["neighbour_scores"] = sc[i : i + 4096]
+                batch["neighbours"] = idx[i : i + 4096, :k]
+                batch["neighbour_scores"] = sc[i : i + 4096, :k]
             out.append(task.logits(model, batch).cpu())
         return torch.cat(out)
+
+    def accuracy(self, model: RetrievalClassifier, split: str) -> float:
+        y = self.data.val_y if split == "val" else self.data.test_y
+        return float((self.logits(model, split).argmax(1) == y).double().mean())
 
     @torch.no_grad()
     def fused_logits(self, model: RetrievalClassifier) -> Tensor:
@@ -165,10 +243,11 @@ class LongTailRun:
         values = self.values
         values = values.materialize(self.device) if isinstance(values, EmbeddingTable) else values
         z = self.data.test_z
+        k = getattr(model, "k", self.p.k)
         out = []
         for i in range(0, len(z), 4096):
             q = z[i : i + 4096].to(self.device)
-            out.append(model.head(model.aggregator.fused_forward(q, keys, values, self.p.k)).cpu())
+            out.append(model.head(model.aggregator.fused_forward(q, keys, values, k)).cpu())
         return torch.cat(out)
 
     def metrics(self, logits: Tensor) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ BUCKETS = ("many", "medium", "few", "all")
 
 
 def _pm(s: dict[str, float]) -> str:
+    if s["mean"] is None or s["mean"] != s["mean"]:  # a bucket without classes
+        return "n/a"
     return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
 
 
@@ -207,17 +210,18 @@ def _figures(report: dict, out: Path, demo: Any) -> list[str]:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     names = list(zs["table"])
+    w = 0.8 / len(names)
     for i, name in enumerate(names):
         r = zs["table"][name]
         axes[0].bar(
-            np.arange(3) + i * 0.4,
+            np.arange(3) + i * w,
             [100 * r[s]["mean"] for s in ("seen", "unseen", "all")],
-            0.4,
+            w,
             yerr=[100 * r[s]["std"] for s in ("seen", "unseen", "all")],
             capsize=2,
-            label="RECO" if name.startswith("RECO") else name,
+            label=name if len(name) < 40 else name[:38] + "…",
         )
-    axes[0].set_xticks(np.arange(3) + 0.2, ["seen", "unseen", "all"])
+    axes[0].set_xticks(np.arange(3) + w * (len(names) - 1) / 2, ["seen", "unseen", "all"])
     axes[0].set_ylabel("zero-shot accuracy (%)")
     axes[0].legend(fontsize=8)
     ks = list(zs["k_sweep"] or {})
@@ -271,3 +275,175 @@ def write_report(report: dict, out: str | os.PathLike, demo: Any = None) -> None
         report["figures"] = []
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(markdown(report))
+
+
+def _holds(h: bool | None) -> str:
+    return "n/a" if h is None else ("holds" if h else "fails")
+
+
+def _iv(iv: dict) -> str:
+    if iv.get("mean") is None or iv["mean"] != iv["mean"]:
+        return "no such classes"
+    if iv.get("lo") is None or iv["lo"] != iv["lo"]:  # one seed: no interval
+        return f"{100 * iv['mean']:+.1f}"
+    return f"{100 * iv['mean']:+.1f} [{100 * iv['lo']:+.1f}, {100 * iv['hi']:+.1f}]"
+
+
+def verdict_line(report: dict) -> str:
+    """The study's verdict in one sentence, as report.md and the README quote it."""
+    st = report["study"]
+    n = {v: sum(c["holds"] is v for c in st["claims"]) for v in (True, False, None)}
+    partial = "" if st.get("complete", True) else f" (partial: {len(st['missing'])} runs missing)"
+    return (
+        f"The study's verdict: **{st['verdict']}**{partial}: {n[True]} of {n[True] + n[False]} "
+        f"claims that apply hold, {n[False]} fail; {n[None]} do not apply (no class of that "
+        "setting has fewer than 20 training images, or only one seed ran)."
+    )
+
+
+def study_markdown(report: dict) -> str:
+    """report.md of `reco study`: every setting's table, the paired intervals, the claims and
+    the verdict, the machine and the wall time."""
+    cfg, st, m = report["config"], report["study"], report["machine"]
+    seeds = list(range(cfg["seed"], cfg["seed"] + cfg["seeds"]))
+    t = report["timings_s"]
+    lines = [
+        "# reco study report",
+        "",
+        verdict_line(report),
+        "",
+        *(
+            []
+            if st.get("complete", True)
+            else [
+                f"**Partial**: {len(st['missing'])} runs are missing (the study was cut short; "
+                "each setting is summarised over the seeds it has): "
+                + ", ".join(f"`{m}`" for m in st["missing"])
+                + ".",
+                "",
+            ]
+        ),
+        f"Datasets {', '.join(cfg['datasets'])}; imbalance ratios "
+        f"{', '.join(f'{r:g}' for r in cfg['imbalances'])}; seeds {seeds}; memory noise "
+        f"{cfg['demo']['noise']:.0%}. Every choice (steps by early stopping, lr, weight decay, k; "
+        "the small CLIP's and RECO's lr and temperature) was made on a class-stratified "
+        "validation split carved from the training images (never the test set), with "
+        f"{cfg['demo']['search']['trials']} trials of each method's declared search "
+        "(`reco.demo.select.SearchSpace`). Accuracies in %, mean ± standard deviation over seeds; "
+        f"differences with the {report['interval']}.",
+        "",
+        f"Machine: {m['cpu']}, {m['threads']} threads, device {m['device']}, torch "
+        f"{m['torch']}, CPU kernel level {m['cpu_level']}. Wall time {t['total'] / 60:.0f} min "
+        f"(the runs alone {t['units'] / 60:.0f} min).",
+        "",
+        "## Claims",
+        "",
+    ]
+    rows = [[c["setting"], c["claim"], _iv(c["value"]), _holds(c["holds"])] for c in st["claims"]]
+    lines += [_table(["setting", "claim", "difference (points)", ""], rows), ""]
+    for ds in cfg["datasets"]:
+        lines += [f"## {ds}", "", f"Figure: `study-{ds}.png`.", ""]
+        for s in st["settings"].values():
+            if s["dataset"] != ds:
+                continue
+            lines += [
+                f"### Imbalance {s['imbalance']:g}",
+                "",
+                f"Per class {s['profile']} training images; validation {s['split']['val']}, "
+                f"memory {s['split']['memory']} items.",
+                "",
+                longtail_table(s),
+                "",
+                _table(
+                    ["MemoryAttention minus", "many", "medium", "few", "all"],
+                    [
+                        [METHOD_NAMES[b], *(_iv(s["differences"][b][x]) for x in BUCKETS)]
+                        for b in s["differences"]
+                    ],
+                ),
+                "",
+            ]
+        zs = st["zeroshot"].get(ds)
+        if zs is None:
+            lines += ["### RECO zero-shot", "", "(No run finished.)", ""]
+            continue
+        gains = [
+            [row, _iv(g["minus small CLIP"]), _iv(g["minus control"])]
+            for row, g in zs["gains"].items()
+        ]
+        lines += [
+            "### RECO zero-shot",
+            "",
+            zeroshot_tables(zs)[0],
+            "",
+            _table(["unseen classes", "minus small CLIP", "minus its control"], gains),
+            "",
+            "The headline RECO row is `RECO search=uni fusion=cross`, the fusion layers starting "
+            "as the identity (zero-initialised output projections); the paper-faithful row is the "
+            "same single layer at the query token with the standard initialisation. The control "
+            "rows evaluate the same trained model with the unseen classes removed from the memory.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _study_figures(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    st, cfg = report["study"], report["config"]
+    for ds in cfg["datasets"]:
+        sets = [s for s in st["settings"].values() if s["dataset"] == ds]
+        if not sets:
+            continue
+        ratios = [s["imbalance"] for s in sets]
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+        for ax, b in zip(axes, ("few", "many", "all")):
+            for m in METHOD_NAMES:
+                if m not in sets[0]["table"]:
+                    continue
+                ax.errorbar(
+                    ratios,
+                    [100 * s["table"][m][b]["mean"] for s in sets],
+                    yerr=[100 * s["table"][m][b]["std"] for s in sets],
+                    marker="o",
+                    capsize=2,
+                    label=METHOD_NAMES[m],
+                )
+            ax.set_xscale("log")
+            ax.set_xlabel("imbalance ratio")
+            ax.set_ylabel(f"{b}-shot accuracy (%)" if b != "all" else "accuracy (%)")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{ds}: long-tailed recognition, mean ± std over {cfg['seeds']} seeds")
+        fig.tight_layout()
+        name = f"study-{ds}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+    return made
+
+
+def nan_to_none(x):
+    """JSON has no NaN: an accuracy of a bucket without classes becomes null."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [nan_to_none(v) for v in x]
+    return x
+
+
+def write_study_report(report: dict, out: str | os.PathLike) -> None:
+    """report.json, report.md and one figure per dataset of `reco study` into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        report["figures"] = _study_figures(report, out)
+    except ImportError:
+        report["figures"] = []
+    (out / "report.json").write_text(json.dumps(nan_to_none(report), indent=1, default=str))
+    (out / "report.md").write_text(study_markdown(report))

@@ -33,6 +33,7 @@ from .data import (
     write_memory,
 )
 from .longtail import METHODS, LongTailData, LongTailParams, LongTailRun
+from .select import SearchSpace, stratified_holdout
 from .zeroshot import RECORuns, ZeroShotParams, project, train_small_clip, zero_shot_accuracy
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class DemoConfig:
     test_limit: int | None = None
     explain: int = 6  # few-shot test images in the explain grid
     keep_memories: bool = False  # keep every memory built (else the first seed's main ones)
+    # Validation: this many training images per class, outside the long-tailed subset and left
+    # out of the memory (never test images); every long-tail choice is made on it.
+    val_per_class: int = 20
+    search: SearchSpace = field(default_factory=SearchSpace)
     longtail: LongTailParams = field(default_factory=LongTailParams)
     zeroshot: ZeroShotParams = field(default_factory=ZeroShotParams)
 
@@ -75,6 +80,9 @@ class DemoConfig:
             raise ValueError(
                 f"resolution must be >= 32 (EfficientNet's stride), got {self.resolution}"
             )
+        if self.val_per_class < 1:
+            raise ValueError(f"val_per_class must be >= 1, got {self.val_per_class}")
+        self.search.validate()
         for name in ("train_limit", "test_limit"):
             v = getattr(self, name)
             if v is not None and v < 100:
@@ -115,10 +123,11 @@ def demo_config(
     return cfg
 
 
-def _subsample(s: ImageSet, limit: int | None, seed: int) -> ImageSet:
+def _subsample(s: ImageSet, limit: int | None, seed: int) -> np.ndarray | None:
+    """The indices of a reduced set (None: all of it)."""
     if limit is None or limit >= len(s):
-        return s
-    return s.take(np.sort(np.random.default_rng(seed).permutation(len(s))[:limit]))
+        return None
+    return np.sort(np.random.default_rng(seed).permutation(len(s))[:limit])
 
 
 def _key(*parts: object) -> str:
@@ -140,6 +149,9 @@ class Demo:
         dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(dev)
         self.timings: dict[str, float] = {}
+        # Encode the whole training and test sets even for a reduced run (train_limit,
+        # test_limit): the study shares those features between settings and with `reco demo`.
+        self.encode_all = False
 
     # -- data and features ---------------------------------------------------------------------
     def load(self) -> None:
@@ -153,13 +165,20 @@ class Demo:
         cfg = self.cfg
         t0 = time.perf_counter()
         train, test = load_dataset(cfg.dataset, cfg.data_dir)
-        self.train = _subsample(train, cfg.train_limit, 1)
-        self.test = _subsample(test, cfg.test_limit, 2)
+        itr, ite = _subsample(train, cfg.train_limit, 1), _subsample(test, cfg.test_limit, 2)
+        self.train = train if itr is None else train.take(itr)
+        self.test = test if ite is None else test.take(ite)
         self.distr = load_distractors(cfg.dataset, cfg.distractors)
         self.image_encoder = efficientnet_lite0(resolution=cfg.resolution, device=self.device)
         self.text_encoder = minilm(device=str(self.device))
-        self.train_f = self.cache.images(self.image_encoder, self.train.images, "train images")
-        self.test_f = self.cache.images(self.image_encoder, self.test.images, "test images")
+        if self.encode_all:  # the whole sets' features (shared by every reduced run), then a part
+            self.train_f = self.cache.images(self.image_encoder, train.images, "train images")
+            self.test_f = self.cache.images(self.image_encoder, test.images, "test images")
+            self.train_f = self.train_f if itr is None else self.train_f[itr]
+            self.test_f = self.test_f if ite is None else self.test_f[ite]
+        else:
+            self.train_f = self.cache.images(self.image_encoder, self.train.images, "train images")
+            self.test_f = self.cache.images(self.image_encoder, self.test.images, "test images")
         self.distr_f = self.cache.images(self.image_encoder, self.distr.images, "distractors")
         self.classes = len(self.train.classes)
         self.timings["data and features"] = time.perf_counter() - t0
@@ -183,68 +202,122 @@ class Demo:
             shutil.rmtree(path, ignore_errors=True)
 
     # -- experiment 1 --------------------------------------------------------------------------
-    def longtail(self) -> dict:
-        cfg, p = self.cfg, self.cfg.longtail
-        p = dataclasses.replace(p, k=cfg.k)
-        head = cfg.head or (300 if cfg.dataset == "mnist" and cfg.data_dir is None else 1000)
-        profile = exponential_profile(self.classes, head, cfg.imbalance)
-        noises = sorted({cfg.noise, *cfg.noise_sweep})
+    def head_size(self) -> int:
+        cfg = self.cfg
+        return cfg.head or (300 if cfg.dataset == "mnist" and cfg.data_dir is None else 1000)
+
+    def longtail_seed(
+        self,
+        s: int,
+        imbalance: float,
+        noises: list[float],
+        bar=None,
+        explain: bool = False,
+        fused: bool = True,
+    ) -> dict:
+        """One seed of experiment 1 at one imbalance ratio: each method's declared search on
+        the validation split at the main noise level, then (mean k-NN and MemoryAttention) the
+        chosen configurations retrained, early-stopped on validation, at the other noise
+        levels. {"runs": {noise: {method: metrics}}, "selection": {method: record},
+        "explain": grid or None, "split": sizes}."""
+        cfg = self.cfg
+        p = dataclasses.replace(cfg.longtail, k=cfg.k)
+        head = self.head_size()
+        profile = exponential_profile(self.classes, head, imbalance)
         infos = (self.image_encoder.info(), self.text_encoder.info())
+        y = self.train.labels
+        subset, rest, counts = long_tail_split(y, profile, seed=s)
+        val, rest = stratified_holdout(y, rest, cfg.val_per_class, s)
+        data = LongTailData(
+            as_tensor(self.train_f[subset]),
+            torch.from_numpy(y[subset]),
+            torch.from_numpy(counts),
+            as_tensor(self.test_f),
+            torch.from_numpy(self.test.labels),
+            as_tensor(self.train_f[val]),
+            torch.from_numpy(y[val]),
+        )
+        parts = [
+            (self.train, rest, self.train_f[rest]),
+            (self.distr, np.arange(len(self.distr)), self.distr_f),
+        ]
+        kmax = max(cfg.search.k)
+        run, chosen, runs, selection, grid = None, {}, {}, {}, None
+        for noise in [cfg.noise, *(n for n in noises if n != cfg.noise)]:
+            name = f"longtail-{cfg.dataset}-seed{s}-noise{noise:g}-" + _key(
+                cfg.train_limit, cfg.distractors, head, imbalance, cfg.resolution, cfg.val_per_class
+            )
+            mem, items = self._memory(name, parts, noise, s, infos)
+            run = (
+                LongTailRun(data, mem, p, s, self.device, kmax=kmax)
+                if run is None
+                else run.with_memory(mem)
+            )
+            res: dict = {}
+            main = noise == cfg.noise
+            for method in METHODS if main else ("mean_knn", "attention"):
+                if main:
+                    model, sel = run.select(method, cfg.search)
+                    selection[method] = sel.as_dict()
+                    chosen[method] = {
+                        k: v
+                        for k, v in sel.as_dict()["chosen"].items()
+                        if k in ("lr", "weight_decay", "k")
+                    }
+                else:
+                    model = run.train(
+                        method, chosen[method], cfg.search.eval_every, cfg.search.patience
+                    )
+                logits = run.logits(model)
+                res[method] = run.metrics(logits)
+                res[method]["val_accuracy"] = model.val_accuracy
+                if method == "attention" and main and fused:
+                    fl = run.fused_logits(model)
+                    res["attention_fused"] = run.metrics(fl)
+                    res["attention_fused"]["agreement"] = float(
+                        (fl.argmax(1) == logits.argmax(1)).double().mean()
+                    )
+                if method == "attention" and main and explain:
+                    grid = self._explain(run, model, logits, items)
+                if bar is not None:
+                    bar.update(1)
+            runs[f"{noise:g}"] = res
+            if not (main and explain):
+                self._drop_memory(mem.root)
+        return {
+            "runs": runs,
+            "selection": selection,
+            "explain": grid,
+            "profile": profile,
+            "split": {"train": len(subset), "val": len(val), "memory": len(rest) + len(self.distr)},
+        }
+
+    def longtail(self) -> dict:
+        cfg = self.cfg
+        noises = sorted({cfg.noise, *cfg.noise_sweep})
         runs: dict = {}
-        explain = None
+        selection: dict = {}
+        explain, one = None, None
         t0 = time.perf_counter()
         total = cfg.seeds * (len(METHODS) + 2 * (len(noises) - 1))
         bar = tqdm(total=total, desc="experiment 1: long-tail", unit="model")
         for s in range(cfg.seed, cfg.seed + cfg.seeds):
-            subset, rest, counts = long_tail_split(self.train.labels, profile, seed=s)
-            data = LongTailData(
-                as_tensor(self.train_f[subset]),
-                torch.from_numpy(self.train.labels[subset]),
-                torch.from_numpy(counts),
-                as_tensor(self.test_f),
-                torch.from_numpy(self.test.labels),
-            )
-            parts = [
-                (self.train, rest, self.train_f[rest]),
-                (self.distr, np.arange(len(self.distr)), self.distr_f),
-            ]
-            run = None
-            for noise in noises:
-                name = f"longtail-{cfg.dataset}-seed{s}-noise{noise:g}-" + _key(
-                    cfg.train_limit, cfg.distractors, head, cfg.imbalance, cfg.resolution
-                )
-                mem, items = self._memory(name, parts, noise, s, infos)
-                run = (
-                    LongTailRun(data, mem, p, s, self.device)
-                    if run is None
-                    else run.with_memory(mem)
-                )
-                res: dict = {}
-                main = noise == cfg.noise
-                for method in METHODS if main else ("mean_knn", "attention"):
-                    model = run.train(method)
-                    logits = run.logits(model)
-                    res[method] = run.metrics(logits)
-                    if method == "attention" and main:
-                        fused = run.fused_logits(model)
-                        res["attention_fused"] = run.metrics(fused)
-                        res["attention_fused"]["agreement"] = float(
-                            (fused.argmax(1) == logits.argmax(1)).double().mean()
-                        )
-                        if s == cfg.seed:
-                            explain = self._explain(run, model, logits, items)
-                    bar.update(1)
-                runs.setdefault(str(s), {})[f"{noise:g}"] = res
-                if not (main and s == cfg.seed):
-                    self._drop_memory(mem.root)
+            one = self.longtail_seed(s, cfg.imbalance, noises, bar, explain=s == cfg.seed)
+            runs[str(s)] = one["runs"]
+            selection[str(s)] = one["selection"]
+            if s == cfg.seed:
+                explain = one["explain"]
         bar.close()
         self.timings["experiment 1"] = time.perf_counter() - t0
         return {
-            "profile": profile,
+            "profile": one["profile"],
             "buckets": {"many": "> 100", "medium": "20..100", "few": "< 20"},
-            "train_size": int(sum(profile)),
-            "memory_size": int(len(self.train) - sum(profile) + len(self.distr)),
+            "train_size": one["split"]["train"],
+            "val_size": one["split"]["val"],
+            "memory_size": one["split"]["memory"],
             "test_size": len(self.test),
+            "search": to_dict(cfg.search),
+            "selection": selection,
             "runs": runs,
             "table": self._aggregate(runs, cfg.noise),
             "noise_sweep": {f"{n:g}": self._aggregate(runs, n) for n in noises},
@@ -305,137 +378,165 @@ class Demo:
         return out
 
     # -- experiment 2 --------------------------------------------------------------------------
+    def _zs_trials(self, name: str, s: int) -> list[dict]:
+        p = self.cfg.zeroshot
+        grid = [{"lr": a, "temperature": t} for a in p.search_lr for t in p.search_temperature]
+        rng = np.random.default_rng([s, sum(map(ord, name))])
+        return [grid[i] for i in sorted(rng.permutation(len(grid))[: self.cfg.search.trials])]
+
+    def zeroshot_seed(self, s: int, ablations: bool, bar=None) -> dict:
+        """One seed of experiment 2: the small CLIP and RECO (each chosen on the validation
+        split by its declared search), the control, the paper-faithful RECO row, and (with
+        ablations) the search x fusion grid and the k sweep."""
+        cfg, p = self.cfg, dataclasses.replace(self.cfg.zeroshot, k=self.cfg.k)
+        rng = np.random.default_rng(10_000 + s)
+        n_seen = max(1, round(self.classes * p.seen_fraction))
+        seen = np.sort(rng.choice(self.classes, n_seen, replace=False))
+        y = self.train.labels
+        seen_items = rng.permutation(np.flatnonzero(np.isin(y, seen)))
+        n_pre = min(p.pretrain, len(seen_items) // 2)
+        pre = seen_items[:n_pre]
+        others = rng.permutation(np.setdiff1d(np.arange(len(y)), pre))
+        n_fus = min(p.fusion_train, len(others) // 4)
+        fus = others[:n_fus]
+        val, mem_rows = stratified_holdout(y, np.sort(others[n_fus:]), p.val_per_class, s)
+        caps = memory_items(
+            [(self.train, np.concatenate([pre, fus]), self.train_f[np.r_[pre, fus]])],
+            self.text_encoder,
+            self.cache,
+            cfg.noise,
+            s + 500,
+        )
+        img, txt = as_tensor(caps.image), as_tensor(caps.text)
+        prompts = [t.format(c) for c in self.train.classes for t in p.prompts]
+        prompt_emb = as_tensor(self.cache.texts(self.text_encoder, prompts))
+        val_y = torch.from_numpy(y[val])
+        test_y = torch.from_numpy(self.test.labels)
+        selection: dict = {}
+
+        def class_text_of(clip):
+            ct = project(clip, prompt_emb, "text").unflatten(0, (self.classes, -1))
+            return torch.nn.functional.normalize(ct.mean(1), dim=-1)
+
+        best = None
+        trials = []
+        for t in self._zs_trials("small CLIP", s):
+            q = dataclasses.replace(p, lr=t["lr"], clip_temperature=t["temperature"])
+            c = train_small_clip(img[:n_pre], txt[:n_pre], q, s, self.device)
+            v_acc = zero_shot_accuracy(
+                project(c, as_tensor(self.train_f[val]), "image"), class_text_of(c), val_y, seen
+            )["all"]
+            trials.append({**t, "val_accuracy": v_acc})
+            if best is None or v_acc > best[0]:
+                best = (v_acc, c, len(trials) - 1)
+        clip = best[1]
+        selection["small CLIP"] = {"trials": trials, "chosen": trials[best[2]]}
+        if bar is not None:
+            bar.update(1)
+        class_text = class_text_of(clip)
+        test_img = project(clip, as_tensor(self.test_f), "image")
+        val_img = project(clip, as_tensor(self.train_f[val]), "image")
+
+        def to_clip(items, clip=clip):
+            return dataclasses.replace(
+                items,
+                image=project(clip, as_tensor(items.image), "image").numpy(),
+                text=project(clip, as_tensor(items.text), "text").numpy(),
+            )
+
+        infos = (
+            EncoderInfo(f"{self.image_encoder.info().name}+ProjectionCLIP(seed {s})"),
+            EncoderInfo(f"{self.text_encoder.info().name}+ProjectionCLIP(seed {s})"),
+        )
+        name = f"zeroshot-{cfg.dataset}-seed{s}-noise{cfg.noise:g}-" + _key(
+            cfg.train_limit, cfg.distractors, cfg.resolution, dataclasses.asdict(p), cfg.search
+        )
+        parts = [
+            (self.train, mem_rows, self.train_f[mem_rows]),
+            (self.distr, np.arange(len(self.distr)), self.distr_f),
+        ]
+        mem, items = self._memory(name, parts, cfg.noise, s, infos, to_clip)
+        fus_pairs = (project(clip, img[n_pre:], "image"), project(clip, txt[n_pre:], "text"))
+        reco = RECORuns(mem, fus_pairs, test_img, class_text, p, s, self.device, val_img)
+        res = {"small CLIP": zero_shot_accuracy(test_img, class_text, test_y, seen)}
+
+        def search(label: str, **kw):
+            best, trials = None, []
+            for t in self._zs_trials(label, s):
+                m = reco.train("uni", "cross", cfg.k, **t, **kw)
+                v_acc = zero_shot_accuracy(*reco.refined(m, "val"), val_y, seen)["all"]
+                trials.append({**t, "val_accuracy": v_acc})
+                if best is None or v_acc > best[0]:
+                    best = (v_acc, m, len(trials) - 1)
+            selection[label] = {"trials": trials, "chosen": trials[best[2]]}
+            if bar is not None:
+                bar.update(1)
+            return best[1]
+
+        main = f"RECO search=uni fusion=cross k={cfg.k}"
+        paper = f"RECO paper-faithful (standard layer init) k={cfg.k}"
+        models = {main: search(main), paper: search(paper, zero_init=False)}
+        # Control: the same models with the unseen classes' items taken out of the memory.
+        in_domain = items.labels < self.classes
+        unseen = np.setdiff1d(np.arange(self.classes), seen)
+        keep = ~(in_domain & np.isin(items.labels, unseen))
+        cname = name + "-seen-only"
+        cmem = self._write(cname, items.take(keep), infos, {"demo": cname})
+        control = reco.with_memory(cmem)
+        for label, m in models.items():
+            res[label] = zero_shot_accuracy(*reco.refined(m), test_y, seen)
+            suffix = "" if label == main else f" ({label})"
+            res[f"RECO, memory without unseen classes{suffix}"] = zero_shot_accuracy(
+                *control.refined(m), test_y, seen
+            )
+        self._drop_memory(cmem.root)
+        chosen = selection[main]["chosen"]
+        hp = {"lr": chosen["lr"], "temperature": chosen["temperature"]}
+        combos = [("uni", "uni"), ("cross", "cross"), ("cross", "uni")] if ablations else []
+        for sm, fm in combos:
+            model = reco.train(sm, fm, cfg.k, **hp)
+            v, t = reco.refined(model)
+            res[f"RECO search={sm} fusion={fm} k={cfg.k}"] = zero_shot_accuracy(v, t, test_y, seen)
+            if bar is not None:
+                bar.update(1)
+        for k in p.k_sweep if ablations else ():
+            if k == cfg.k:
+                continue
+            model = reco.train("uni", "cross", k, **hp)
+            v, t = reco.refined(model)
+            res[f"RECO search=uni fusion=cross k={k}"] = zero_shot_accuracy(v, t, test_y, seen)
+            if bar is not None:
+                bar.update(1)
+        setup = {
+            "seen_classes": [self.train.classes[c] for c in seen],
+            "pretrain": int(n_pre),
+            "fusion_train": int(n_fus),
+            "val": len(val),
+            "memory": int(mem.rows),
+        }
+        if not ablations:
+            self._drop_memory(mem.root)
+        return {"res": res, "selection": selection, "setup": setup}
+
     def zeroshot(self) -> dict:
         cfg, p = self.cfg, self.cfg.zeroshot
-        p = dataclasses.replace(p, k=cfg.k)
         t0 = time.perf_counter()
         runs: dict = {}
+        selection: dict = {}
         first: dict = {}
         extra = (len(p.k_sweep) - (cfg.k in p.k_sweep) + 3) if p.ablations else 0
-        bar = tqdm(total=cfg.seeds * 2 + extra, desc="experiment 2: RECO zero-shot", unit="model")
+        bar = tqdm(total=cfg.seeds * 3 + extra, desc="experiment 2: RECO zero-shot", unit="model")
         for s in range(cfg.seed, cfg.seed + cfg.seeds):
-            rng = np.random.default_rng(10_000 + s)
-            n_seen = max(1, round(self.classes * p.seen_fraction))
-            seen = np.sort(rng.choice(self.classes, n_seen, replace=False))
-            y = self.train.labels
-            seen_items = rng.permutation(np.flatnonzero(np.isin(y, seen)))
-            n_pre = min(p.pretrain, len(seen_items) // 2)
-            pre = seen_items[:n_pre]
-            others = rng.permutation(np.setdiff1d(np.arange(len(y)), pre))
-            n_fus = min(p.fusion_train, len(others) // 4)
-            fus = others[:n_fus]
-            mem_rows = np.sort(others[n_fus:])
-            caps = memory_items(
-                [(self.train, np.concatenate([pre, fus]), self.train_f[np.r_[pre, fus]])],
-                self.text_encoder,
-                self.cache,
-                cfg.noise,
-                s + 500,
-            )
-            img, txt = as_tensor(caps.image), as_tensor(caps.text)
-            clip = train_small_clip(img[:n_pre], txt[:n_pre], p, s, self.device)
-            bar.update(1)
-            prompts = [t.format(c) for c in self.train.classes for t in p.prompts]
-            prompt_emb = as_tensor(self.cache.texts(self.text_encoder, prompts))
-            class_text = project(clip, prompt_emb, "text").unflatten(0, (self.classes, -1))
-            class_text = torch.nn.functional.normalize(class_text.mean(1), dim=-1)
-            test_img = project(clip, as_tensor(self.test_f), "image")
-            test_y = torch.from_numpy(self.test.labels)
-
-            def to_clip(items, clip=clip):
-                return dataclasses.replace(
-                    items,
-                    image=project(clip, as_tensor(items.image), "image").numpy(),
-                    text=project(clip, as_tensor(items.text), "text").numpy(),
-                )
-
-            infos = (
-                EncoderInfo(f"{self.image_encoder.info().name}+ProjectionCLIP(seed {s})"),
-                EncoderInfo(f"{self.text_encoder.info().name}+ProjectionCLIP(seed {s})"),
-            )
-            name = f"zeroshot-{cfg.dataset}-seed{s}-noise{cfg.noise:g}-" + _key(
-                cfg.train_limit, cfg.distractors, cfg.resolution, dataclasses.asdict(p)
-            )
-            parts = [
-                (self.train, mem_rows, self.train_f[mem_rows]),
-                (self.distr, np.arange(len(self.distr)), self.distr_f),
-            ]
-            mem, items = self._memory(name, parts, cfg.noise, s, infos, to_clip)
-            fus_pairs = (
-                project(clip, img[n_pre:], "image"),
-                project(clip, txt[n_pre:], "text"),
-            )
-            reco = RECORuns(mem, fus_pairs, test_img, class_text, p, s, self.device)
-            res = {"small CLIP": zero_shot_accuracy(test_img, class_text, test_y, seen)}
-            main_model = reco.train("uni", "cross", cfg.k)
-            v, t = reco.refined(main_model)
-            res[f"RECO search=uni fusion=cross k={cfg.k}"] = zero_shot_accuracy(v, t, test_y, seen)
-            bar.update(1)
-            # Control: the same model with the unseen classes' items taken out of the memory.
-            fashion = items.labels < self.classes
-            keep = ~(fashion & np.isin(items.labels, np.setdiff1d(np.arange(self.classes), seen)))
-            cname = name + "-seen-only"
-            cmem = self._write(cname, items.take(keep), infos, {"demo": cname})
-            v, t = reco.with_memory(cmem).refined(main_model)
-            res["RECO, memory without unseen classes"] = zero_shot_accuracy(v, t, test_y, seen)
-            self._drop_memory(cmem.root)
-            combos = []
-            if s == cfg.seed and p.ablations:
-                combos = [("uni", "uni"), ("cross", "cross"), ("cross", "uni")]
-            for search, fusion in combos:
-                model = reco.train(search, fusion, cfg.k)
-                v, t = reco.refined(model)
-                res[f"RECO search={search} fusion={fusion} k={cfg.k}"] = zero_shot_accuracy(
-                    v, t, test_y, seen
-                )
-                bar.update(1)
-            if s == cfg.seed and p.ablations:
-                for k in p.k_sweep:
-                    if k == cfg.k:
-                        continue
-                    model = reco.train("uni", "cross", k)
-                    v, t = reco.refined(model)
-                    res[f"RECO search=uni fusion=cross k={k}"] = zero_shot_accuracy(
-                        v, t, test_y, seen
-                    )
-                    bar.update(1)
-                first = {
-                    "seen_classes": [self.train.classes[c] for c in seen],
-                    "pretrain": int(n_pre),
-                    "fusion_train": int(n_fus),
-                    "memory": int(mem.rows),
-                }
-            runs[str(s)] = res
-            if s != cfg.seed:
-                self._drop_memory(mem.root)
+            one = self.zeroshot_seed(s, s == cfg.seed and p.ablations, bar)
+            runs[str(s)] = one["res"]
+            selection[str(s)] = one["selection"]
+            if s == cfg.seed:
+                first = one["setup"]
         bar.close()
         self.timings["experiment 2"] = time.perf_counter() - t0
-        main = f"RECO search=uni fusion=cross k={cfg.k}"
-        table = {
-            name: {
-                split: _stats([runs[s][name][split] for s in runs])
-                for split in ("seen", "unseen", "all")
-            }
-            for name in ("small CLIP", main, "RECO, memory without unseen classes")
-        }
-        s0 = runs[str(cfg.seed)]
-        return {
+        return zeroshot_summary(runs, cfg.k, cfg.seed, p.k_sweep if p.ablations else None) | {
             "setup": first,
-            "runs": runs,
-            "table": table,
-            "search_fusion": {
-                f"{a}/{b}": s0[f"RECO search={a} fusion={b} k={cfg.k}"]
-                for a in ("uni", "cross")
-                for b in ("uni", "cross")
-            }
-            if p.ablations
-            else None,
-            "k_sweep": {
-                str(k): s0[f"RECO search=uni fusion=cross k={k}"]
-                for k in sorted({*p.k_sweep, cfg.k})
-            }
-            if p.ablations
-            else None,
+            "selection": selection,
         }
 
     # -- all -----------------------------------------------------------------------------------
@@ -464,6 +565,47 @@ class Demo:
         }
         write_report(report, self.out, self)
         return report
+
+
+ZS_ROWS = (
+    "small CLIP",
+    "RECO search=uni fusion=cross k={k}",
+    "RECO, memory without unseen classes",
+    "RECO paper-faithful (standard layer init) k={k}",
+    "RECO, memory without unseen classes (RECO paper-faithful (standard layer init) k={k})",
+)
+
+
+def zeroshot_summary(runs: dict, k: int, first: int, k_sweep) -> dict:
+    """Experiment 2's table (mean and std over seeds per row) and, where the first seed ran
+    them, the search x fusion grid and the k sweep."""
+    names = [r.format(k=k) for r in ZS_ROWS]
+    table = {
+        name: {
+            split: _stats([runs[s][name][split] for s in runs])
+            for split in ("seen", "unseen", "all")
+        }
+        for name in names
+        if all(name in r for r in runs.values())
+    }
+    s0 = runs[str(first)]
+    ablations = k_sweep is not None and f"RECO search=cross fusion=cross k={k}" in s0
+    return {
+        "runs": runs,
+        "table": table,
+        "search_fusion": {
+            f"{a}/{b}": s0[f"RECO search={a} fusion={b} k={k}"]
+            for a in ("uni", "cross")
+            for b in ("uni", "cross")
+        }
+        if ablations
+        else None,
+        "k_sweep": {
+            str(kk): s0[f"RECO search=uni fusion=cross k={kk}"] for kk in sorted({*k_sweep, k})
+        }
+        if ablations
+        else None,
+    }
 
 
 def _machine(device: torch.device) -> dict:

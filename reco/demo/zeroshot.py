@@ -8,6 +8,7 @@ and a control: the trained RECO evaluated with the unseen classes removed from i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,13 @@ class ZeroShotParams:
     clip_temperature: float = 0.07  # the small CLIP's InfoNCE
     temperature: float = 0.2  # RECO's InfoNCE (not stated in the paper)
     prompts: tuple[str, ...] = field(default=PROMPTS)
+    # Validation: this many captioned training images per class, outside the pretraining and
+    # fusion splits and the memory; the small CLIP's and RECO's choices are made on it.
+    val_per_class: int = 50
+    # Each model's declared search (the same number of trials, SearchSpace.trials, for both):
+    # lr x temperature (the small CLIP's InfoNCE temperature, or RECO's).
+    search_lr: tuple[float, ...] = (1e-3, 3e-3)
+    search_temperature: tuple[float, ...] = (0.07, 0.2)
 
 
 def modality(query: str, kind: str) -> str:
@@ -102,10 +110,12 @@ class RECORuns:
         p: ZeroShotParams,
         seed: int,
         device: torch.device,
+        val_image: Tensor | None = None,
     ) -> None:
         self.memory, self.p, self.seed, self.device = memory, p, seed, device
         self.pairs = {"image": fusion_pairs[0], "text": fusion_pairs[1]}
         self.test = {"image": test_image, "text": class_text}
+        self.val = {"image": val_image, "text": class_text}
         self.kmax = max(max(p.k_sweep), p.k)
         self._nb: dict[tuple[str, str, str], tuple[Tensor, Tensor]] = {}
 
@@ -114,13 +124,28 @@ class RECORuns:
         `searched` embeddings, searched on first use only."""
         key = (split, query, searched)
         if key not in self._nb:
-            q = (self.pairs if split == "train" else self.test)[query]
+            q = {"train": self.pairs, "test": self.test, "val": self.val}[split][query]
+            if q is None:
+                raise ValueError(f"no {split} {query} queries were given")
             r = Retriever(self.memory.keys(searched), self.memory.values(searched), self.kmax)
             self._nb[key] = r.precompute(q)
         return self._nb[key]
 
-    def train(self, search: str, fusion: str, k: int) -> RECO:
+    def train(
+        self,
+        search: str,
+        fusion: str,
+        k: int,
+        *,
+        lr: float | None = None,
+        temperature: float | None = None,
+        zero_init: bool = True,
+    ) -> RECO:
+        """RECO's fusion layers trained on the fusion split (lr and the InfoNCE temperature
+        default to the params'; zero_init=False: the standard layer's initialisation)."""
         cfg = reco_config(search, fusion, k, self.p)
+        cfg.fusion.zero_init = zero_init
+        p = dataclasses.replace(self.p, lr=lr or self.p.lr)
         torch.manual_seed(self.seed)
         model = build_model(cfg)
         retrievers = model.retrievers(self.memory)
@@ -131,9 +156,9 @@ class RECORuns:
         n = len(self.pairs["image"])
         Trainer(
             model,
-            RECOTask(retrievers, self.p.temperature),
+            RECOTask(retrievers, temperature or self.p.temperature),
             EmbeddingDataset(tensors),
-            _train_cfg(self.p.reco_steps, n, self.p, self.seed),
+            _train_cfg(self.p.reco_steps, n, p, self.seed),
             device=self.device,
         ).fit()
         return model.eval()
@@ -142,17 +167,25 @@ class RECORuns:
         """The same queries against another memory (the fusion layers do not depend on it)."""
         pairs = (self.pairs["image"], self.pairs["text"])
         return RECORuns(
-            memory, pairs, self.test["image"], self.test["text"], self.p, self.seed, self.device
+            memory,
+            pairs,
+            self.test["image"],
+            self.test["text"],
+            self.p,
+            self.seed,
+            self.device,
+            self.val["image"],
         )
 
     @torch.no_grad()
-    def refined(self, model: RECO) -> tuple[Tensor, Tensor]:
-        """Refined test image embeddings and class prompt embeddings."""
+    def refined(self, model: RECO, split: str = "test") -> tuple[Tensor, Tensor]:
+        """Refined test (or validation) image embeddings and class prompt embeddings."""
         cfg = model.cfg
         retrievers = model.retrievers(self.memory)
         out = []
+        queries = self.val if split == "val" else self.test
         for qm, sm in (("image", cfg.image_search), ("text", cfg.text_search)):
-            q, (idx, sc) = self.test[qm], self.neighbours("test", qm, sm)
+            q, (idx, sc) = queries[qm], self.neighbours(split, qm, sm)
             parts = [
                 model.refine(
                     qm,
