@@ -306,9 +306,14 @@ def test_merge_refuses_other_encoders_dims_and_its_own_parts(tmp_path):
         ingest.merge_memories(tmp_path / "out", [tmp_path / "a", tmp_path / "d"], dedup=True)
     # The command line says the same, with exit status 2 and no traceback.
     cmd = [sys.executable, "-m", "reco", "memory", "merge", str(tmp_path / "out")]
-    res = subprocess.run([*cmd, str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True)
+    # cwd: not the checkout, whose reco/ has no compiled core
+    res = subprocess.run(
+        [*cmd, str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, cwd=tmp_path
+    )
     assert res.returncode == 2 and b"enc-b" in res.stderr and b"Traceback" not in res.stderr
-    res = subprocess.run([*cmd, str(tmp_path / "a"), str(tmp_path / "a2")], capture_output=True)
+    res = subprocess.run(
+        [*cmd, str(tmp_path / "a"), str(tmp_path / "a2")], capture_output=True, cwd=tmp_path
+    )
     assert res.returncode == 2 and b"Traceback" not in res.stderr
 
 
@@ -346,7 +351,9 @@ def _cli_build(args, out, table, extra=(), env=None, nproc=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
         cmd += ["--max-restarts", "1", "--monitor-interval", "0.5", str(entry), *base]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=full_env)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env=full_env, cwd=out.parent
+    )
 
 
 def test_a_three_rank_distributed_build_equals_one_process(tmp_path, source, tiny_clip):
@@ -371,6 +378,7 @@ def test_a_three_rank_distributed_build_equals_one_process(tmp_path, source, tin
         [sys.executable, "-m", "reco", "memory", "info", str(tmp_path / "dist")],
         capture_output=True,
         text=True,
+        cwd=tmp_path,
     )
     assert json.loads(info.stdout)["rows"] == N_IMAGES
 
