@@ -133,6 +133,7 @@ class _Cursor:
         self.mem = Memory.open(root) if manifest.shards else None
         self.rows = manifest.rows
         self._shard, self._meta = -1, None
+        self._items: np.ndarray | None = None  # the loaded shard's `item` column
 
     def close(self) -> None:
         if self.mem is not None:
@@ -151,17 +152,17 @@ class _Cursor:
             table = self.mem.shard_metadata(s)
             names = [] if table.column_names == ["row"] else table.column_names  # placeholder
             self._meta = {c: table.column(c).to_pylist() for c in names}
+            items = self._meta.get("item")
+            self._items = None if items is None else np.asarray(items, dtype=np.int64)
             self._shard = s
         return s, offsets[s]
 
     def items(self) -> np.ndarray:
         """The `item` column from self.row to the end of its shard."""
-        s, first = self._load()
-        assert self._meta is not None
-        if "item" not in self._meta:
+        _, first = self._load()
+        if self._items is None:
             raise MemoryFormatError(f"{self.root}: a partitioned build's part without `item`")
-        stop = self.mem.shard_offsets[s + 1]
-        return np.asarray(self._meta["item"][self.row - first : stop - first], dtype=np.int64)
+        return self._items[self.row - first :]  # a view: no copy per run
 
     def take(self, n: int) -> dict[str, Any]:
         """The next n rows (at most to the end of the current shard), and moves past them."""
