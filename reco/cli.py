@@ -701,9 +701,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--steps", type=int, help="training steps of the long-tail models")
     d.add_argument(
         "--values",
-        default="text",
+        default="both",
         choices=["text", "image", "both"],
-        help="experiment 1's memory values: caption embeddings, image features, or both",
+        help="experiment 1's memory values: caption embeddings, image features, or both "
+        "(default: both, chosen on validation)",
     )
     d.add_argument("--quick", action="store_true", help="a reduced demo (minutes)")
     d.add_argument("--keep-memories", action="store_true", help="keep every memory built")

@@ -75,25 +75,59 @@ def test_masked_items_do_not_matter():
     r2[~keep] = 100.0
     fusion = FusionTransformer(FusionConfig(dim=32, heads=4, zero_init=False)).eval()
     torch.testing.assert_close(fusion(q, r, keep), fusion(q, r2, keep))
-    att = MemoryAttention(MemoryAttentionConfig(32, 32, heads=4)).eval()
-    torch.testing.assert_close(att(q, r, keep), att(q, r2, keep))
+    for combine in ("residual", "concat"):
+        att = MemoryAttention(MemoryAttentionConfig(32, 32, heads=4, combine=combine)).eval()
+        nn.init.normal_(att.q.weight)  # concat starts with zero W_q: make the weights vary
+        torch.testing.assert_close(att(q, r, keep), att(q, r2, keep))
     knn = MeanKNN(query=False)
     torch.testing.assert_close(knn(q, r, keep), r[:, [0, 1, 3, 5]].mean(1))
 
 
-def test_fused_inference_path_equals_the_module():
+@pytest.mark.parametrize("combine", ["residual", "concat"])
+def test_fused_inference_path_equals_the_module(combine):
     torch.manual_seed(2)
     keys, values = _unit(3000, 24, seed=3), _unit(3000, 40, seed=4)
     z = _unit(9, 24, seed=5)
     for heads in (1, 4):
-        att = MemoryAttention(MemoryAttentionConfig(24, 40, dim=32, heads=heads)).eval()
+        cfg = MemoryAttentionConfig(24, 40, dim=32, heads=heads, combine=combine)
+        att = MemoryAttention(cfg).eval()
+        nn.init.normal_(att.q.weight)
         want, _ = att.forward_retrieve(z, Retriever(keys, values, k=12))
         got = att.fused_forward(z, keys, values, 12)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         # Gradients reach the module's weights through the fused op too.
         att.train()
         att.fused_forward(z, keys, values, 12).sum().backward()
-        assert all(p.grad is not None for p in (att.q.weight, att.k.weight, att.v.weight))
+        params = (att.q.weight, att.k.weight) + (() if combine == "concat" else (att.v.weight,))
+        assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+
+
+def test_concat_attention_against_an_independent_computation():
+    """combine="concat": [z ; plain mean ; head-averaged softmax(q_h . k_hj / sqrt(dh)) weights
+    of the raw values], written here with numpy; at the start (W_q zero) it is mean k-NN."""
+    import numpy as np
+
+    torch.manual_seed(3)
+    z, values = torch.randn(5, 12), torch.randn(5, 7, 10)
+    keep = torch.rand(5, 7) > 0.3
+    keep[:, 0] = True
+    att = MemoryAttention(MemoryAttentionConfig(12, 10, dim=8, heads=2, combine="concat")).eval()
+    assert att.out_dim == 12 + 2 * 10
+    start = att(z, values, keep)
+    kn = keep.numpy()
+    mean = np.stack([values[b].numpy()[kn[b]].mean(0) for b in range(5)])
+    np.testing.assert_allclose(start.detach().numpy(), np.c_[z, mean, mean], rtol=1e-5, atol=1e-6)
+    nn.init.normal_(att.q.weight)
+    got = att(z, values, keep).detach().numpy()
+    wq, wk = att.q.weight.detach().numpy(), att.k.weight.detach().numpy()
+    for b in range(5):
+        v = values[b].numpy()[kn[b]]
+        q, k = (wq @ z[b].numpy()).reshape(2, 4), (v @ wk.T).reshape(-1, 2, 4)
+        logits = np.einsum("hd,khd->hk", q, k) / 2.0
+        w = np.exp(logits - logits.max(1, keepdims=True))
+        w = (w / w.sum(1, keepdims=True)).mean(0)
+        np.testing.assert_allclose(got[b, 22:], w @ v, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[b, 12:22], v.mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_retriever_exclude_and_near_duplicates():
@@ -152,6 +186,10 @@ def test_bad_configs():
     with pytest.raises(ValueError, match="self_token"):
         att = MemoryAttention(MemoryAttentionConfig(8, 8, heads=1, self_token=True))
         att.fused_forward(torch.randn(1, 8), torch.randn(5, 8), torch.randn(5, 8), 2)
+    with pytest.raises(ValueError, match="combine must be 'residual' or 'concat', got 'sum'"):
+        MemoryAttention(MemoryAttentionConfig(8, 8, heads=1, combine="sum"))
+    with pytest.raises(ValueError, match="self_token applies to combine='residual' only"):
+        MemoryAttention(MemoryAttentionConfig(8, 8, heads=1, self_token=True, combine="concat"))
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ stopping, paired intervals, the claims, the study's resume, and the committed st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -268,9 +269,28 @@ def test_study_resumes_at_the_first_missing_unit_and_refuses_another_config(tmp_
     assert again["study"]["claims"] == first["study"]["claims"]
     saved = json.loads((tmp_path / "s" / "report.json").read_text())
     assert [c["holds"] for c in st.recheck(saved)] == [c["holds"] for c in saved["study"]["claims"]]
-    other = st.StudyConfig(datasets=("mnist",), seeds=3, out=str(tmp_path / "s"))
-    with pytest.raises(ValueError, match="another config"):
+    # A long-tail setting changed: its runs are refused while saved; once they are removed
+    # they run again and the zero-shot runs (whose fields did not change) are kept.
+    other = dataclasses.replace(cfg, demo=dataclasses.replace(cfg.demo))
+    other.demo.longtail = dataclasses.replace(cfg.demo.longtail, steps=7)
+    with pytest.raises(ValueError, match="holds long-tail runs of another config"):
         st.Study(other).run()
+    for p in (tmp_path / "s" / "runs").glob("*/lt-*.json"):
+        p.unlink()
+    calls.clear()
+    st.Study(other).run()
+    assert sorted(c[0] for c in calls) == ["lt"] * 12
+    zs_changed = dataclasses.replace(other, demo=dataclasses.replace(other.demo))
+    zs_changed.demo.zeroshot = dataclasses.replace(other.demo.zeroshot, pretrain=99)
+    with pytest.raises(ValueError, match="holds zero-shot runs of another config"):
+        st.Study(zs_changed).run()
+    # More seeds grow the study in place: only the new seed's runs run.
+    calls.clear()
+    st.Study(dataclasses.replace(other, seeds=4)).run()
+    assert sorted(calls) == sorted(
+        [("lt", d, r, 3) for d in ("mnist", "fashion-mnist") for r in (10.0, 50.0)]
+        + [("zs", d, 3) for d in ("mnist", "fashion-mnist")]
+    )
     with pytest.raises(ValueError, match="seeds must be >= 2"):
         st.StudyConfig(seeds=1).validate()
 

@@ -13,6 +13,7 @@ import torch
 import yaml
 from dist_workers import ddp_train, run
 from synthetic import COUNTS, DV, C, D, long_tail_task
+from torch import nn
 from torch.nn import functional as F
 
 from reco.cli import main
@@ -36,12 +37,13 @@ from reco.train import (
     Trainer,
     TrainingDivergedError,
     batch_indices,
+    logit_adjustment,
 )
 
 
-def train_and_score(model, data, test, retriever, steps=600):
+def train_and_score(model, data, test, retriever, steps=600, logit_adjust=None):
     torch.manual_seed(0)
-    task = LongTailTask(retriever if model.aggregator is not None else None)
+    task = LongTailTask(retriever if model.aggregator is not None else None, "image", logit_adjust)
     cfg = TrainConfig(
         steps=steps,
         batch_size=128,
@@ -74,15 +76,54 @@ def test_memory_attention_lifts_few_shot_far_above_a_linear_head():
     assert attn["all"] > linear["all"], (linear, attn)
 
 
-def test_memory_attention_beats_mean_knn_with_half_the_memory_distractors():
+@pytest.mark.parametrize("combine", ["residual", "concat"])
+def test_memory_attention_beats_mean_knn_with_half_the_memory_distractors(combine):
     data, test, retriever = long_tail_task(seed=2, distractors=0.5)
     knn = train_and_score(
         RetrievalClassifier(MeanKNN(), LinearHead(D + DV, C)), data, test, retriever
     )
+    att = MemoryAttention(MemoryAttentionConfig(D, DV, dim=32, heads=1, combine=combine))
     attn = train_and_score(
-        RetrievalClassifier(_attention(), LinearHead(D, C)), data, test, retriever
+        RetrievalClassifier(att, LinearHead(att.out_dim, C)), data, test, retriever
     )
     assert attn["all"] >= knn["all"] + 0.03, (knn, attn)
+
+
+def test_logit_adjusted_loss_lifts_the_tail_of_a_linear_head():
+    """tau log(prior) added to the training logits (Menon et al.): the plain logits come out
+    balanced, so the few-shot classes of a balanced test set are recognised far more often."""
+    data, test, retriever = long_tail_task(seed=1)
+    adjust = logit_adjustment(torch.tensor(COUNTS), 1.0)
+    plain = train_and_score(RetrievalClassifier(None, LinearHead(D, C)), data, test, retriever)
+    adjusted = train_and_score(
+        RetrievalClassifier(None, LinearHead(D, C)), data, test, retriever, logit_adjust=adjust
+    )
+    assert adjusted["few"] >= plain["few"] + 0.3, (plain, adjusted)
+    assert adjusted["all"] > plain["all"], (plain, adjusted)
+
+
+def test_logit_adjustment_offsets_and_loss():
+    import numpy as np
+
+    counts = torch.tensor([50, 5, 0, 45])
+    got = logit_adjustment(counts, 0.5).numpy()
+    n = np.array([50, 5, 1, 45], dtype=np.float64)  # an empty class counts as one
+    np.testing.assert_allclose(got, 0.5 * np.log(n / n.sum()), rtol=1e-6)
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    model = RetrievalClassifier(None, nn.Identity())
+    loss = LongTailTask(None, logit_adjust=torch.from_numpy(got))(
+        model, {"image": logits, "label": labels}
+    )
+    x = logits.numpy() + got
+    logp = x - np.log(np.exp(x).sum(1, keepdims=True))
+    assert float(loss) == pytest.approx(-logp[np.arange(6), labels.numpy()].mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="tau must be a number >= 0"):
+        logit_adjustment(counts, -1.0)
+    with pytest.raises(ValueError, match="counts must be a non-empty 1-D"):
+        logit_adjustment(torch.ones(2, 2), 1.0)
+    with pytest.raises(ValueError, match="logit_adjust has 3 classes, the model 4"):
+        LongTailTask(None, logit_adjust=torch.zeros(3))(model, {"image": logits, "label": labels})
 
 
 def _resumable_model():

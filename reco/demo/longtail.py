@@ -17,7 +17,7 @@ from .. import eval as ev
 from ..memory import EmbeddingTable, Memory
 from ..models import ClassifierConfig, RetrievalClassifier, Retriever, build_model
 from ..train.data import EmbeddingDataset
-from ..train.tasks import LongTailTask
+from ..train.tasks import LongTailTask, logit_adjustment
 from ..train.trainer import TrainConfig, Trainer
 from .select import SearchSpace, Selection
 
@@ -57,7 +57,15 @@ class LongTailParams:
     mlp_hidden: int = 1024
     weight_decay: float = 0.05
     # Memory values: caption embeddings ("text"), image features ("image"), or both side by side.
-    fusion_modality: str = "text"
+    fusion_modality: str = "both"
+    # tau of the logit-adjusted training loss (0: plain cross-entropy), the same for every
+    # method: chosen on validation (tau = 1 raised every method's balanced accuracy there).
+    logit_adjust: float = 1.0
+    # MemoryAttention's combine and attention dropout, chosen on validation: "concat" starts as
+    # mean k-NN and learns the weights; hiding half the retrieved items in training kept the
+    # learned weights from over-fitting the few tail images.
+    combine: str = "concat"
+    drop_retrieved: float = 0.5
 
 
 def memory_values(memory: Memory, which: str) -> EmbeddingTable | Tensor:
@@ -92,6 +100,8 @@ def make_model(method: str, qdim: int, vdim: int, classes: int, p: LongTailParam
         attention_dim=p.attention_dim,
         heads=p.heads,
         mlp_hidden=p.mlp_hidden,
+        drop_retrieved=p.drop_retrieved,
+        combine=p.combine,
     )
     return build_model(cfg)
 
@@ -175,7 +185,10 @@ class LongTailRun:
             progress=False,
             resume=False,
         )
-        trainer = Trainer(model, LongTailTask(retriever), self._dataset(), cfg, device=self.device)
+        tau = self.p.logit_adjust
+        adjust = logit_adjustment(self.data.counts, tau) if tau else None
+        task = LongTailTask(retriever, logit_adjust=adjust)
+        trainer = Trainer(model, task, self._dataset(), cfg, device=self.device)
         model.k = int(c["k"])
         model.best_step, model.val_accuracy = self.p.steps, math.nan
         if eval_every is None or self.data.val_z is None:

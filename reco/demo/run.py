@@ -96,7 +96,7 @@ def demo_config(
     train_limit: int | None = None,
     test_limit: int | None = None,
     steps: int | None = None,
-    values: str = "text",
+    values: str = "both",
     **fields: object,
 ) -> DemoConfig:
     """The config `reco demo` runs: quick is the reduced demo the tests run (12,000 training and

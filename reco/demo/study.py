@@ -71,13 +71,35 @@ def study_config(*, quick: bool = False, **fields: object) -> StudyConfig:
     return StudyConfig(demo=demo, **fields)
 
 
-def _fingerprint(cfg: StudyConfig) -> str:
-    """The config minus where it is written; the order of datasets and ratios (the order the
-    units run in) does not matter."""
-    d = to_dict(cfg)
-    d.pop("out"), d.pop("cache")
-    d["datasets"], d["imbalances"] = sorted(d["datasets"]), sorted(d["imbalances"])
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+# The config fields a kind of unit does not read: changing them keeps that kind's saved units.
+# Which datasets, ratios and seeds a study has only picks its units (each unit's path names
+# its own), so a study can grow in place.
+_SELECTS = (("datasets",), ("imbalances",), ("seed",), ("seeds",), ("out",), ("cache",))
+_UNREAD = {
+    "lt": (("demo", "zeroshot"),),
+    "zs": (
+        ("demo", "longtail"),
+        ("demo", "val_per_class"),
+        ("demo", "imbalance"),
+        ("demo", "noise_sweep"),
+        ("demo", "explain"),
+    ),
+}
+KINDS = {"lt": "long-tail", "zs": "zero-shot"}
+
+
+def _fingerprints(config: dict) -> dict[str, str]:
+    """{kind: hash of the config fields its units read}, from to_dict(StudyConfig)."""
+    out = {}
+    for kind, unread in _UNREAD.items():
+        d = json.loads(json.dumps(config))
+        for path in (*_SELECTS, *unread):
+            parent = d
+            for key in path[:-1]:
+                parent = parent.get(key, {})
+            parent.pop(path[-1], None)
+        out[kind] = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return out
 
 
 def _save(path: Path, obj: dict) -> None:
@@ -94,18 +116,24 @@ class Study:
         self.cache = cfg.cache or str(self.out / "cache")
 
     def _check_resume(self) -> None:
-        """A folder holds one study: resuming with another config would mix results."""
+        """A folder's saved units must be of this config: a kind of unit (long-tail or
+        zero-shot) whose fields changed is refused while units of it are saved; the units of a
+        kind whose fields did not change are kept."""
         path = self.out / "study-config.json"
-        want = {"fingerprint": _fingerprint(self.cfg), "config": to_dict(self.cfg)}
+        config = to_dict(self.cfg)
+        want = _fingerprints(config)
         if path.exists():
             have = json.loads(path.read_text())
-            if have.get("fingerprint") != want["fingerprint"]:
-                raise ValueError(
-                    f"{self.out} holds a study of another config ({path}): use another --out, "
-                    "or remove that folder to start over"
-                )
-        else:
-            _save(path, want)
+            have = have.get("fingerprints") or _fingerprints(have["config"])
+            for kind, name in KINDS.items():
+                saved = sorted(self.units.glob(f"*/{kind}-*.json"))
+                if have.get(kind) != want[kind] and saved:
+                    raise ValueError(
+                        f"{self.out} holds {name} runs of another config ({path}; "
+                        f"{len(saved)} runs such as {saved[0]}): remove them "
+                        f"(runs/*/{kind}-*.json) to run them again, or use another --out"
+                    )
+        _save(path, {"fingerprints": want, "config": config})
 
     def run(self, only: str | None = None) -> dict | None:
         """Runs the units not saved yet (only: those of "longtail" or "zeroshot"), then writes

@@ -1,6 +1,11 @@
 """The retrieval-augmented recognition module (CVPR 2023): a query attends over retrieved values.
 
+combine="residual" (the default):
 f = z + W_o [ sum_j softmax_j((W_q z)_h . (W_k v_j)_h / sqrt(dh)) (W_v v_j)_h ]_h
+combine="concat":
+f = [ z ; mean_j v_j ; mean_h sum_j w_hj v_j ], w_hj the same softmax weights as above,
+with W_q starting at zero, so the module starts as mean k-NN (uniform weights) and learns which
+retrieved items to weight up; the raw values reach the classifier unprojected.
 
 Learned projections let the module down-weight irrelevant memory items, unlike the plain mean of
 the neighbours (MeanKNN). Because the attention logits are a bilinear form in (z, v_j), W_q and W_k
@@ -30,7 +35,8 @@ class MemoryAttentionConfig:
     heads: int = 8
     self_token: bool = False  # the query also attends to itself (as an extra item)
     drop_retrieved: float = 0.0  # training: probability of hiding each retrieved item
-    residual: bool = True
+    residual: bool = True  # combine="residual" only: z + update (else the update alone)
+    combine: str = "residual"  # "residual" or "concat" (see the module docstring)
 
     def validate(self) -> None:
         check_number("query_dim", self.query_dim, integer=True, ge=1)
@@ -41,6 +47,10 @@ class MemoryAttentionConfig:
         if width % self.heads:
             raise ValueError(f"attention width {width} is not divisible by heads={self.heads}")
         check_number("drop_retrieved", self.drop_retrieved, ge=0.0, lt=1.0)
+        if self.combine not in ("residual", "concat"):
+            raise ValueError(f"combine must be 'residual' or 'concat', got {self.combine!r}")
+        if self.combine == "concat" and self.self_token:
+            raise ValueError("self_token applies to combine='residual' only")
 
 
 class MemoryAttention(nn.Module):
@@ -54,6 +64,12 @@ class MemoryAttention(nn.Module):
         self.heads, self.head_dim = cfg.heads, width // cfg.heads
         self.q = nn.Linear(cfg.query_dim, width, bias=False)
         self.k = nn.Linear(cfg.value_dim, width, bias=False)
+        self.concat = cfg.combine == "concat"
+        if self.concat:
+            nn.init.zeros_(self.q.weight)  # uniform weights at the start: mean k-NN
+            self.out_dim = cfg.query_dim + 2 * cfg.value_dim
+            return
+        self.out_dim = cfg.query_dim
         self.v = nn.Linear(cfg.value_dim, width)
         self.out = nn.Linear(width, cfg.query_dim)
         if cfg.self_token:
@@ -63,12 +79,11 @@ class MemoryAttention(nn.Module):
     def _split(self, x: Tensor) -> Tensor:  # [..., width] -> [..., heads, head_dim]
         return x.unflatten(-1, (self.heads, self.head_dim))
 
-    def _attend(self, z: Tensor, values: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(weights [B, H, k (+1 with the self token, first)], head values [B, k(+1), H, dh])."""
+    def _weights(self, z: Tensor, values: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(weights [B, H, k (+1 with the self token, first)], the items kept [B, k])."""
         B, k, _ = values.shape
         q = self._split(self.q(z))  # [B, H, dh]
         keys = self._split(self.k(values))  # [B, k, H, dh]
-        vals = self._split(self.v(values))
         logits = torch.einsum("bhd,bkhd->bhk", q, keys) / math.sqrt(self.head_dim)
         mask = torch.ones(B, k, dtype=torch.bool, device=z.device) if keep is None else keep
         if self.training and self.cfg.drop_retrieved > 0:
@@ -78,20 +93,28 @@ class MemoryAttention(nn.Module):
             k_self = self._split(self.k_self(z))
             self_logit = (q * k_self).sum(-1, keepdim=True) / math.sqrt(self.head_dim)
             logits = torch.cat([self_logit, logits], -1)
-            vals = torch.cat([self._split(self.v_self(z)).unsqueeze(1), vals], 1)
         # A query with every item masked (and no self token) attends to nothing (attended = 0).
-        return torch.softmax(logits, -1).nan_to_num(0.0), vals
+        return torch.softmax(logits, -1).nan_to_num(0.0), mask
 
     def forward(self, z: Tensor, values: Tensor, keep: Tensor | None = None) -> Tensor:
         """z [B, query_dim]; values [B, k, value_dim]; keep [B, k] bool (False: ignore item)."""
-        weights, vals = self._attend(z, values, keep)
+        values = values.to(z.dtype)
+        weights, mask = self._weights(z, values, keep)
+        if self.concat:
+            m = mask.to(z.dtype).unsqueeze(-1)
+            mean = (values * m).sum(1) / m.sum(1).clamp_min(1.0)
+            attended = torch.einsum("bk,bkd->bd", weights.mean(1), values)
+            return torch.cat([z, mean, attended], -1)
+        vals = self._split(self.v(values))  # [B, k, H, dh]
+        if self.cfg.self_token:
+            vals = torch.cat([self._split(self.v_self(z)).unsqueeze(1), vals], 1)
         update = self.out(torch.einsum("bhk,bkhd->bhd", weights, vals).flatten(1))
         return z + update if self.cfg.residual else update
 
     def attention_weights(self, z: Tensor, values: Tensor, keep: Tensor | None = None) -> Tensor:
         """[B, k]: the weight of each retrieved item, averaged over heads (the papers'
         "visualising attention scores"); with the self token, its weight is left out."""
-        weights, _ = self._attend(z, values, keep)
+        weights, _ = self._weights(z, values.to(z.dtype), keep)
         return weights[..., 1:].mean(1) if self.cfg.self_token else weights.mean(1)
 
     def forward_retrieve(
@@ -116,13 +139,17 @@ class MemoryAttention(nn.Module):
         exclude: Tensor | None = None,
     ) -> Tensor:
         """The fast inference path: search `keys` with z and attend over `values` in one call of
-        the fused op. Equals forward(z, values[top-k of z over keys]) for a module without
-        self_token, in eval mode, with no near-duplicate masking."""
+        the fused op (combine="concat" also gathers the k rows for their plain mean). Equals
+        forward(z, values[top-k of z over keys]) for a module without self_token, in eval mode,
+        with no near-duplicate masking."""
         if self.cfg.self_token:
             raise ValueError("fused_forward does not support self_token=True")
         r = fused_retrieve_attend(
             z.float(), keys, values, k, attn_query=self.attention_query(z.float()), exclude=exclude
         )
+        if self.concat:
+            mean = values[r.indices].to(z.dtype).mean(1)  # the op returns k valid rows or raises
+            return torch.cat([z, mean, r.output.mean(1).to(z.dtype)], -1)
         # sum_j w_j (W_v v_j + b) = W_v (sum_j w_j v_j) + b, per head (weights sum to 1).
         wv = self.v.weight.unflatten(0, (self.heads, self.head_dim))  # [H, dh, value_dim]
         attended = torch.einsum("hdv,bhv->bhd", wv, r.output) + self._split(self.v.bias)

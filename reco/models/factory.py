@@ -34,6 +34,7 @@ class ClassifierConfig:
     self_token: bool = False
     drop_retrieved: float = 0.0
     mlp_hidden: int = 1024
+    combine: str = "residual"  # MemoryAttention's: "residual" or "concat"
 
     def validate(self) -> None:
         check_number("query_dim", self.query_dim, integer=True, ge=1)
@@ -66,9 +67,10 @@ def build_model(cfg: ClassifierConfig | RECOConfig) -> nn.Module:
                 cfg.heads,
                 cfg.self_token,
                 cfg.drop_retrieved,
+                combine=cfg.combine,
             )
         )
-        features = cfg.query_dim
+        features = agg.out_dim
     elif cfg.aggregator == "mean_knn":
         agg, features = MeanKNN(), cfg.query_dim + cfg.value_dim
     else:

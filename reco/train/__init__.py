@@ -2,7 +2,7 @@
 
 from .data import EmbeddingDataset, batch_indices
 from .losses import info_nce, reco_loss
-from .tasks import LongTailTask, RECOTask
+from .tasks import LongTailTask, RECOTask, logit_adjustment
 from .trainer import TrainConfig, Trainer, TrainingDivergedError
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "TrainingDivergedError",
     "batch_indices",
     "info_nce",
+    "logit_adjustment",
     "reco_loss",
 ]

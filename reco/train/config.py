@@ -49,7 +49,9 @@ class LongTailConfig:
     self_token: bool = False
     drop_retrieved: float = 0.0  # not stated in the paper
     mlp_hidden: int = 1024
+    combine: str = "residual"  # attention: z + update, or "concat" [z ; mean ; attended]
     near_duplicate: float | None = None  # mask retrieved items this close to the query
+    logit_adjust: float = 0.0  # tau of the logit-adjusted loss (0: plain cross-entropy)
     many_above: int = 100  # shot buckets: many > 100, medium 20..100, few < 20
     few_below: int = 20
 
@@ -64,6 +66,7 @@ class LongTailConfig:
         check_number("drop_retrieved", self.drop_retrieved, ge=0, lt=1)
         check_number("mlp_hidden", self.mlp_hidden, integer=True, ge=1)
         check_number("near_duplicate", self.near_duplicate, optional=True)
+        check_number("logit_adjust", self.logit_adjust, ge=0)
         check_number("few_below", self.few_below, integer=True, ge=0)
         check_number("many_above", self.many_above, integer=True, ge=self.few_below)
 
@@ -80,6 +83,7 @@ class LongTailConfig:
             self.self_token,
             self.drop_retrieved,
             self.mlp_hidden,
+            self.combine,
         )
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from ..config import ConfigError, to_dict
@@ -13,7 +15,7 @@ from ..memory import Memory
 from ..models import Retriever, build_model
 from .config import ExperimentConfig
 from .data import EmbeddingDataset
-from .tasks import LongTailTask, RECOTask
+from .tasks import LongTailTask, RECOTask, logit_adjustment
 from .trainer import Trainer
 
 
@@ -50,7 +52,11 @@ def build(cfg: ExperimentConfig) -> Built:
                 lt.k,
                 near_duplicate=lt.near_duplicate,
             )
-        task: LongTailTask | RECOTask = LongTailTask(retriever, lt.query_modality)
+        adjust = None
+        if lt.logit_adjust:
+            labels = torch.as_tensor(np.asarray(train_mem.labels), dtype=torch.int64)
+            adjust = logit_adjustment(torch.bincount(labels, minlength=classes), lt.logit_adjust)
+        task: LongTailTask | RECOTask = LongTailTask(retriever, lt.query_modality, adjust)
     else:
         dataset = EmbeddingDataset.from_memory(
             train_mem, ("image", "text"), rows=cfg.data.train_in_memory

@@ -12,16 +12,38 @@ from ..models import RECO, ProjectionCLIP, RetrievalClassifier, Retriever
 from .losses import info_nce, reco_loss
 
 
+def logit_adjustment(counts: Tensor, tau: float = 1.0) -> Tensor:
+    """tau * log(class prior) [C] from training counts per class (a class with none counts as
+    one): added to the logits in the training loss only, the logit-adjusted loss of Menon et
+    al. (ICLR 2021), which trains the plain logits to be balanced across classes."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    if counts.ndim != 1 or counts.numel() == 0 or bool((counts < 0).any()):
+        raise ValueError(f"counts must be a non-empty 1-D tensor of counts >= 0, got {counts}")
+    if not (isinstance(tau, (int, float)) and tau >= 0):
+        raise ValueError(f"logit adjustment tau must be a number >= 0, got {tau!r}")
+    counts = counts.clamp_min(1.0)
+    return (tau * torch.log(counts / counts.sum())).float()
+
+
 class LongTailTask:
     """Classification with retrieval: z = batch[query_key] retrieves from the memory (excluding
     batch["row"] when the training items are themselves in the memory), the classifier
-    aggregates and predicts; cross-entropy against batch["label"]. A batch holding
+    aggregates and predicts; cross-entropy against batch["label"], with the offsets
+    `logit_adjust` [C] (`logit_adjustment`) added to the logits where given. A batch holding
     "neighbours" and "neighbour_scores" (from Retriever.precompute) looks them up instead of
     searching."""
 
-    def __init__(self, retriever: Retriever | None, query_key: str = "image") -> None:
+    def __init__(
+        self,
+        retriever: Retriever | None,
+        query_key: str = "image",
+        logit_adjust: Tensor | None = None,
+    ) -> None:
         self.retriever = retriever
         self.query_key = query_key
+        if logit_adjust is not None and logit_adjust.ndim != 1:
+            raise ValueError(f"logit_adjust must be [classes], got shape {logit_adjust.shape}")
+        self.logit_adjust = logit_adjust
 
     def logits(self, model: RetrievalClassifier, batch: dict[str, Tensor]) -> Tensor:
         z = batch[self.query_key]
@@ -37,7 +59,15 @@ class LongTailTask:
         return model(z, r.values, r.keep)
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        return F.cross_entropy(self.logits(model, batch), batch["label"])
+        logits = self.logits(model, batch)
+        if self.logit_adjust is not None:
+            if self.logit_adjust.numel() != logits.shape[1]:
+                raise ValueError(
+                    f"logit_adjust has {self.logit_adjust.numel()} classes, the model "
+                    f"{logits.shape[1]}"
+                )
+            logits = logits + self.logit_adjust.to(logits.device, logits.dtype)
+        return F.cross_entropy(logits, batch["label"])
 
 
 class RECOTask:
