@@ -432,8 +432,8 @@ def test_demo_config_as_reco_demo_makes_it():
 
     full = demo_config(dataset="mnist", k=5)
     assert full.seeds == 3 and full.train_limit is None and full.zeroshot.ablations
-    assert full.dataset == "mnist" and full.k == 5 and full.longtail.fusion_modality == "text"
-    quick = demo_config(quick=True, steps=7, values="both", test_limit=300)
+    assert full.dataset == "mnist" and full.k == 5 and full.longtail.fusion_modality == "both"
+    quick = demo_config(quick=True, steps=7, values="text", test_limit=300)
     assert quick.seeds == 1 and quick.train_limit == 12000 and quick.test_limit == 300
-    assert quick.longtail.steps == 7 and quick.longtail.fusion_modality == "both"
+    assert quick.longtail.steps == 7 and quick.longtail.fusion_modality == "text"
     assert not quick.zeroshot.ablations and quick.zeroshot.pretrain == 4000

@@ -83,23 +83,60 @@ def test_masked_items_do_not_matter():
     torch.testing.assert_close(knn(q, r, keep), r[:, [0, 1, 3, 5]].mean(1))
 
 
+@pytest.mark.parametrize("attend", ["learned", "scores"])
 @pytest.mark.parametrize("combine", ["residual", "concat"])
-def test_fused_inference_path_equals_the_module(combine):
+def test_fused_inference_path_equals_the_module(combine, attend):
     torch.manual_seed(2)
     keys, values = _unit(3000, 24, seed=3), _unit(3000, 40, seed=4)
     z = _unit(9, 24, seed=5)
     for heads in (1, 4):
-        cfg = MemoryAttentionConfig(24, 40, dim=32, heads=heads, combine=combine)
+        cfg = MemoryAttentionConfig(24, 40, dim=32, heads=heads, combine=combine, attend=attend)
         att = MemoryAttention(cfg).eval()
-        nn.init.normal_(att.q.weight)
+        if attend == "learned":
+            nn.init.normal_(att.q.weight)
+        else:
+            nn.init.constant_(att.log_temperature, -3.0)  # weights far from uniform
         want, _ = att.forward_retrieve(z, Retriever(keys, values, k=12))
         got = att.fused_forward(z, keys, values, 12)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        # Gradients reach the module's weights through the fused op too.
+        # Gradients reach the module's weights through the fused op too (attend="scores": the
+        # temperature enters the op as a number, so it trains through the ordinary forward).
         att.train()
-        att.fused_forward(z, keys, values, 12).sum().backward()
-        params = (att.q.weight, att.k.weight) + (() if combine == "concat" else (att.v.weight,))
+        if attend == "scores":
+            att.forward_retrieve(z, Retriever(keys, values, k=12))[0].sum().backward()
+        else:
+            att.fused_forward(z, keys, values, 12).sum().backward()
+        params = (att.log_temperature,) if attend == "scores" else (att.q.weight, att.k.weight)
+        params += () if combine == "concat" else (att.v.weight,)
         assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+
+
+def test_score_attention_is_a_weighted_knn_with_a_learned_temperature():
+    """attend="scores": w = softmax(s / T) over the retrieval scores (numpy here), T learned."""
+    import numpy as np
+
+    torch.manual_seed(4)
+    z, values, scores = torch.randn(4, 6), torch.randn(4, 5, 3), torch.rand(4, 5)
+    keep = torch.ones(4, 5, dtype=torch.bool)
+    keep[1, 2] = False
+    cfg = MemoryAttentionConfig(6, 3, heads=2, combine="concat", attend="scores", temperature=0.2)
+    att = MemoryAttention(cfg).eval()
+    got = att(z, values, keep, scores).detach().numpy()
+    for b in range(4):
+        s, v = scores[b].numpy()[keep[b].numpy()], values[b].numpy()[keep[b].numpy()]
+        w = np.exp((s - s.max()) / 0.2)
+        np.testing.assert_allclose(got[b], np.r_[z[b], v.mean(0), (w / w.sum()) @ v], rtol=1e-5)
+    att.train()
+    att(z, values, keep, scores).square().sum().backward()
+    assert float(att.log_temperature.grad.abs()) > 0
+    with pytest.raises(ValueError, match="needs the retrieval scores"):
+        att(z, values, keep)
+    with pytest.raises(ValueError, match=r"scores must be \[B, k\]"):
+        att(z, values, keep, scores[:, :3])
+    with pytest.raises(ValueError, match="attend must be 'learned' or 'scores', got 'dot'"):
+        MemoryAttention(MemoryAttentionConfig(6, 3, heads=1, attend="dot"))
+    with pytest.raises(ValueError, match="temperature must be"):
+        MemoryAttention(MemoryAttentionConfig(6, 3, heads=1, attend="scores", temperature=0.0))
 
 
 def test_concat_attention_against_an_independent_computation():

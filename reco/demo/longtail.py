@@ -61,10 +61,13 @@ class LongTailParams:
     # tau of the logit-adjusted training loss (0: plain cross-entropy), the same for every
     # method: chosen on validation (tau = 1 raised every method's balanced accuracy there).
     logit_adjust: float = 1.0
-    # MemoryAttention's combine and attention dropout, chosen on validation: "concat" starts as
-    # mean k-NN and learns the weights; hiding half the retrieved items in training kept the
-    # learned weights from over-fitting the few tail images.
+    # MemoryAttention's combine, logits and attention dropout, chosen on validation: "concat"
+    # gives the head the query, the plain mean and the weighted mean of the values; weights
+    # from the retrieval scores over a learned temperature did better there than learned
+    # projections (which over-fit the few tail images); hiding half the retrieved items in
+    # training helped both.
     combine: str = "concat"
+    attend: str = "scores"
     drop_retrieved: float = 0.5
 
 
@@ -102,6 +105,7 @@ def make_model(method: str, qdim: int, vdim: int, classes: int, p: LongTailParam
         mlp_hidden=p.mlp_hidden,
         drop_retrieved=p.drop_retrieved,
         combine=p.combine,
+        attend=p.attend,
     )
     return build_model(cfg)
 

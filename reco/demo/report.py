@@ -105,6 +105,7 @@ shuffled by seed); buckets many > 100, medium 20..100, few < 20 training images.
 {lt["memory_size"]} captioned images (the training images not in the long-tailed set, plus the
 distractors); keys are image features, values {_values(cfg)}. Memory noise
 {cfg["noise"]:.0%} (half wrong-class, half irrelevant captions); k = {cfg["k"]}.
+{_training(cfg["longtail"])}
 
 {longtail_table(lt)}
 
@@ -132,6 +133,29 @@ what remains of its gain on unseen classes was learnt by the fusion layers, not 
 {_ablations(zgrid, zks, cfg["k"])}
 Figure: `zeroshot.png`.
 """
+
+
+def _training(lt: dict) -> str:
+    """How experiment 1's models are trained (older reports lack the newer fields)."""
+    tau = lt.get("logit_adjust", 0.0)
+    loss = (
+        f"the logit-adjusted cross-entropy (tau = {tau:g}: tau log(class prior) added to the "
+        "training logits, Menon et al. 2021)"
+        if tau
+        else "the plain cross-entropy"
+    )
+    combine = lt.get("combine", "residual")
+    att = (
+        "[query ; mean of the retrieved values ; their attention-weighted mean], starting as "
+        "mean k-NN (zero query projection)"
+        if combine == "concat"
+        else "the query plus a projection of the attended values"
+    )
+    return (
+        f"Every method trains with {loss}. MemoryAttention feeds its linear head {att}; "
+        f"attention dropout {lt.get('drop_retrieved', 0.0):g} (each retrieved item hidden with "
+        "that probability in training)."
+    )
 
 
 def _values(cfg: dict) -> str:
@@ -330,7 +354,8 @@ def study_markdown(report: dict) -> str:
         "validation split carved from the training images (never the test set), with "
         f"{cfg['demo']['search']['trials']} trials of each method's declared search "
         "(`reco.demo.select.SearchSpace`). Accuracies in %, mean ± standard deviation over seeds; "
-        f"differences with the {report['interval']}.",
+        f"differences with the {report['interval']}. Memory values: {_values(cfg['demo'])}. "
+        + _training(cfg["demo"]["longtail"]),
         "",
         f"Machine: {m['cpu']}, {m['threads']} threads, device {m['device']}, torch "
         f"{m['torch']}, CPU kernel level {m['cpu_level']}. Wall time {t['total'] / 60:.0f} min "

@@ -350,7 +350,8 @@ class Demo:
         idx, sc = run.neighbours["test"]
         r = run.retriever.lookup(idx[rows], sc[rows])
         z = run.data.test_z[rows].to(self.device)
-        w = model.aggregator.attention_weights(z, r.values.to(self.device), r.keep.to(self.device))
+        r = type(r)(*(t.to(self.device) for t in r))
+        w = model.aggregator.attention_weights(z, r.values, r.keep, r.scores)
         pred = logits[rows].argmax(1)
         out = []
         for j, t in enumerate(chosen):

@@ -69,9 +69,9 @@ def explain_query(
     r = retrieved if retrieved is not None else retriever_of(cfg, built, modality)(z)
     if cfg.method == "longtail":
         agg = built.model.aggregator
-        weights, _ = agg._attend(z, r.values, r.keep)  # [B, H, (1 +) k], as attention_weights
+        weights, _ = agg._weights(z, r.values, r.keep, r.scores)  # [B, H, (1 +) k]
         weights = weights[..., 1:] if agg.cfg.self_token else weights
-        logits = built.model(z, r.values, r.keep)
+        logits = built.model(z, r.values, r.keep, r.scores)
     else:
         fusion = built.model.image_fusion if modality == "image" else built.model.text_fusion
         weights = fusion.attention_weights(z, r.values, r.keep)[:, 1:].unsqueeze(1)

@@ -6,6 +6,9 @@ combine="concat":
 f = [ z ; mean_j v_j ; mean_h sum_j w_hj v_j ], w_hj the same softmax weights as above,
 with W_q starting at zero, so the module starts as mean k-NN (uniform weights) and learns which
 retrieved items to weight up; the raw values reach the classifier unprojected.
+attend="scores" replaces the learned logits with the retrieval scores s_j = z . m_j (the search's
+query . key) over a learned temperature, w_j = softmax_j(s_j / T): the weighted k-NN of the
+memory keys, calibrated by training (one parameter, no projections to over-fit).
 
 Learned projections let the module down-weight irrelevant memory items, unlike the plain mean of
 the neighbours (MeanKNN). Because the attention logits are a bilinear form in (z, v_j), W_q and W_k
@@ -37,6 +40,8 @@ class MemoryAttentionConfig:
     drop_retrieved: float = 0.0  # training: probability of hiding each retrieved item
     residual: bool = True  # combine="residual" only: z + update (else the update alone)
     combine: str = "residual"  # "residual" or "concat" (see the module docstring)
+    attend: str = "learned"  # attention logits: "learned" projections or retrieval "scores"
+    temperature: float = 0.1  # attend="scores": the learned temperature's initial value
 
     def validate(self) -> None:
         check_number("query_dim", self.query_dim, integer=True, ge=1)
@@ -51,6 +56,11 @@ class MemoryAttentionConfig:
             raise ValueError(f"combine must be 'residual' or 'concat', got {self.combine!r}")
         if self.combine == "concat" and self.self_token:
             raise ValueError("self_token applies to combine='residual' only")
+        if self.attend not in ("learned", "scores"):
+            raise ValueError(f"attend must be 'learned' or 'scores', got {self.attend!r}")
+        if self.attend == "scores" and self.self_token:
+            raise ValueError("self_token applies to attend='learned' only")
+        check_number("temperature", self.temperature, gt=0.0)
 
 
 class MemoryAttention(nn.Module):
@@ -62,11 +72,16 @@ class MemoryAttention(nn.Module):
         self.cfg = cfg
         width = cfg.dim or cfg.query_dim
         self.heads, self.head_dim = cfg.heads, width // cfg.heads
-        self.q = nn.Linear(cfg.query_dim, width, bias=False)
-        self.k = nn.Linear(cfg.value_dim, width, bias=False)
+        self.by_scores = cfg.attend == "scores"
+        if self.by_scores:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature)))
+        else:
+            self.q = nn.Linear(cfg.query_dim, width, bias=False)
+            self.k = nn.Linear(cfg.value_dim, width, bias=False)
         self.concat = cfg.combine == "concat"
         if self.concat:
-            nn.init.zeros_(self.q.weight)  # uniform weights at the start: mean k-NN
+            if not self.by_scores:
+                nn.init.zeros_(self.q.weight)  # uniform weights at the start: mean k-NN
             self.out_dim = cfg.query_dim + 2 * cfg.value_dim
             return
         self.out_dim = cfg.query_dim
@@ -79,12 +94,22 @@ class MemoryAttention(nn.Module):
     def _split(self, x: Tensor) -> Tensor:  # [..., width] -> [..., heads, head_dim]
         return x.unflatten(-1, (self.heads, self.head_dim))
 
-    def _weights(self, z: Tensor, values: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(weights [B, H, k (+1 with the self token, first)], the items kept [B, k])."""
+    def _weights(
+        self, z: Tensor, values: Tensor, keep: Tensor | None, scores: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(weights [B, H (1 with attend="scores"), k (+1 with the self token, first)], the
+        items kept [B, k])."""
         B, k, _ = values.shape
-        q = self._split(self.q(z))  # [B, H, dh]
-        keys = self._split(self.k(values))  # [B, k, H, dh]
-        logits = torch.einsum("bhd,bkhd->bhk", q, keys) / math.sqrt(self.head_dim)
+        if self.by_scores:
+            if scores is None:
+                raise ValueError("attend='scores' needs the retrieval scores [B, k] (scores=)")
+            if scores.shape != (B, k):
+                raise ValueError(f"scores must be [B, k]={(B, k)}, got {tuple(scores.shape)}")
+            logits = (scores.to(z.dtype) / self.log_temperature.exp()).unsqueeze(1)
+        else:
+            q = self._split(self.q(z))  # [B, H, dh]
+            keys = self._split(self.k(values))  # [B, k, H, dh]
+            logits = torch.einsum("bhd,bkhd->bhk", q, keys) / math.sqrt(self.head_dim)
         mask = torch.ones(B, k, dtype=torch.bool, device=z.device) if keep is None else keep
         if self.training and self.cfg.drop_retrieved > 0:
             mask = mask & (torch.rand(B, k, device=z.device) >= self.cfg.drop_retrieved)
@@ -96,25 +121,39 @@ class MemoryAttention(nn.Module):
         # A query with every item masked (and no self token) attends to nothing (attended = 0).
         return torch.softmax(logits, -1).nan_to_num(0.0), mask
 
-    def forward(self, z: Tensor, values: Tensor, keep: Tensor | None = None) -> Tensor:
-        """z [B, query_dim]; values [B, k, value_dim]; keep [B, k] bool (False: ignore item)."""
+    def forward(
+        self,
+        z: Tensor,
+        values: Tensor,
+        keep: Tensor | None = None,
+        scores: Tensor | None = None,
+    ) -> Tensor:
+        """z [B, query_dim]; values [B, k, value_dim]; keep [B, k] bool (False: ignore item);
+        scores [B, k] (the search's query . key; needed by attend="scores")."""
         values = values.to(z.dtype)
-        weights, mask = self._weights(z, values, keep)
+        weights, mask = self._weights(z, values, keep, scores)
         if self.concat:
             m = mask.to(z.dtype).unsqueeze(-1)
             mean = (values * m).sum(1) / m.sum(1).clamp_min(1.0)
             attended = torch.einsum("bk,bkd->bd", weights.mean(1), values)
             return torch.cat([z, mean, attended], -1)
         vals = self._split(self.v(values))  # [B, k, H, dh]
+        weights = weights.expand(-1, self.heads, -1) if self.by_scores else weights
         if self.cfg.self_token:
             vals = torch.cat([self._split(self.v_self(z)).unsqueeze(1), vals], 1)
         update = self.out(torch.einsum("bhk,bkhd->bhd", weights, vals).flatten(1))
         return z + update if self.cfg.residual else update
 
-    def attention_weights(self, z: Tensor, values: Tensor, keep: Tensor | None = None) -> Tensor:
+    def attention_weights(
+        self,
+        z: Tensor,
+        values: Tensor,
+        keep: Tensor | None = None,
+        scores: Tensor | None = None,
+    ) -> Tensor:
         """[B, k]: the weight of each retrieved item, averaged over heads (the papers'
         "visualising attention scores"); with the self token, its weight is left out."""
-        weights, _ = self._weights(z, values.to(z.dtype), keep)
+        weights, _ = self._weights(z, values.to(z.dtype), keep, scores)
         return weights[..., 1:].mean(1) if self.cfg.self_token else weights.mean(1)
 
     def forward_retrieve(
@@ -122,10 +161,11 @@ class MemoryAttention(nn.Module):
     ) -> tuple[Tensor, Retrieved]:
         """Retrieves with z, then attends: the ordinary (training) path."""
         r = retriever(z, exclude)
-        return self(z, r.values, r.keep), r
+        return self(z, r.values, r.keep, r.scores), r
 
     def attention_query(self, z: Tensor) -> Tensor:
-        """a [B, H, value_dim], W_q and W_k folded: a_h . v = (W_q z)_h . (W_k v)_h / sqrt(dh)."""
+        """a [B, H, value_dim], W_q and W_k folded: a_h . v = (W_q z)_h . (W_k v)_h / sqrt(dh)
+        (attend="learned" only)."""
         q = self._split(self.q(z))  # [B, H, dh]
         wk = self.k.weight.unflatten(0, (self.heads, self.head_dim))  # [H, dh, value_dim]
         return torch.einsum("bhd,hdv->bhv", q, wk) / math.sqrt(self.head_dim)
@@ -144,6 +184,15 @@ class MemoryAttention(nn.Module):
         with no near-duplicate masking."""
         if self.cfg.self_token:
             raise ValueError("fused_forward does not support self_token=True")
+        if self.by_scores:  # softmax(s / T) over the search's own scores: one head
+            t = float(self.log_temperature.detach().exp())
+            r = fused_retrieve_attend(z.float(), keys, values, k, temperature=t, exclude=exclude)
+            attended = r.output[:, 0].to(z.dtype)
+            if self.concat:
+                mean = values[r.indices].to(z.dtype).mean(1)
+                return torch.cat([z, mean, attended], -1)
+            update = self.out(self.v(attended))
+            return z + update if self.cfg.residual else update
         r = fused_retrieve_attend(
             z.float(), keys, values, k, attn_query=self.attention_query(z.float()), exclude=exclude
         )

@@ -35,6 +35,7 @@ class ClassifierConfig:
     drop_retrieved: float = 0.0
     mlp_hidden: int = 1024
     combine: str = "residual"  # MemoryAttention's: "residual" or "concat"
+    attend: str = "learned"  # MemoryAttention's logits: "learned" or the retrieval "scores"
 
     def validate(self) -> None:
         check_number("query_dim", self.query_dim, integer=True, ge=1)
@@ -68,6 +69,7 @@ def build_model(cfg: ClassifierConfig | RECOConfig) -> nn.Module:
                 cfg.self_token,
                 cfg.drop_retrieved,
                 combine=cfg.combine,
+                attend=cfg.attend,
             )
         )
         features = agg.out_dim

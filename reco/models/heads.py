@@ -38,7 +38,13 @@ class MeanKNN(nn.Module):
         super().__init__()
         self.query = query
 
-    def forward(self, z: Tensor, values: Tensor, keep: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        z: Tensor,
+        values: Tensor,
+        keep: Tensor | None = None,
+        scores: Tensor | None = None,  # unused: the mean weighs every item alike
+    ) -> Tensor:
         if keep is None:
             mean = values.mean(1)
         else:
@@ -57,10 +63,17 @@ class RetrievalClassifier(nn.Module):
         self.head = head
 
     def forward(
-        self, z: Tensor, values: Tensor | None = None, keep: Tensor | None = None
+        self,
+        z: Tensor,
+        values: Tensor | None = None,
+        keep: Tensor | None = None,
+        scores: Tensor | None = None,
     ) -> Tensor:
+        """scores [B, k]: the retrieval scores, for an aggregator that weighs by them."""
         if self.aggregator is None:
             return self.head(z)
         if values is None:
             raise ValueError("this classifier aggregates retrieved values: pass values [B, k, dv]")
-        return self.head(self.aggregator(z, values, keep))
+        if scores is None:
+            return self.head(self.aggregator(z, values, keep))
+        return self.head(self.aggregator(z, values, keep, scores))

@@ -50,6 +50,7 @@ class LongTailConfig:
     drop_retrieved: float = 0.0  # not stated in the paper
     mlp_hidden: int = 1024
     combine: str = "residual"  # attention: z + update, or "concat" [z ; mean ; attended]
+    attend: str = "learned"  # attention logits: "learned" projections or the retrieval "scores"
     near_duplicate: float | None = None  # mask retrieved items this close to the query
     logit_adjust: float = 0.0  # tau of the logit-adjusted loss (0: plain cross-entropy)
     many_above: int = 100  # shot buckets: many > 100, medium 20..100, few < 20
@@ -84,6 +85,7 @@ class LongTailConfig:
             self.drop_retrieved,
             self.mlp_hidden,
             self.combine,
+            self.attend,
         )
 
 

@@ -56,7 +56,7 @@ class LongTailTask:
         else:
             exclude = batch["row"].unsqueeze(1) if "row" in batch else None
             r = self.retriever(z, exclude)
-        return model(z, r.values, r.keep)
+        return model(z, r.values, r.keep, r.scores)
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         logits = self.logits(model, batch)
