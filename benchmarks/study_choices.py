@@ -1,7 +1,7 @@
 """The validation runs behind the long-tail defaults of `reco demo` / `reco study` (the loss, the
-memory values, MemoryAttention's combine and attention dropout): each variant trained with two
-fixed configs, early-stopped, the better one's balanced validation accuracy kept, averaged over
-seeds. Only the validation split is read: the test slot of the data holds validation images.
+memory values, MemoryAttention's combine, logits and attention dropout): each variant trained
+with two fixed configs, early-stopped, the better one's balanced validation accuracy kept,
+averaged over seeds. Only the validation split is read: the data's test slot holds it too.
 
     python benchmarks/study_choices.py --dataset mnist --cache /tmp/cache --out choices-mnist.json
 """
@@ -21,29 +21,21 @@ from reco.demo.run import Demo, as_tensor, exponential_profile, long_tail_split
 from reco.demo.select import stratified_holdout
 from reco.demo.study import study_config
 
-# name: (method, memory values, logit-adjustment tau, MemoryAttention combine, attention dropout)
+# name: "method, memory values, logit-adjustment tau, combine, attend, attention dropout"
 VARIANTS = {
-    "linear, text, plain CE": ("linear", "text", 0.0, "residual", 0.0),
-    "MLP, text, plain CE": ("mlp", "text", 0.0, "residual", 0.0),
-    "MemoryAttention residual, text, plain CE": ("attention", "text", 0.0, "residual", 0.0),
-    "MLP, text, logit-adjusted": ("mlp", "text", 1.0, "residual", 0.0),
-    "MemoryAttention residual, text, logit-adjusted": ("attention", "text", 1.0, "residual", 0.0),
-    "mean k-NN, both, logit-adjusted": ("mean_knn", "both", 1.0, "residual", 0.0),
-    "MemoryAttention residual, both, logit-adjusted": ("attention", "both", 1.0, "residual", 0.0),
-    "MemoryAttention residual, both, logit-adjusted, dropout 0.5": (
-        "attention",
-        "both",
-        1.0,
-        "residual",
-        0.5,
-    ),
-    "MemoryAttention concat, both, logit-adjusted": ("attention", "both", 1.0, "concat", 0.0),
-    "MemoryAttention concat, both, logit-adjusted, dropout 0.5": (
-        "attention",
-        "both",
-        1.0,
-        "concat",
-        0.5,
+    "linear, text, plain CE": "linear text 0 residual learned 0",
+    "MLP, text, plain CE": "mlp text 0 residual learned 0",
+    "MemoryAttention residual, text, plain CE": "attention text 0 residual learned 0",
+    "MLP, text, logit-adjusted": "mlp text 1 residual learned 0",
+    "MemoryAttention residual, text, logit-adjusted": "attention text 1 residual learned 0",
+    "MLP, both, logit-adjusted": "mlp both 1 residual learned 0",
+    "mean k-NN, both, logit-adjusted": "mean_knn both 1 residual learned 0",
+    "MemoryAttention residual, both, logit-adjusted": "attention both 1 residual learned 0",
+    "MemoryAttention residual, both, LA, dropout 0.5": "attention both 1 residual learned 0.5",
+    "MemoryAttention concat, both, LA": "attention both 1 concat learned 0",
+    "MemoryAttention concat, both, LA, dropout 0.5": "attention both 1 concat learned 0.5",
+    "MemoryAttention concat, scores, both, LA, dropout 0.5 (default)": (
+        "attention both 1 concat scores 0.5"
     ),
 }
 CONFIGS = ({"lr": 1e-2, "weight_decay": 1e-4, "k": 10}, {"lr": 3e-3, "weight_decay": 0.05, "k": 10})
@@ -86,14 +78,16 @@ def main() -> None:
         ]
         mem, _ = demo._memory(f"choices-{a.dataset}-{s}", parts, cfg.noise, s, infos)
         runs: dict[str, LongTailRun] = {}
-        for name, (method, values, tau, combine, drop) in VARIANTS.items():
+        for name, spec in VARIANTS.items():
+            method, values, tau, combine, attend, drop = spec.split()
             p = dataclasses.replace(
                 cfg.longtail,
                 k=cfg.k,
                 fusion_modality=values,
-                logit_adjust=tau,
+                logit_adjust=float(tau),
                 combine=combine,
-                drop_retrieved=drop,
+                attend=attend,
+                drop_retrieved=float(drop),
             )
             run = runs.get(values)
             run = LongTailRun(data, mem, p, s, demo.device, kmax=20) if run is None else run

@@ -325,6 +325,21 @@ def verdict_line(report: dict) -> str:
     )
 
 
+def _levels_lines(levels: dict | None) -> list[str]:
+    if not levels:
+        return []
+    st, runs = levels["setting"], levels["runs"]
+    parts = [f"{r['level']} {100 * r['max_abs_diff']:.1f}" for r in runs[1:]]
+    return [
+        f"Reproducibility: the long-tail run {st['dataset']}/{st['imbalance']:g} seed "
+        f"{st['seed']}, each time in a fresh process, first at {runs[0]['level']}, then again "
+        f"and at the other CPU kernel levels; the largest accuracy difference to the first run, "
+        f"in points, over every method and bucket: {', '.join(parts)} "
+        "(`benchmarks/study_levels.py`).",
+        "",
+    ]
+
+
 def study_markdown(report: dict) -> str:
     """report.md of `reco study`: every setting's table, the paired intervals, the claims and
     the verdict, the machine and the wall time."""
@@ -361,6 +376,7 @@ def study_markdown(report: dict) -> str:
         f"{m['torch']}, CPU kernel level {m['cpu_level']}. Wall time {t['total'] / 60:.0f} min "
         f"(the runs alone {t['units'] / 60:.0f} min).",
         "",
+        *_levels_lines(report.get("levels")),
         "## Claims",
         "",
     ]

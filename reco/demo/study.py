@@ -280,7 +280,19 @@ class Study:
             },
             "zeroshot": zeroshot.get(cfg.datasets[0]),
             "timings_s": {"total": _wall(wall), "units": unit_seconds},
+            "levels": _levels(self.out / "study_levels.json"),
         }
+
+
+def _levels(path: Path) -> dict | None:
+    """What benchmarks/study_levels.py wrote into the study folder, if it ran: one unit run
+    twice at the default CPU kernel level and at other levels, each run's largest accuracy
+    difference to the first."""
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    runs = [{"level": r["level"], "max_abs_diff": r["max_abs_diff_to_first"]} for r in d["runs"]]
+    return {"setting": d["setting"], "runs": runs}
 
 
 def _wall(sessions: dict) -> float:
