@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..config import check_number
 from ..ops import fused_retrieve_attend
+from .heads import masked_mean
 from .retrieval import Retrieved, Retriever
 
 
@@ -133,10 +134,8 @@ class MemoryAttention(nn.Module):
         values = values.to(z.dtype)
         weights, mask = self._weights(z, values, keep, scores)
         if self.concat:
-            m = mask.to(z.dtype).unsqueeze(-1)
-            mean = (values * m).sum(1) / m.sum(1).clamp_min(1.0)
             attended = torch.einsum("bk,bkd->bd", weights.mean(1), values)
-            return torch.cat([z, mean, attended], -1)
+            return torch.cat([z, masked_mean(values, mask), attended], -1)
         vals = self._split(self.v(values))  # [B, k, H, dh]
         weights = weights.expand(-1, self.heads, -1) if self.by_scores else weights
         if self.cfg.self_token:

@@ -30,6 +30,15 @@ class MLPHead(nn.Module):
         return self.net(x)
 
 
+def masked_mean(values: Tensor, keep: Tensor | None) -> Tensor:
+    """[B, dv]: the mean of values [B, k, dv] over the items with keep [B, k] True (0 where
+    none is)."""
+    if keep is None:
+        return values.mean(1)
+    w = keep.to(values.dtype).unsqueeze(-1)
+    return (values * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
 class MeanKNN(nn.Module):
     """The plain mean of the retrieved values [B, k, dv] (items with keep False left out),
     concatenated to the query z [B, dq] unless query=False: [B, dq + dv] or [B, dv]."""
@@ -45,11 +54,7 @@ class MeanKNN(nn.Module):
         keep: Tensor | None = None,
         scores: Tensor | None = None,  # unused: the mean weighs every item alike
     ) -> Tensor:
-        if keep is None:
-            mean = values.mean(1)
-        else:
-            w = keep.to(values.dtype).unsqueeze(-1)
-            mean = (values * w).sum(1) / w.sum(1).clamp_min(1.0)
+        mean = masked_mean(values, keep)
         return torch.cat([z, mean.to(z.dtype)], -1) if self.query else mean
 
 
