@@ -144,17 +144,20 @@ def _training(lt: dict) -> str:
         if tau
         else "the plain cross-entropy"
     )
-    combine = lt.get("combine", "residual")
+    weights = (
+        "a softmax of the retrieval scores over a learned temperature"
+        if lt.get("attend", "learned") == "scores"
+        else "from learned query and key projections"
+    )
     att = (
-        "[query ; mean of the retrieved values ; their attention-weighted mean], starting as "
-        "mean k-NN (zero query projection)"
-        if combine == "concat"
-        else "the query plus a projection of the attended values"
+        "[query ; mean of the retrieved values ; their weighted mean]"
+        if lt.get("combine", "residual") == "concat"
+        else "the query plus a projection of the values' weighted mean"
     )
     return (
-        f"Every method trains with {loss}. MemoryAttention feeds its linear head {att}; "
-        f"attention dropout {lt.get('drop_retrieved', 0.0):g} (each retrieved item hidden with "
-        "that probability in training)."
+        f"Every method trains with {loss}. MemoryAttention feeds its linear head {att}, the "
+        f"weights {weights}; attention dropout {lt.get('drop_retrieved', 0.0):g} (each retrieved "
+        "item hidden with that probability in training)."
     )
 
 
