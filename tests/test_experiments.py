@@ -342,9 +342,12 @@ def test_mnist_demo_runs_without_fashion_mnist(monkeypatch, tmp_path):
 @pytest.mark.skipif(_assets_missing() is not None, reason=str(_assets_missing()))
 def test_reduced_demo_reproduces_the_direction_of_both_papers(tmp_path):
     """`reco demo --quick` (12,000 training and 2,000 test images of Fashion-MNIST, one seed) on
-    the real encoders. Margins: few-shot accuracy of MemoryAttention at least 15 points above the
-    linear classifier, many-shot no more than 5 points below it; RECO at least 10 points above
-    the small CLIP on its unseen classes."""
+    the real encoders. Margins, from the study's paired intervals on this setting
+    (fashion-mnist 200, 5 seeds: MemoryAttention minus linear few-shot [+1.3, +9.1], all classes
+    [+2.1, +5.3]; every method trains with the logit-adjusted loss, which lifts linear's tail
+    too): few-shot accuracy of MemoryAttention at least 1 point above the linear classifier's,
+    all-class at least 2 points above, many-shot no more than 5 points below; RECO at least 10
+    points above the small CLIP on its unseen classes."""
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -352,7 +355,8 @@ def test_reduced_demo_reproduces_the_direction_of_both_papers(tmp_path):
         assert (out / f).stat().st_size > 0, f
     lt = report["longtail"]["table"]
     att, lin = lt["attention"], lt["linear"]
-    assert att["few"]["mean"] >= lin["few"]["mean"] + 0.15, (att, lin)
+    assert att["few"]["mean"] >= lin["few"]["mean"] + 0.01, (att, lin)
+    assert att["all"]["mean"] >= lin["all"]["mean"] + 0.02, (att, lin)
     assert att["many"]["mean"] >= lin["many"]["mean"] - 0.05, (att, lin)
     run = next(iter(report["longtail"]["runs"].values()))["0.25"]
     assert run["attention_fused"]["agreement"] >= 0.99

@@ -148,7 +148,7 @@ class Study:
         seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
         n_lt, n_zs = len(cfg.imbalances) * len(seeds), len(seeds)
         bar = tqdm(total=len(cfg.datasets) * (n_lt + n_zs), desc="study", unit="run")
-        device = None
+        device, ran = None, 0
         for ds in cfg.datasets:
             demo = None
             todo = [("lt", r, s) for r in cfg.imbalances for s in seeds]
@@ -176,12 +176,15 @@ class Study:
                     one = demo.zeroshot_seed(s, ablations=False)
                 one["seconds"] = time.perf_counter() - u0
                 _save(path, one)
+                ran += 1
                 bar.update(1)
         bar.close()
-        now = time.time()  # one entry per session (several may run at once)
         wall = json.loads(p.read_text()) if (p := self.out / "wall.json").exists() else {}
-        wall[f"{os.getpid()}-{len(wall)}"] = {"start": now - (time.perf_counter() - t0), "end": now}
-        _save(self.out / "wall.json", wall)
+        if ran:  # one entry per session that ran units (several may run at once)
+            now = time.time()
+            start = now - (time.perf_counter() - t0)
+            wall[f"{os.getpid()}-{len(wall)}"] = {"start": start, "end": now}
+            _save(self.out / "wall.json", wall)
         left = self.missing()
         if left:
             return None
