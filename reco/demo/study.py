@@ -179,8 +179,8 @@ class Study:
                 ran += 1
                 bar.update(1)
         bar.close()
-        wall = json.loads(p.read_text()) if (p := self.out / "wall.json").exists() else {}
         if ran:  # one entry per session that ran units (several may run at once)
+            wall = json.loads(p.read_text()) if (p := self.out / "wall.json").exists() else {}
             now = time.time()
             start = now - (time.perf_counter() - t0)
             wall[f"{os.getpid()}-{len(wall)}"] = {"start": start, "end": now}

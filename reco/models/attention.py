@@ -186,12 +186,21 @@ class MemoryAttention(nn.Module):
         if self.by_scores:  # softmax(s / T) over the search's own scores: one head
             t = float(self.log_temperature.detach().exp())
             r = fused_retrieve_attend(z.float(), keys, values, k, temperature=t, exclude=exclude)
-            attended = r.output[:, 0].to(z.dtype)
-            if self.concat:
-                mean = values[r.indices].to(z.dtype).mean(1)
-                return torch.cat([z, mean, attended], -1)
-            update = self.out(self.v(attended))
-            return z + update if self.cfg.residual else update
+        else:
+            aq = self.attention_query(z.float())
+            r = fused_retrieve_attend(z.float(), keys, values, k, attn_query=aq, exclude=exclude)
+        if self.concat:
+            mean = values[r.indices].to(z.dtype).mean(1)  # the op returns k valid rows or raises
+            return torch.cat([z, mean, r.output.mean(1).to(z.dtype)], -1)
+        # sum_j w_j (W_v v_j + b) = W_v (sum_j w_j v_j) + b, per head (weights sum to 1).
+        if self.by_scores:  # one head of weights for every head of W_v
+            attended = self.v(r.output[:, 0].to(z.dtype))
+        else:
+            wv = self.v.weight.unflatten(0, (self.heads, self.head_dim))  # [H, dh, value_dim]
+            heads = torch.einsum("hdv,bhv->bhd", wv, r.output) + self._split(self.v.bias)
+            attended = heads.flatten(1)
+        update = self.out(attended)
+        return z + update if self.cfg.residual else update
         r = fused_retrieve_attend(
             z.float(), keys, values, k, attn_query=self.attention_query(z.float()), exclude=exclude
         )
