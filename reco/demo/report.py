@@ -112,11 +112,7 @@ distractors); keys are image features, values {_values(cfg)}. Memory noise
 The fused op (one retrieve-attend call per query chunk) predicts the same class as the ordinary
 forward for {_agreement(min(agree))} (every seed).
 
-Memory noise sweep (few-shot / all):
-
-{noise_table(lt)}
-
-Figures: `longtail_buckets.png`, `noise_sweep.png`, `explain.png`.
+{_noise_sweep(lt)}
 
 ## Experiment 2: RECO zero-shot (Iscen et al., ICLR 2024)
 
@@ -175,9 +171,24 @@ def _agreement(fraction: float) -> str:
     return f"at least {100 * fraction:.2f}% of the test images"
 
 
+def _noise_sweep(lt: dict) -> str:
+    if len(lt["noise_sweep"]) < 2:
+        return (
+            "(The memory noise sweep was not run: `reco demo --ablations`.)\n\n"
+            "Figures: `longtail_buckets.png`, `explain.png`."
+        )
+    return f"""Memory noise sweep (few-shot / all):
+
+{noise_table(lt)}
+
+Figures: `longtail_buckets.png`, `noise_sweep.png`, `explain.png`."""
+
+
 def _ablations(grid: str | None, ks: str | None, k: int) -> str:
     if grid is None:
-        return "(The search x fusion table and the k sweep were not run.)\n"
+        return (
+            "(The search x fusion table and the k sweep were not run: `reco demo --ablations`.)\n"
+        )
     return f"""Search and fusion modality (first seed, k = {k}; unseen / all):
 
 {grid}
@@ -186,6 +197,26 @@ Number of retrieved items (first seed, uni-modal search, cross-modal fusion):
 
 {ks}
 """
+
+
+def _noise_figure(plt: Any, lt: dict, noises: list[float], save) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, b in zip(axes, ("few", "all")):
+        for m in ("linear", "mean_knn", "attention"):
+            s = [lt["noise_sweep"][f"{n:g}"][m][b] for n in noises]
+            ax.errorbar(
+                [100 * n for n in noises],
+                [100 * x["mean"] for x in s],
+                yerr=[100 * x["std"] for x in s],
+                marker="o",
+                capsize=2,
+                label=METHOD_NAMES[m],
+            )
+        ax.set_xlabel("memory caption noise (%)")
+        ax.set_ylabel(f"{b} accuracy (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Robustness to a noisy memory")
+    save(fig, "noise_sweep.png", 120)
 
 
 def _figures(report: dict, out: Path, demo: Any) -> list[str]:
@@ -216,24 +247,9 @@ def _figures(report: dict, out: Path, demo: Any) -> list[str]:
     ax.legend(fontsize=8)
     save(fig, "longtail_buckets.png", 120)
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     noises = [float(n) for n in lt["noise_sweep"]]
-    for ax, b in zip(axes, ("few", "all")):
-        for m in ("linear", "mean_knn", "attention"):
-            s = [lt["noise_sweep"][f"{n:g}"][m][b] for n in noises]
-            ax.errorbar(
-                [100 * n for n in noises],
-                [100 * x["mean"] for x in s],
-                yerr=[100 * x["std"] for x in s],
-                marker="o",
-                capsize=2,
-                label=METHOD_NAMES[m],
-            )
-        ax.set_xlabel("memory caption noise (%)")
-        ax.set_ylabel(f"{b} accuracy (%)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Robustness to a noisy memory")
-    save(fig, "noise_sweep.png", 120)
+    if len(noises) > 1:
+        _noise_figure(plt, lt, noises, save)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     names = list(zs["table"])

