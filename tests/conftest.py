@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import platform
+import socket
 
 import pytest
 import torch
@@ -19,6 +20,13 @@ ARCH_LEVELS = {
     "arm64": ["generic", "neon"],
 }.get(platform.machine().lower(), LEVELS)
 DATA = pathlib.Path(__file__).parent / "data"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no one listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_configure(config):

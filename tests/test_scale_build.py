@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_clip_args
+from conftest import free_port, tiny_clip_args
 
 from reco.memory import Memory, MemoryFormatError, MemoryWriter
 
@@ -349,6 +349,8 @@ def _cli_build(args, out, table, extra=(), env=None, nproc=None):
         entry = out.parent / "entry.py"
         entry.write_text(_ENTRY)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+        # A free port, not torchrun's default 29500, which another job on the machine may hold.
+        cmd += ["--master-port", str(free_port())]
         cmd += ["--max-restarts", "1", "--monitor-interval", "0.5", str(entry), *base]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(

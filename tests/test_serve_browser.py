@@ -11,14 +11,13 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA, tiny_clip_args
+from conftest import DATA, free_port, tiny_clip_args
 
 pytestmark = pytest.mark.browser
 
@@ -66,12 +65,6 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def memory(tmp_path, image_tree, tiny_clip):
     """image_tree's 12 images with captions (one hostile), built into a memory by the CLI; the
@@ -97,7 +90,7 @@ def memory(tmp_path, image_tree, tiny_clip):
 def server(tmp_path, memory, tiny_clip):
     """A `reco serve` subprocess (cwd tmp_path, so the installed reco is imported, never the
     checkout's) on a free port with a token: its base URL, once /healthz answers."""
-    port = _free_port()
+    port = free_port()
     _, weights = tiny_clip
     cmd = [
         sys.executable,
