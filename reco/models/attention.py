@@ -201,14 +201,3 @@ class MemoryAttention(nn.Module):
             attended = heads.flatten(1)
         update = self.out(attended)
         return z + update if self.cfg.residual else update
-        r = fused_retrieve_attend(
-            z.float(), keys, values, k, attn_query=self.attention_query(z.float()), exclude=exclude
-        )
-        if self.concat:
-            mean = values[r.indices].to(z.dtype).mean(1)  # the op returns k valid rows or raises
-            return torch.cat([z, mean, r.output.mean(1).to(z.dtype)], -1)
-        # sum_j w_j (W_v v_j + b) = W_v (sum_j w_j v_j) + b, per head (weights sum to 1).
-        wv = self.v.weight.unflatten(0, (self.heads, self.head_dim))  # [H, dh, value_dim]
-        attended = torch.einsum("hdv,bhv->bhd", wv, r.output) + self._split(self.v.bias)
-        update = self.out(attended.flatten(1))
-        return z + update if self.cfg.residual else update
