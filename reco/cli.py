@@ -711,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--ablations",
         action="store_true",
-        help="also experiment 2's search x fusion table and k sweep (first seed; 6 more models)",
+        help="also experiment 1's memory noise sweep (0, 25, 50%%) and experiment 2's search x "
+        "fusion table and k sweep (first seed)",
     )
     d.add_argument("--keep-memories", action="store_true", help="keep every memory built")
     d.set_defaults(func=_demo)

@@ -454,7 +454,9 @@ def test_demo_config_as_reco_demo_makes_it():
 
     full = demo_config(dataset="mnist", k=5)
     assert full.seeds == 3 and full.train_limit is None and not full.zeroshot.ablations
-    assert demo_config(ablations=True).zeroshot.ablations
+    assert full.noise_sweep == ()
+    swept = demo_config(ablations=True)
+    assert swept.zeroshot.ablations and swept.noise_sweep == (0.0, 0.25, 0.5)
     assert full.dataset == "mnist" and full.k == 5 and full.longtail.fusion_modality == "both"
     quick = demo_config(quick=True, steps=7, values="text", test_limit=300)
     assert quick.seeds == 1 and quick.train_limit == 12000 and quick.test_limit == 300

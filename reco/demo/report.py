@@ -171,8 +171,13 @@ def _agreement(fraction: float) -> str:
     return f"at least {100 * fraction:.2f}% of the test images"
 
 
+def _swept(lt: dict) -> bool:
+    """Whether experiment 1 ran at more than its main noise level (`reco demo --ablations`)."""
+    return len(lt["noise_sweep"]) > 1
+
+
 def _noise_sweep(lt: dict) -> str:
-    if len(lt["noise_sweep"]) < 2:
+    if not _swept(lt):
         return (
             "(The memory noise sweep was not run: `reco demo --ablations`.)\n\n"
             "Figures: `longtail_buckets.png`, `explain.png`."
@@ -247,9 +252,8 @@ def _figures(report: dict, out: Path, demo: Any) -> list[str]:
     ax.legend(fontsize=8)
     save(fig, "longtail_buckets.png", 120)
 
-    noises = [float(n) for n in lt["noise_sweep"]]
-    if len(noises) > 1:
-        _noise_figure(plt, lt, noises, save)
+    if _swept(lt):
+        _noise_figure(plt, lt, [float(n) for n in lt["noise_sweep"]], save)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     names = list(zs["table"])
